@@ -1,0 +1,34 @@
+"""supermask_fx: find subnetworks hidden in randomly weighted neural networks (edge-popup), for any PyTorch model.
+
+    model = popupify(torchvision.models.wide_resnet50_2(), k=0.3)
+    optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.256, momentum=0.875, weight_decay=3.0517578125e-05)
+    ... train as usual ...
+    save_subnetwork(model, "wrn50-k30.safetensors")
+"""
+
+from .config import PopupConfig
+from .initializers import INITIALIZERS
+from .masks import MaskStats, fix_masks, gated_layers, mask_stats, refresh_masks, supermask_parameters
+from .materialize import materialize
+from .popup import popupify
+from .subnetwork import SubnetworkFileError, load_subnetwork, save_subnetwork
+from .topk import kept_count
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "popupify",
+    "PopupConfig",
+    "supermask_parameters",
+    "mask_stats",
+    "MaskStats",
+    "fix_masks",
+    "refresh_masks",
+    "gated_layers",
+    "save_subnetwork",
+    "load_subnetwork",
+    "SubnetworkFileError",
+    "materialize",
+    "kept_count",
+    "INITIALIZERS",
+]

@@ -1,0 +1,101 @@
+"""``PopupConfig``: everything ``popupify`` needs to turn a model into a supermask network, as one value.
+
+The config is what a subnetwork file stores (as JSON) so that the same random weights can be regenerated later.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from .initializers import INITIALIZERS, NONLINEARITIES
+
+METHODS = ("edge_popup", "sampled", "random", "dense")
+SCOPES = ("layer", "global")
+BIAS_RULES = ("zero", "keep")
+
+
+@dataclass(frozen=True)
+class PopupConfig:
+    """How ``popupify`` rewrites a model.
+
+    Attributes:
+        k: fraction of each layer's weights kept, in (0, 1] (the paper's k%; ``k=0.3`` keeps 30 %).
+        method: ``"edge_popup"`` (top-k of |scores|, straight-through), ``"sampled"`` (Zhou et al.: Bernoulli
+            of sigmoid(scores)), ``"random"`` (a fixed random top-k mask, nothing trained) or ``"dense"`` (no mask;
+            the weights themselves are trained: the learned-dense baseline with the same initialization).
+        init: weight distribution, one of ``INITIALIZERS`` (``signed_constant``, ``kaiming_normal``, ...).
+        scaled: multiply the weight standard deviation by ``sqrt(1/k)`` (the paper's Section 4.5).
+        seed: seed of every weight and initial score; the same seed gives the same tensors on any machine.
+        scope: ``"layer"`` (top-k within each layer, the paper's default) or ``"global"`` (one top-k over all
+            gated layers together; layers matched by ``layer_k`` keep their own).
+        layer_k: ``{pattern: k}`` overrides, matched with ``fnmatch`` against a layer's qualified module name
+            (``"fc"``, ``"layer1.*"``); the first matching pattern wins.
+        mode: ``"fan_in"`` or ``"fan_out"``, for the Kaiming standard deviation.
+        nonlinearity: gain of the Kaiming standard deviation (``"relu"`` gives sqrt 2).
+        bias: ``"zero"`` sets the biases of gated layers to 0 (the paper's networks have none); ``"keep"`` keeps
+            the values the model was built with. Either way they are frozen.
+    """
+
+    k: float
+    method: str = "edge_popup"
+    init: str = "signed_constant"
+    scaled: bool = False
+    seed: int = 0
+    scope: str = "layer"
+    layer_k: tuple[tuple[str, float], ...] = field(default=())
+    mode: str = "fan_in"
+    nonlinearity: str = "relu"
+    bias: str = "zero"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer_k, dict):
+            object.__setattr__(self, "layer_k", tuple(self.layer_k.items()))
+        else:
+            object.__setattr__(self, "layer_k", tuple(tuple(item) for item in self.layer_k))
+        _check_k(self.k, "k")
+        for pattern, k in self.layer_k:
+            _check_k(k, f"layer_k[{pattern!r}]")
+        _check_choice("method", self.method, METHODS)
+        _check_choice("init", self.init, tuple(INITIALIZERS))
+        _check_choice("scope", self.scope, SCOPES)
+        _check_choice("mode", self.mode, ("fan_in", "fan_out"))
+        _check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
+        _check_choice("bias", self.bias, BIAS_RULES)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be a non-negative integer")
+        if not isinstance(self.scaled, bool):
+            raise ValueError(f"scaled={self.scaled!r} must be True or False")
+
+    def k_for(self, layer: str) -> float | None:
+        """The ``layer_k`` override for a layer's module name, or ``None``."""
+        for pattern, k in self.layer_k:
+            if fnmatch.fnmatchcase(layer, pattern):
+                return k
+        return None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["layer_k"] = [list(item) for item in self.layer_k]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PopupConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown PopupConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+def _check_k(k: object, name: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or not 0.0 < k <= 1.0:
+        raise ValueError(
+            f"{name}={k!r} is not a fraction in (0, 1]: it is the fraction of weights kept, e.g. 0.3 keeps 30 %"
+        )
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")

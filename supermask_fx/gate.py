@@ -1,0 +1,189 @@
+"""Gating one parameter of a module: the mechanism every method shares.
+
+A gated module keeps its frozen random weight in ``module._parameters[name]`` (so ``state_dict`` keys and
+``named_parameters`` are unchanged) and gains a score Parameter (``scores`` for ``weight``, ``<stem>_scores``
+otherwise). Its class is swapped for a small subclass (``SupermaskConv2d`` for ``nn.Conv2d``: ``isinstance``
+still holds) in which reading the attribute returns the **effective** weight ``weight * mask`` that the
+method defines. Every way a forward reads the weight sees it: ``nn.Conv2d.forward``, ``F.linear(x, self.w)``,
+``nn.MultiheadAttention``'s fused kernels, torchvision's ``shifted_window_attention(..., self.qkv.weight)``.
+This is ``torch.nn.utils.parametrize``'s idea with the original names kept.
+
+The effective weight is cached and recomputed only when the scores, the weight or a fixed mask change (their
+autograd version counters, bumped by every optimizer step and ``load_state_dict``), so evaluation and gradient
+accumulation never recompute masks. Writing through ``tensor.data`` bypasses the counters: call
+``supermask_fx.refresh_masks(model)`` after doing that.
+"""
+
+from __future__ import annotations
+
+import copyreg
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Gate", "gated_class", "is_gated", "gates_of", "scores_name", "mask_name"]
+
+
+def scores_name(param: str) -> str:
+    """``weight`` -> ``scores``; ``in_proj_weight`` -> ``in_proj_scores``; ``w`` -> ``w_scores``."""
+    if param == "weight":
+        return "scores"
+    return (param[: -len("_weight")] if param.endswith("_weight") else param) + "_scores"
+
+
+def mask_name(param: str) -> str:
+    """Name of the buffer that holds a fixed mask: ``weight`` -> ``mask``; ``in_proj_weight`` -> ``in_proj_mask``."""
+    return scores_name(param)[: -len("scores")] + "mask"
+
+
+class Gate:
+    """The state of one gated parameter: its names, its method and its caches.
+
+    Attributes:
+        layer: qualified name of the module at ``popupify`` time (``"layer1.0.conv1"``).
+        param: name of the gated parameter on that module (``"weight"``).
+        scores: name of the score parameter, ``None`` for methods without scores.
+        k: fraction kept in this layer (for stats; the selector owns the exact count).
+        method: the ``Method`` that turns (weight, scores) into the effective weight.
+        selector: the top-k selector shared by the layers ranked together, for top-k methods.
+        config: the ``PopupConfig`` of the ``popupify`` call.
+    """
+
+    def __init__(self, layer: str, param: str, method, k: float, selector=None, config=None) -> None:
+        self.config = config  # the PopupConfig that made this gate
+        self.layer = layer
+        self.param = param
+        self.scores = scores_name(param) if method.has_scores else None
+        self.mask_buffer = mask_name(param)
+        self.method = method
+        self.k = k
+        self.selector = selector
+        self.clear_cache()
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}.{self.param}" if self.layer else self.param
+
+    def clear_cache(self) -> None:
+        self.key = None  # what the cached tensors were computed from
+        self.effective_buffer: Tensor | None = None  # weight * mask
+        self.signed_buffer: Tensor | None = None  # weight * sign(scores): the straight-through gradient factor
+        self.mask: Tensor | None = None  # bool
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(key=None, effective_buffer=None, signed_buffer=None, mask=None)
+        return state
+
+    def effective(self, module: nn.Module) -> Tensor:
+        """The weight the forward pass uses."""
+        weight = module._parameters[self.param]
+        fixed = module._buffers.get(self.mask_buffer)
+        if fixed is None:
+            return self.method.effective_weight(self, module, weight)
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return weight * fixed
+        key = (version_key(weight), version_key(fixed))
+        if key != self.key:
+            with torch.inference_mode(False), torch.no_grad():
+                self.ensure_buffers(weight, signed=False)
+                torch.mul(weight.detach(), fixed, out=self.effective_buffer)
+                self.mask = fixed
+            self.key = key
+        return self.effective_buffer
+
+    def current_mask(self, module: nn.Module) -> Tensor:
+        """The bool mask evaluation uses, shaped like the weight."""
+        fixed = module._buffers.get(self.mask_buffer)
+        if fixed is not None:
+            return fixed
+        return self.method.eval_mask(self, module)
+
+    def ensure_buffers(self, weight: Tensor, signed: bool) -> None:
+        """Allocate the cache tensors once (again after a device or dtype change)."""
+        buf = self.effective_buffer
+        if buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype or buf.device != weight.device:
+            self.effective_buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            self.mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+            self.signed_buffer = None
+        if signed and self.signed_buffer is None:
+            self.signed_buffer = torch.empty_like(self.effective_buffer)
+
+
+def version_key(t: Tensor) -> tuple[int, int]:
+    """Changes whenever ``t`` is written in place through autograd-visible ops or replaced (``.to()``)."""
+    return (t._version, t.data_ptr())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gated subclasses
+
+
+_GATED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def gated_class(base: type, names: tuple[str, ...]) -> type:
+    """``Supermask<Base>``: ``base`` with ``names`` read through their gates. Cached per (base, names)."""
+    key = (base, names)
+    cls = _GATED_CLASSES.get(key)
+    if cls is None:
+        namespace = {name: _gated_property(name) for name in names}
+        namespace.update(
+            _supermask_base=base,
+            reset_parameters=_refuse_reset,
+            __reduce_ex__=_reduce_ex,
+            __module__=__name__,
+            __doc__=f"{base.__name__} whose {', '.join(names)} read as weight * mask (see supermask_fx.gate).",
+        )
+        cls = type(f"Supermask{base.__name__}", (base,), namespace)
+        _GATED_CLASSES[key] = cls
+    return cls
+
+
+def _gated_property(name: str) -> property:
+    def effective(self):
+        return self._supermask_gates[name].effective(self)
+
+    return property(effective, doc=f"The effective (masked) {name}; the frozen random one is _parameters[{name!r}].")
+
+
+def _refuse_reset(self, *args, **kwargs):
+    raise RuntimeError(
+        f"{type(self).__name__} is gated by supermask_fx: its weights are fixed by popupify's seed. "
+        "Build a fresh model and popupify it again to change them."
+    )
+
+
+def _reduce_ex(self, protocol):
+    # Rebuild through the importable ``_new_gated`` so pickle and deepcopy work with the generated class.
+    reduced = copyreg.__reduce_ex__(self, protocol) if protocol < 2 else object.__reduce_ex__(self, protocol)
+    base, names = type(self)._supermask_base, tuple(self._supermask_gates)
+    return (_new_gated, (base, names), *reduced[2:])
+
+
+def _new_gated(base: type, names: tuple[str, ...]):
+    cls = gated_class(base, names)
+    return cls.__new__(cls)
+
+
+def is_gated(module: nn.Module) -> bool:
+    return "_supermask_gates" in module.__dict__
+
+
+def gates_of(module: nn.Module) -> dict[str, Gate]:
+    return module.__dict__.get("_supermask_gates", {})
+
+
+def gate_parameter(module: nn.Module, gate: Gate) -> None:
+    """Swap ``module``'s class so that ``gate.param`` reads through ``gate``."""
+    gates = dict(gates_of(module))
+    gates[gate.param] = gate
+    base = getattr(type(module), "_supermask_base", type(module))
+    module.__dict__["_supermask_gates"] = gates
+    module.__class__ = gated_class(base, tuple(gates))
+
+
+def ungate(module: nn.Module) -> None:
+    """Restore the original class; the caller deals with the parameters."""
+    module.__class__ = type(module)._supermask_base
+    del module.__dict__["_supermask_gates"]

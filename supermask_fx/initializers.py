@@ -1,0 +1,81 @@
+"""The paper's weight distributions and the initial scores, drawn reproducibly from a seed.
+
+Every tensor is drawn on the CPU in float32 from its own ``torch.Generator``, seeded from
+``sha256("supermask_fx/<seed>/<layer>.<parameter>/<role>")``, then copied to the parameter's device and dtype.
+The same seed therefore gives the same tensors on any machine and device, whatever order layers are visited in.
+
+Standard deviations (``fan`` from ``torch.nn.init``'s rule: for a weight of shape (out, in, *kernel),
+fan_in = in * prod(kernel), fan_out = out * prod(kernel)):
+
+* Kaiming: ``std = gain / sqrt(fan)``, ``gain`` from ``nonlinearity`` (sqrt 2 for ReLU), ``fan`` from ``mode``.
+* Xavier: ``std = sqrt(2 / (fan_in + fan_out))`` (gain 1, as ``torch.nn.init.xavier_normal_``).
+* ``scaled``: ``std * sqrt(1 / k)`` (the paper's Section 4.5).
+
+Distributions: ``normal`` N(0, std^2); ``uniform`` U(-sqrt(3) std, sqrt(3) std); ``signed_constant`` +-std with
+equal probability; ``unsigned_constant`` +std everywhere.
+
+Scores start Kaiming-uniform with ``a = sqrt(5)`` (``nn.Linear``'s default): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import Tensor
+
+# name -> (distribution, standard-deviation rule)
+INITIALIZERS: dict[str, tuple[str, str]] = {
+    "signed_constant": ("signed_constant", "kaiming"),
+    "unsigned_constant": ("unsigned_constant", "kaiming"),
+    "kaiming_normal": ("normal", "kaiming"),
+    "kaiming_uniform": ("uniform", "kaiming"),
+    "xavier_normal": ("normal", "xavier"),
+    "xavier_uniform": ("uniform", "xavier"),
+    "xavier_signed_constant": ("signed_constant", "xavier"),
+}
+NONLINEARITIES = ("relu", "linear", "leaky_relu", "tanh", "sigmoid", "selu")
+
+
+def generator_for(seed: int, name: str, role: str) -> torch.Generator:
+    """A CPU generator whose stream depends only on ``(seed, name, role)``."""
+    digest = hashlib.sha256(f"supermask_fx/{seed}/{name}/{role}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) < 2:
+        raise ValueError(f"a gated weight needs at least 2 dimensions, got shape {tuple(shape)}")
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def weight_std(shape: tuple[int, ...], init: str, *, mode: str, nonlinearity: str, k: float, scaled: bool) -> float:
+    fan_in, fan_out = fans(shape)
+    if INITIALIZERS[init][1] == "xavier":
+        std = math.sqrt(2.0 / (fan_in + fan_out))
+    else:
+        std = torch.nn.init.calculate_gain(nonlinearity) / math.sqrt(fan_in if mode == "fan_in" else fan_out)
+    return std * math.sqrt(1.0 / k) if scaled else std
+
+
+def draw_weight(
+    shape: tuple[int, ...], init: str, *, std: float, generator: torch.Generator
+) -> Tensor:
+    """A float32 CPU tensor of ``shape`` from distribution ``INITIALIZERS[init]`` with standard deviation ``std``."""
+    distribution = INITIALIZERS[init][0]
+    if distribution == "normal":
+        return torch.randn(shape, generator=generator) * std
+    if distribution == "uniform":
+        bound = math.sqrt(3.0) * std
+        return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound
+    if distribution == "signed_constant":
+        return torch.where(torch.rand(shape, generator=generator) < 0.5, -std, std).to(torch.float32)
+    return torch.full(shape, std, dtype=torch.float32)  # unsigned_constant
+
+
+def draw_scores(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Kaiming-uniform with ``a = sqrt(5)``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32 on the CPU."""
+    bound = 1.0 / math.sqrt(fans(shape)[0])
+    return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound

@@ -1,0 +1,42 @@
+"""``materialize``: a plain copy of a popupified model with the masked weights baked in."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .gate import gates_of, ungate
+from .masks import gated_layers
+from .subnetwork import unwrap
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Return a deep copy of ``model`` in its original classes, each gated weight replaced by ``weight * mask``.
+
+    The copy has no scores, no mask buffers and no supermask code: its ``state_dict`` loads into a freshly built
+    model of the original architecture with ``load_state_dict`` and gives the same eval outputs; it exports with
+    ``torch.export`` / ``torch.onnx.export``. Masks are the evaluation masks (for ``sampled``: ``scores >= 0``).
+    All parameters of the copy require grad, like a freshly built model's. ``model`` itself is unchanged.
+    """
+    out = copy.deepcopy(unwrap(model))
+    pairs = list(gated_layers(out))
+    if not pairs:
+        raise ValueError("the model has no gated layer: call supermask_fx.popupify(model, k) first")
+    with torch.no_grad():
+        baked = []
+        for module, gate in pairs:
+            weight = module._parameters[gate.param]
+            baked.append((weight * gate.current_mask(module)).detach().clone())
+        for (module, gate), value in zip(pairs, baked):
+            module._parameters[gate.param] = nn.Parameter(value)
+            if gate.scores is not None:
+                del module._parameters[gate.scores]
+            module._buffers.pop(gate.mask_buffer, None)
+    for module in {id(m): m for m, _ in pairs}.values():
+        if gates_of(module):
+            ungate(module)
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out

@@ -1,0 +1,103 @@
+"""edge-popup (Ramanujan et al. 2020): keep the top-k |scores| of each layer, straight-through gradient.
+
+Forward: ``w_eff = w * h(|s|)`` with ``h`` the exact top-k indicator of ``supermask_fx.topk``.
+Backward: straight through ``h``, so ``dL/ds = sign(s) * w * dL/dw_eff`` (``abs``'s derivative times the
+gradient a dense weight would get times the weight), which is Algorithm 1 of the paper (Appendix B.2).
+``dL/dw = h(|s|) * dL/dw_eff`` when the weights are trainable too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..gate import version_key
+from ..topk import BandHint, select_topk
+from .base import Method
+
+
+class EdgePopup(Method):
+    name = "edge_popup"
+    uses_topk = True
+
+    def effective_weight(self, gate, module: nn.Module, weight: Tensor) -> Tensor:
+        scores = module._parameters[gate.scores]
+        gate.selector.refresh()
+        if torch.is_grad_enabled() and (scores.requires_grad or weight.requires_grad):
+            return StraightThrough.apply(scores, weight, gate.effective_buffer, gate.signed_buffer, gate.mask)
+        return gate.effective_buffer
+
+    def eval_mask(self, gate, module: nn.Module) -> Tensor:
+        gate.selector.refresh()
+        return gate.mask
+
+
+class RandomSubnetwork(EdgePopup):
+    """A fixed random subnetwork: the top-k of random, frozen scores. Nothing is trained, nothing else changes."""
+
+    name = "random"
+    trains_scores = False
+
+
+class StraightThrough(torch.autograd.Function):
+    """Returns the cached ``w * mask``; sends ``grad * w * sign(s)`` to the scores and ``grad * mask`` to w."""
+
+    @staticmethod
+    def forward(ctx, scores, weight, effective, signed, mask):
+        ctx.save_for_backward(signed if scores.requires_grad else None, mask if weight.requires_grad else None)
+        return effective.view_as(effective)
+
+    @staticmethod
+    def backward(ctx, grad):
+        signed, mask = ctx.saved_tensors
+        grad_scores = grad * signed if ctx.needs_input_grad[0] else None
+        grad_weight = grad * mask if ctx.needs_input_grad[1] else None
+        return grad_scores, grad_weight, None, None, None
+
+
+class TopKSelector:
+    """Computes the masks of the layers ranked together: one layer (``scope="layer"``) or all (``"global"``).
+
+    ``refresh()`` is called on every read of a member's weight; it recomputes only when some member's scores or
+    weight changed, and then fills every member's cache: ``mask``, ``effective_buffer = w * mask`` and, when
+    the scores train, ``signed_buffer = w * sign(s)``.
+    """
+
+    def __init__(self, kept: int, strategy: str = "auto") -> None:
+        self.kept = kept
+        self.strategy = strategy
+        self.members: list[tuple[nn.Module, object]] = []
+        self.key = None
+        self.hint: BandHint | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "key": None, "hint": None}
+
+    def invalidate(self) -> None:
+        self.key = None
+
+    def refresh(self) -> None:
+        key = tuple(
+            (version_key(m._parameters[g.scores]), version_key(m._parameters[g.param])) for m, g in self.members
+        )
+        if key == self.key:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            parts, masks = [], []
+            for module, gate in self.members:
+                scores, weight = module._parameters[gate.scores], module._parameters[gate.param]
+                gate.ensure_buffers(weight, signed=scores.requires_grad)
+                scores = scores.detach()
+                if scores.dtype == weight.dtype:  # use the effective-weight buffer as scratch for |s|
+                    magnitudes = torch.abs(scores, out=gate.effective_buffer)
+                else:
+                    magnitudes = scores.abs()
+                parts.append(magnitudes.view(-1))
+                masks.append(gate.mask.view(-1))
+            self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
+            for module, gate in self.members:
+                scores, weight = module._parameters[gate.scores], module._parameters[gate.param].detach()
+                torch.mul(weight, gate.mask, out=gate.effective_buffer)
+                if scores.requires_grad:
+                    torch.sign(scores.detach(), out=gate.signed_buffer).mul_(weight)
+        self.key = key

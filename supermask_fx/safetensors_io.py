@@ -1,0 +1,141 @@
+"""A minimal reader and writer of the safetensors format (no pickle), so the core needs nothing but torch.
+
+Format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length ``N``; ``N`` bytes of
+JSON mapping each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
+data section) plus an optional ``"__metadata__"`` string-to-string map; then the data section. Files written here
+load with the ``safetensors`` package and vice versa.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_BY_NAME = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+    """The file is not a readable safetensors file: truncated, corrupted or not safetensors at all."""
+
+
+def tensor_bytes(t: Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    return bytes(t.clone().untyped_storage())
+
+
+def write(
+    path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str], checksum_key: str | None = None
+) -> int:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``.
+
+    With ``checksum_key``, the SHA-256 of the data section is stored under that metadata key.
+
+    A crash or a full disk mid-write never leaves a partial file under ``path``, and an existing file there is
+    untouched until the new one is complete. Returns the file size in bytes.
+    """
+    header: dict = {}
+    blobs = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in DTYPES:
+            raise TypeError(f"cannot store {name!r} of dtype {t.dtype} in safetensors")
+        blob = tensor_bytes(t)
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if checksum_key is not None:
+        digest = hashlib.sha256()
+        for blob in blobs:
+            digest.update(blob)
+        metadata = {**metadata, checksum_key: digest.hexdigest()}
+    header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for blob in blobs:
+                f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return 8 + len(encoded) + offset
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str], bytes]:
+    """Return (tensors, metadata, raw data section). Raises ``SafetensorsError`` naming what is wrong."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise SafetensorsError(f"{path}: only {len(data)} bytes, truncated (a safetensors file starts with 8 bytes)")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise SafetensorsError(f"{path}: header claims {size} bytes but the file has {len(data) - 8}: truncated")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SafetensorsError(f"{path}: header is not valid JSON ({error}): not safetensors, or corrupted") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is not a JSON object")
+    body = data[8 + size :]
+    metadata = header.pop("__metadata__", {}) or {}
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = _BY_NAME[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{path}: malformed header entry for {name!r}: {info!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end > len(body):
+            raise SafetensorsError(f"{path}: tensor {name!r} ends at byte {end}, data has {len(body)}: truncated")
+        if end - begin != numel * torch.empty((), dtype=dtype).element_size() or begin < 0:
+            raise SafetensorsError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}")
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape)
+    return tensors, metadata, body
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

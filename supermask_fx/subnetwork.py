@@ -1,0 +1,255 @@
+"""Compact subnetwork files: the masks as bits, plus what cannot be regenerated from the seed.
+
+A found subnetwork is fully described by (architecture, ``PopupConfig``, masks, buffers): the weights are
+redrawn from the seed. ``save_subnetwork`` writes a safetensors file with
+
+* ``mask/<layer>.<param>``: the evaluation mask, bit-packed (uint8, 8 weights a byte, first weight in the
+  most significant bit, zero-padded): 1 bit per weight;
+* ``state/<state_dict key>``: every other ``state_dict`` entry that ``popupify`` does not regenerate: BatchNorm
+  running statistics, and parameters like ViT's position embeddings. Gated weights, scores, zeroed biases and
+  normalization affine values at 1/0 are regenerated and not stored;
+* metadata ``supermask_fx``: JSON with the format name and version, the ``PopupConfig``, the model class, per layer
+  its name, shape, kept count and the SHA-256 of its regenerated float32 weight, and the SHA-256 of the data.
+
+``load_subnetwork`` rebuilds the supermask network from a freshly built model of the same architecture and
+checks everything it can: format, checksum (corruption), architecture (names and shapes), regenerated weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import safetensors_io
+from .config import PopupConfig
+from .gate import Gate, is_gated
+from .masks import fix_masks, gated_layers
+from .popup import NORM_TYPES, _BIAS_OF, draw_layer_weight, popupify
+
+FORMAT = "supermask_fx.subnetwork"
+VERSION = 1
+_META = "supermask_fx"
+_CHECKSUM = "supermask_fx.content_sha256"
+
+__all__ = ["save_subnetwork", "load_subnetwork", "SubnetworkFileError", "pack_bits", "unpack_bits", "unwrap"]
+
+
+class SubnetworkFileError(ValueError):
+    """A subnetwork file that cannot be loaded into this model; the message says what differs."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DataParallel / accelerate / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """Bool tensor -> uint8 of ceil(numel / 8) bytes, first entry in the most significant bit."""
+    flat = mask.reshape(-1).to(device="cpu", dtype=torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of ``pack_bits``."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].to(torch.bool).reshape(shape)
+
+
+def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
+    """Write ``model``'s subnetwork to ``path`` (atomically) and return the file size in bytes.
+
+    Raises:
+        ValueError: the model is not popupified, uses ``method="dense"``, or its gated weights are no longer the
+            ones its seed gives (retrained weights): those need ``materialize`` and a full checkpoint.
+    """
+    model = unwrap(model)
+    pairs = list(gated_layers(model))
+    if not pairs:
+        raise ValueError("the model has no gated layer: call supermask_fx.popupify(model, k) first")
+    config = _single_config(pairs)
+    if config.method == "dense":
+        raise ValueError("method='dense' trains the weights and has no mask: save it with torch.save(state_dict)")
+    tensors: dict[str, Tensor] = {}
+    layers = []
+    with torch.no_grad():
+        for module, gate in pairs:
+            weight = module._parameters[gate.param]
+            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k)
+            if not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
+                raise ValueError(
+                    f"the weights of {gate.name} are not the ones seed {config.seed} gives (were they retrained?); "
+                    "a subnetwork file stores masks only: use supermask_fx.materialize(model) and save its "
+                    "state_dict instead"
+                )
+            mask = gate.current_mask(module)
+            tensors[f"mask/{gate.name}"] = pack_bits(mask)
+            layers.append(
+                {"name": gate.name, "shape": list(weight.shape), "kept": int(mask.sum()), "sha256": _sha(regenerated)}
+            )
+        for key, value in _stored_state(model, pairs, config).items():
+            tensors[f"state/{key}"] = value
+    info = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "torch_version": torch.__version__,
+        "layers": layers,
+    }
+    return safetensors_io.write(path, tensors, {_META: json.dumps(info)}, checksum_key=_CHECKSUM)
+
+
+def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild the subnetwork saved at ``path`` in ``model`` and return it (masks fixed; call ``.eval()``).
+
+    ``model`` is a freshly built model of the saved architecture (it is popupified with the stored config), or
+    one already popupified with the same config. Eval logits equal those of the saved model.
+
+    Raises:
+        SubnetworkFileError: not a subnetwork file, truncated or corrupted, another architecture, another config,
+            or weights that regenerate differently; the message names what differs.
+    """
+    path = Path(path)
+    try:
+        tensors, metadata, body = safetensors_io.read(path)
+    except safetensors_io.SafetensorsError as error:
+        raise SubnetworkFileError(str(error)) from None
+    except FileNotFoundError:
+        raise SubnetworkFileError(f"{path}: no such file") from None
+    if _META not in metadata:
+        raise SubnetworkFileError(f"{path}: a safetensors file, but not a supermask_fx subnetwork (no metadata)")
+    if metadata.get(_CHECKSUM) != hashlib.sha256(body).hexdigest():
+        raise SubnetworkFileError(f"{path}: corrupted: the data does not match its SHA-256 checksum")
+    info = json.loads(metadata[_META])
+    if info.get("format") != FORMAT or not isinstance(info.get("version"), int):
+        raise SubnetworkFileError(f"{path}: unknown format {info.get('format')!r}")
+    if info["version"] > VERSION:
+        raise SubnetworkFileError(
+            f"{path}: format version {info['version']} is newer than this supermask_fx reads ({VERSION}): upgrade"
+        )
+    config = PopupConfig.from_dict(info["config"])
+    model = unwrap(model)
+    if any(is_gated(m) for m in model.modules()):
+        differs = _config_differences(_single_config(list(gated_layers(model))), config)
+        if differs:
+            raise SubnetworkFileError(f"{path}: the model was popupified with another config: {differs}")
+    else:
+        popupify(model, config)
+    pairs = list(gated_layers(model))
+    _check_layers(path, info, pairs)
+    with torch.no_grad():
+        for (module, gate), layer in zip(pairs, info["layers"]):
+            weight = module._parameters[gate.param]
+            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k)
+            if _sha(regenerated) != layer["sha256"]:
+                raise SubnetworkFileError(
+                    f"{path}: the weights regenerated for {gate.name} from seed {config.seed} differ from those the "
+                    f"file was made with (torch {info.get('torch_version')} then, {torch.__version__} now)"
+                )
+            if not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
+                raise SubnetworkFileError(f"{path}: the model's weights of {gate.name} are not the seed's weights")
+        fix_masks(model)
+        for (module, gate), layer in zip(pairs, info["layers"]):
+            mask = unpack_bits(tensors[f"mask/{gate.name}"], tuple(layer["shape"]))
+            if int(mask.sum()) != layer["kept"]:
+                raise SubnetworkFileError(f"{path}: corrupted mask for {gate.name}")
+            module._buffers[gate.mask_buffer].copy_(mask)
+        stored = {key[len("state/") :]: t for key, t in tensors.items() if key.startswith("state/")}
+        expected = _stored_state(model, pairs, config, include_changed_constants=False)
+        missing = sorted(set(expected) - set(stored))
+        if missing:
+            raise SubnetworkFileError(f"{path}: another architecture: the file lacks state entries {missing[:5]}")
+        own = model.state_dict()
+        for key, value in stored.items():
+            if key not in own:
+                raise SubnetworkFileError(f"{path}: another architecture: the model has no entry {key!r}")
+            if tuple(own[key].shape) != tuple(value.shape):
+                raise SubnetworkFileError(
+                    f"{path}: another architecture: {key} has shape {tuple(value.shape)} in the file, "
+                    f"{tuple(own[key].shape)} in the model"
+                )
+            own[key].copy_(value)
+    for _, gate in pairs:
+        gate.clear_cache()
+    return model
+
+
+def _stored_state(
+    model: nn.Module, pairs: list[tuple[nn.Module, Gate]], config: PopupConfig, include_changed_constants: bool = True
+) -> dict[str, Tensor]:
+    """``state_dict`` entries that are not regenerated by ``popupify``, hence stored in the file."""
+    prefix = {id(m): name + "." if name else "" for name, m in model.named_modules(remove_duplicate=False)}
+    regenerated: set[str] = set()
+    constants: dict[str, float] = {}
+    for module, gate in pairs:
+        p = prefix[id(module)]
+        regenerated.update({p + gate.param, p + gate.mask_buffer} | ({p + gate.scores} if gate.scores else set()))
+        if config.bias == "zero" and module._parameters.get(_BIAS_OF.get(gate.param, "")) is not None:
+            constants[p + _BIAS_OF[gate.param]] = 0.0
+    for module in model.modules():
+        if isinstance(module, NORM_TYPES) and id(module) in prefix:
+            for name, value in (("weight", 1.0), ("bias", 0.0)):
+                if isinstance(module._parameters.get(name), Tensor):
+                    constants[prefix[id(module)] + name] = value
+    out = {}
+    for key, value in model.state_dict().items():
+        if key in regenerated:
+            continue
+        if key in constants:
+            if not include_changed_constants or bool((value == constants[key]).all()):
+                continue
+        out[key] = value
+    return out
+
+
+def _single_config(pairs: list[tuple[nn.Module, Gate]]) -> PopupConfig:
+    configs = {gate.config for _, gate in pairs}
+    if len(configs) != 1:
+        raise ValueError("the model mixes gated layers from several popupify calls; save each part separately")
+    return configs.pop()
+
+
+def _config_differences(mine: PopupConfig, theirs: PopupConfig) -> str:
+    a, b = mine.to_dict(), theirs.to_dict()
+    return "; ".join(f"{key}: file has {b[key]!r}, model has {a[key]!r}" for key in a if a[key] != b[key])
+
+
+def _check_layers(path: Path, info: dict, pairs: list[tuple[nn.Module, Gate]]) -> None:
+    ours = [(gate.name, list(module._parameters[gate.param].shape)) for module, gate in pairs]
+    theirs = [(layer["name"], list(layer["shape"])) for layer in info["layers"]]
+    if ours == theirs:
+        return
+    our_names, their_names = dict(ours), dict(theirs)
+    problems = [f"{n}: missing from the model" for n in their_names if n not in our_names]
+    problems += [f"{n}: not in the file" for n in our_names if n not in their_names]
+    problems += [
+        f"{n}: shape {tuple(their_names[n])} in the file, {tuple(our_names[n])} in the model"
+        for n in their_names
+        if n in our_names and our_names[n] != their_names[n]
+    ]
+    problems = problems or ["the layers come in another order"]
+    raise SubnetworkFileError(
+        f"{path}: saved from another architecture ({info.get('model_class')}, {len(theirs)} gated layers; "
+        f"this model: {len(ours)}): " + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
+    )
+
+
+def _sha(t: Tensor) -> str:
+    return hashlib.sha256(safetensors_io.tensor_bytes(t)).hexdigest()

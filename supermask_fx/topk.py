@@ -1,0 +1,219 @@
+"""Exact top-k selection of scores: the function ``h`` of edge-popup.
+
+The rule
+--------
+Let ``a`` be the magnitudes ``|s|`` of one layer's scores flattened in row-major order (``n`` values), or of
+several layers concatenated in the order given (global scope), and ``K`` the kept count (``1 <= K <= n``).
+The mask keeps exactly ``K`` entries:
+
+* every entry whose value is larger than ``T``, the ``K``-th largest value of ``a``;
+* among the entries equal to ``T``, those with the **lowest flat index** until ``K`` are kept.
+
+This is what a stable descending sort followed by "keep the first ``K``" gives (``topk_mask_reference``), so it
+matches the paper's Algorithm 1 (which sorts and keeps the top ``K``) and makes the result unique: the same
+mask on every machine and device.
+
+How it is computed
+------------------
+Sorting every layer at every step is what makes the reference implementation slow. Two exact strategies:
+
+``band`` (CPU)
+    Scores move little in one optimizer step, so last step's threshold is a strong hint. With a band
+    ``[lo, hi)`` around it: count the entries ``>= hi`` (one comparison pass, written straight into the mask);
+    if fewer than ``K`` are above the band and at least ``K`` are above ``lo``, the threshold lies in the band,
+    and only the few entries inside it (typically far below 1 % of the layer) are sorted. If the band misses,
+    it is widened; if that misses too, one exact ``kthvalue`` finds ``T`` and the band ``[T, next float)``
+    finishes the job. The result never depends on the hint; only the speed does.
+``select`` (any device, no host synchronisation)
+    ``T`` from ``torch.kthvalue``, ties resolved with a cumulative sum over ``a == T``. Every step is a tensor
+    operation with a fixed shape, so nothing waits for the device; used on CUDA and other accelerators.
+
+Both strategies write into caller-owned boolean buffers, so the hot path allocates almost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["kept_count", "topk_mask_reference", "select_topk", "BandHint"]
+
+
+def kept_count(numel: int, k: float) -> int:
+    """Number of entries kept out of ``numel`` for the kept fraction ``k``.
+
+    Identical to the paper's code (``j = int((1 - k) * numel)`` entries dropped), clamped to at least one kept
+    entry, so ``|kept - k * numel| < 1``.
+    """
+    return min(numel, max(1, numel - int((1.0 - k) * numel)))
+
+
+def topk_mask_reference(a: Tensor, kept: int) -> Tensor:
+    """The rule, by a stable sort: slow and obviously right. ``a`` of any shape; returns a bool mask like it."""
+    flat = a.reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=a.device)
+    mask[order[:kept]] = True
+    return mask.view(a.shape)
+
+
+@dataclass
+class BandHint:
+    """State the ``band`` strategy carries between calls: last threshold, band half-width, a scratch buffer."""
+
+    threshold: float
+    half_width: float
+    scratch: Tensor | None = None  # bool, padded to a multiple of 8 entries, for the word-wise ``nonzero``
+
+
+def select_topk(
+    parts: list[Tensor], kept: int, masks: list[Tensor], hint: BandHint | None = None, strategy: str = "auto"
+) -> BandHint | None:
+    """Write the top-``kept`` mask of the concatenation of ``parts`` into ``masks``.
+
+    Args:
+        parts: 1-D non-negative float tensors (the magnitudes ``|s|``); their concatenation is ranked as one
+            vector.
+        kept: number of entries to keep, ``1 <= kept <= total``.
+        masks: 1-D bool tensors, one per part, same sizes; overwritten.
+        hint: the value this function returned last time for the same parts, or ``None``.
+        strategy: ``"band"``, ``"select"`` or ``"auto"`` (``band`` on CPU, ``select`` elsewhere).
+
+    Returns:
+        The hint for the next call (``None`` for the ``select`` strategy, which needs none).
+    """
+    total = sum(p.numel() for p in parts)
+    if not 1 <= kept <= total:
+        raise ValueError(f"kept={kept} must be between 1 and the number of scores ({total})")
+    if strategy == "auto":
+        strategy = "band" if parts[0].device.type == "cpu" else "select"
+    if strategy == "select":
+        _select_sync_free(parts, kept, masks)
+        return None
+    if strategy != "band":
+        raise ValueError(f"unknown strategy {strategy!r}; use 'band', 'select' or 'auto'")
+    if kept == total:
+        for m in masks:
+            m.fill_(True)
+        return hint
+    dtype = parts[0].dtype
+    scratch = _scratch_for(parts, hint)
+    if hint is not None:
+        for widen in (1.0, 16.0):
+            half = hint.half_width * widen
+            lo, hi = _representable(hint.threshold - half, dtype), _representable(hint.threshold + half, dtype)
+            found = _band_select(parts, kept, masks, lo, hi, scratch)
+            if found is not None:
+                return _next_hint(found, hint.threshold, dtype, scratch)
+    threshold = _kth_largest_exact(parts, kept)
+    found = _band_select(parts, kept, masks, threshold, _next_float(threshold, dtype), scratch)
+    assert found is not None, "a band [T, next float) always contains the threshold"
+    return _next_hint(found, None, dtype, scratch)
+
+
+# Non-negative IEEE floats order like their bit patterns read as signed integers; integer compares are cheaper.
+_SAME_ORDER_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+
+
+def _as_ordered_ints(p: Tensor, value: float) -> tuple[Tensor, float | int]:
+    int_dtype = _SAME_ORDER_INT.get(p.dtype)
+    if int_dtype is None or math.isinf(value) or value <= 0.0:
+        return p, value
+    return p.view(int_dtype), int(torch.tensor(value, dtype=p.dtype).view(int_dtype))
+
+
+def _band_select(
+    parts: list[Tensor], kept: int, masks: list[Tensor], lo: float, hi: float, scratch: Tensor
+) -> float | None:
+    """Keep everything ``>= hi`` plus the best entries of ``[lo, hi)``; ``None`` if ``T`` is not in the band."""
+    counts = []
+    for p, m in zip(parts, masks):
+        torch.ge(*_as_ordered_ints(p, hi), out=m)
+        counts.append(torch.count_nonzero(m))
+    above = int(counts[0]) if len(counts) == 1 else int(torch.stack(counts).sum())
+    if above >= kept:
+        return None
+    values, positions = [], []
+    for p, m in zip(parts, masks):
+        n = p.numel()
+        band = scratch[:n]
+        torch.ge(*_as_ordered_ints(p, lo), out=band)
+        band.logical_xor_(m)  # ge(lo) and not ge(hi): lo <= p < hi
+        where = _flat_nonzero(scratch, n)
+        values.append(p[where])
+        positions.append(where)
+    band_values = values[0] if len(values) == 1 else torch.cat(values)
+    missing = kept - above
+    if band_values.numel() < missing:
+        return None
+    # Entries are concatenated in flat order, so a stable descending sort ranks ties by lowest index.
+    order = torch.sort(band_values, descending=True, stable=True).indices[:missing]
+    if len(parts) == 1:
+        masks[0][positions[0][order]] = True
+    else:
+        chosen = torch.zeros(band_values.numel(), dtype=torch.bool, device=band_values.device)
+        chosen[order] = True
+        start = 0
+        for m, where in zip(masks, positions):
+            m[where[chosen[start : start + where.numel()]]] = True
+            start += where.numel()
+    return float(band_values[order[-1]])
+
+
+def _flat_nonzero(scratch: Tensor, n: int) -> Tensor:
+    """Indices of the true entries of ``scratch[:n]``, found 8 at a time: ``nonzero`` on int64 words first."""
+    padded = -(-n // 8) * 8
+    scratch[n:padded] = False
+    words = scratch[:padded].view(torch.int64)
+    hit = words.nonzero().squeeze(1)
+    candidates = (hit.unsqueeze(1) * 8 + torch.arange(8, device=scratch.device)).view(-1)
+    return candidates[scratch[candidates]]
+
+
+def _scratch_for(parts: list[Tensor], hint: BandHint | None) -> Tensor:
+    need = -(-max(p.numel() for p in parts) // 8) * 8
+    scratch = None if hint is None else hint.scratch
+    if scratch is None or scratch.numel() < need or scratch.device != parts[0].device:
+        scratch = torch.zeros(need, dtype=torch.bool, device=parts[0].device)
+    return scratch
+
+
+def _kth_largest_exact(parts: list[Tensor], kept: int) -> float:
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return float(torch.kthvalue(flat, flat.numel() - kept + 1).values)
+
+
+def _select_sync_free(parts: list[Tensor], kept: int, masks: list[Tensor]) -> None:
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    threshold = torch.kthvalue(flat, flat.numel() - kept + 1).values
+    above = flat > threshold
+    ties = flat == threshold
+    room = kept - above.sum()
+    keep = above | (ties & (torch.cumsum(ties, 0) <= room))
+    start = 0
+    for m in masks:
+        m.copy_(keep[start : start + m.numel()])
+        start += m.numel()
+
+
+def _next_hint(threshold: float, previous: float | None, dtype: torch.dtype, scratch: Tensor) -> BandHint:
+    # Expect the threshold to move about as much as it just did; never let the band collapse to nothing.
+    moved = 0.0 if previous is None else abs(threshold - previous)
+    floor = max(abs(threshold) * 2.0**-12, torch.finfo(dtype).tiny)
+    return BandHint(threshold, max(4.0 * moved, floor), scratch)
+
+
+def _representable(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype``, so a comparison against it means the same thing every time."""
+    if math.isinf(value):
+        return value
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+def _next_float(value: float, dtype: torch.dtype) -> float:
+    t = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(math.inf, dtype=dtype)))
