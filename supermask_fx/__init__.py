@@ -1,9 +1,9 @@
 """supermask_fx: find subnetworks hidden in randomly weighted neural networks (edge-popup), for any PyTorch model.
 
-    model = popupify(torchvision.models.wide_resnet50_2(), k=0.3)
-    optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.256, momentum=0.875, weight_decay=3.0517578125e-05)
-    ... train as usual ...
-    save_subnetwork(model, "wrn50-k30.safetensors")
+model = popupify(torchvision.models.wide_resnet50_2(), k=0.3)
+optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.256, momentum=0.875, weight_decay=3.0517578125e-05)
+... train as usual ...
+save_subnetwork(model, "wrn50-k30.safetensors")
 """
 
 from .config import PopupConfig

@@ -120,4 +120,3 @@ def _ordered(model: nn.Module, found: dict[str, WeightRef]) -> list[WeightRef]:
 
 def _join(module: str, param: str) -> str:
     return f"{module}.{param}" if module else param
-

@@ -60,9 +60,7 @@ def weight_std(shape: tuple[int, ...], init: str, *, mode: str, nonlinearity: st
     return std * math.sqrt(1.0 / k) if scaled else std
 
 
-def draw_weight(
-    shape: tuple[int, ...], init: str, *, std: float, generator: torch.Generator
-) -> Tensor:
+def draw_weight(shape: tuple[int, ...], init: str, *, std: float, generator: torch.Generator) -> Tensor:
     """A float32 CPU tensor of ``shape`` from distribution ``INITIALIZERS[init]`` with standard deviation ``std``."""
     distribution = INITIALIZERS[init][0]
     if distribution == "normal":

@@ -29,7 +29,7 @@ from . import safetensors_io
 from .config import PopupConfig
 from .gate import Gate, is_gated
 from .masks import fix_masks, gated_layers
-from .popup import NORM_TYPES, _BIAS_OF, draw_layer_weight, popupify
+from .popup import _BIAS_OF, NORM_TYPES, draw_layer_weight, popupify
 
 FORMAT = "supermask_fx.subnetwork"
 VERSION = 1

@@ -115,8 +115,12 @@ def select_topk(
 
 
 # Non-negative IEEE floats order like their bit patterns read as signed integers; integer compares are cheaper.
-_SAME_ORDER_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-                   torch.bfloat16: torch.int16}
+_SAME_ORDER_INT = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def _as_ordered_ints(p: Tensor, value: float) -> tuple[Tensor, float | int]:
