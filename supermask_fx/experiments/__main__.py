@@ -1,0 +1,113 @@
+"""Command line: ``python -m supermask_fx.experiments <experiment|all|report|list> [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .configs import EXPERIMENTS, ORDER, PAPER_ONLY, plan
+
+IMAGENET_MODELS = (("resnet50", 1.0), ("resnet101", 1.0), ("wide_resnet50_2", 1.0))
+
+
+def imagenet_commands(seeds: int) -> list[str]:
+    """Table 2 at the paper's scale: ImageNet, k = 30 %, the authors' large-scale recipe (SGD lr 0.256, momentum
+    0.875, weight decay 3.0517578125e-05, batch 256, label smoothing 0.1, 5 warm-up epochs, cosine, 100 epochs)."""
+    out = []
+    for model, _ in IMAGENET_MODELS:
+        for init in ("kaiming_normal", "signed_constant"):
+            for seed in range(seeds):
+                out.append(
+                    f"accelerate launch examples/imagenet.py --model {model} --k 0.3 --init {init} --scaled "
+                    f"--epochs 100 --batch-size 256 --lr 0.256 --momentum 0.875 --weight-decay 3.0517578125e-05 "
+                    f"--label-smoothing 0.1 --warmup-epochs 5 --seed {seed} "
+                    f"--output runs/imagenet/{model}-{init}-k30-seed{seed}"
+                )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = [*EXPERIMENTS, *PAPER_ONLY]
+    parser = argparse.ArgumentParser(prog="python -m supermask_fx.experiments", description=__doc__)
+    parser.add_argument("name", help=f"one of: {', '.join(names)}, all, report, list")
+    parser.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--csv", type=Path, default=None, help="results CSV (default docs/results/<scale>/results.csv)")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: the CSV's folder)")
+    parser.add_argument("--smoke", action="store_true", help="1 seed, 1 epoch, 256 examples, one run per config kind")
+    parser.add_argument("--plan-only", action="store_true", help="print the runs and the planned time, run nothing")
+    parser.add_argument("--no-estimate", action="store_true", help="skip measuring step costs for the plan")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: share the CPU)")
+    parser.add_argument("--nice", type=int, default=10, help="raise niceness by this much (default 10)")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        args.seeds = 1
+    csv_path = args.csv or Path("docs/results") / ("smoke" if args.smoke else args.scale) / "results.csv"
+    if args.name == "list":
+        for name in names:
+            print(name + ("  (paper scale only)" if name in PAPER_ONLY else ""))
+        return 0
+    if args.name == "report":
+        from .report import make_report
+
+        command = "python -m supermask_fx.experiments " + shlex.join(sys.argv[1:] if argv is None else argv)
+        path = make_report(
+            csv_path, args.out or csv_path.parent, args.scale, args.seeds, command=command, smoke=args.smoke
+        )
+        print(f"wrote {path}")
+        return 0
+    if args.name == "imagenet_table2":
+        if args.scale != "paper":
+            print("imagenet_table2 exists at --scale paper only (ImageNet needs GPUs); nothing to run at cpu scale")
+            return 2
+        print("# Table 2 (ImageNet, k = 30 %): run each on a multi-GPU machine (examples/imagenet.py, issue 5)")
+        print("\n".join(imagenet_commands(args.seeds)))
+        return 0
+    if args.name != "all" and args.name not in EXPERIMENTS:
+        parser.error(f"unknown experiment {args.name!r}; choose one of {', '.join(names)}, all, report, list")
+
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    if args.nice:
+        try:
+            os.nice(args.nice)
+        except OSError:
+            pass
+    chosen = list(ORDER) if args.name == "all" else [args.name]
+    specs = plan(chosen, args.scale, args.seeds, smoke=args.smoke)
+    from .results import done_keys
+    from .runner import estimate_seconds, run_all
+
+    done = done_keys(csv_path)
+    estimates = {}
+    if not args.no_estimate and not args.smoke:
+        t0 = time.perf_counter()
+        estimates = {s.key(): estimate_seconds(s) for s in specs}
+        per_exp: dict[str, list[float]] = {}
+        for s in specs:
+            per_exp.setdefault(s.experiment, []).append(estimates[s.key()])
+        for name, secs in per_exp.items():
+            print(f"  {name}: {len(secs)} runs, planned {sum(secs) / 3600:.2f} h")
+        todo = sum(v for k, v in estimates.items() if k not in done)
+        print(
+            f"planned total: {len(specs)} runs, {sum(estimates.values()) / 3600:.2f} h "
+            f"({todo / 3600:.2f} h still to do; step costs measured in {time.perf_counter() - t0:.0f} s "
+            f"with {torch.get_num_threads()} thread(s))"
+        )
+    else:
+        print(f"{len(specs)} runs planned")
+    if args.plan_only:
+        return 0
+    sys.stdout.flush()
+    run_all(specs, csv_path, estimates=estimates)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
