@@ -289,10 +289,8 @@ def claims(groups: dict[str, dict[tuple, Group]]) -> list[Claim]:
 
 
 def _same_ref(g: Group, ref: Group, g5: dict[tuple, Group]) -> bool:
-    """Whether wider run ``g`` keeps the same number of weights as base run ``ref`` (within 2 %)."""
-    if not g.kept or not ref.kept:
-        return _kept_estimate(g) and abs(_kept_estimate(g) / _kept_estimate(ref) - 1) < 0.02
-    return abs(g.kept[0] / ref.kept[0] - 1) < 0.02
+    """Whether run ``g`` is planned to keep as many weights as base run ``ref`` (within 2 %, same model)."""
+    return g.spec.model == ref.spec.model and abs(_kept_estimate(g) / _kept_estimate(ref) - 1) < 0.02
 
 
 def _kept_estimate(g: Group) -> float:
@@ -307,7 +305,7 @@ def _kept_estimate(g: Group) -> float:
 
 
 def _plot_line(ax, groups: list[Group], x, label: str, **kw):
-    pts = sorted((x(g), g) for g in groups if g.accs)
+    pts = sorted(((x(g), g) for g in groups if g.accs), key=lambda p: p[0])
     if not pts:
         return
     xs = [p[0] for p in pts]
