@@ -197,4 +197,4 @@ def test_report_shows_missing_runs(tmp_path):
     assert verdicts["Retraining a found subnetwork ≈ retraining a random one of the same size"] == "missing runs"
     assert "1 missing" in md  # the fig3 groups: n=2 done, 1 seed missing
     assert "| conv4 | 0.25 | sampled | xavier_normal | False | 0.5 | sgd |  | missing |" in md
-    assert "fig4_width: 12 of 60 runs done" in md  # width-1 points are fig3 runs (2 seeds x 6 configs)
+    assert "fig4_width: 12 of 54 runs done" in md  # width-1 points are fig3 runs (2 seeds x 6 configs)
