@@ -88,7 +88,7 @@ def run_one(spec: RunSpec, revision: str | None = None) -> dict[str, object]:
         "found_accuracy": None if found_accuracy is None else f"{found_accuracy:.2f}",
         "wall_time_s": f"{time.perf_counter() - start:.1f}",
         "git_revision": revision or git_revision(),
-        "engine": engine.ENGINE.split(" (")[0],
+        "engine": engine.engine_name(),
         "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
