@@ -549,6 +549,16 @@ def make_report(
             f"Training loop: {', '.join(engines)}. Revisions: {', '.join(revs)}.",
             "",
         ]
+    if rows:
+        by_kind: dict[tuple, list[float]] = {}
+        for r in rows:
+            kind = (r["model"], float(r["width"]), r["method"] if not r["variant"] else r["variant"])
+            by_kind.setdefault(kind, []).append(float(r["wall_time_s"]))
+        lines += ["Measured wall time per run (median over the rows done):", ""]
+        lines += ["| model | width | method | runs | median s |", "|---|---|---|---|---|"]
+        for (model, width, method), secs in sorted(by_kind.items()):
+            lines.append(f"| {model} | {width:g} | {method} | {len(secs)} | {statistics.median(secs):.1f} |")
+        lines.append("")
     lines += ["## Claims", "", "| claim | verdict |", "|---|---|"]
     for claim in found:
         lines.append(f"| {claim.title} | **{claim.verdict}** |")
