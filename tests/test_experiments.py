@@ -104,6 +104,18 @@ def test_configs_are_declarative_grids():
     assert len(smoke_subset(fig3)) < len(fig3)
 
 
+def test_imagenet_table2_emits_commands_at_paper_scale_only(capsys):
+    assert main(["imagenet_table2", "--scale", "paper", "--seeds", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("accelerate launch")]
+    assert len(lines) == 6 and all("--k 0.3" in line and "examples/imagenet.py" in line for line in lines)
+    assert {m for m in ("resnet50 ", "resnet101 ", "wide_resnet50_2 ") if any(m in line for line in lines)} == {
+        "resnet50 ",
+        "resnet101 ",
+        "wide_resnet50_2 ",
+    }
+    assert main(["imagenet_table2", "--scale", "cpu"]) == 2
+
+
 def test_compare_rules():
     assert compare([80, 81, 82], [70, 71, 72]) == "supported"
     assert compare([70, 71, 72], [80, 81, 82]) == "not supported"

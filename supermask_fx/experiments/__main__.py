@@ -11,21 +11,23 @@ from pathlib import Path
 
 from .configs import EXPERIMENTS, ORDER, PAPER_ONLY, plan
 
-IMAGENET_MODELS = (("resnet50", 1.0), ("resnet101", 1.0), ("wide_resnet50_2", 1.0))
+IMAGENET_MODELS = ("resnet50", "resnet101", "wide_resnet50_2")
 
 
-def imagenet_commands(seeds: int) -> list[str]:
+def imagenet_commands(seeds: int, data_dir: str = "$IMAGENET") -> list[str]:
     """Table 2 at the paper's scale: ImageNet, k = 30 %, the authors' large-scale recipe (SGD lr 0.256, momentum
-    0.875, weight decay 3.0517578125e-05, batch 256, label smoothing 0.1, 5 warm-up epochs, cosine, 100 epochs)."""
+    0.875, weight decay 3.0517578125e-05, batch 256, label smoothing 0.1, 5 warm-up epochs, cosine, 100 epochs;
+    their ``configs/largescale/subnetonly/*-u{kn,sc}-unsigned.yaml``: Kaiming normal and signed constant, not
+    scaled), as ``examples/imagenet.py`` takes them."""
     out = []
-    for model, _ in IMAGENET_MODELS:
+    for model in IMAGENET_MODELS:
         for init in ("kaiming_normal", "signed_constant"):
             for seed in range(seeds):
                 out.append(
-                    f"accelerate launch examples/imagenet.py --model {model} --k 0.3 --init {init} --scaled "
-                    f"--epochs 100 --batch-size 256 --lr 0.256 --momentum 0.875 --weight-decay 3.0517578125e-05 "
-                    f"--label-smoothing 0.1 --warmup-epochs 5 --seed {seed} "
-                    f"--output runs/imagenet/{model}-{init}-k30-seed{seed}"
+                    f"accelerate launch examples/imagenet.py --data-dir {data_dir} --model {model} --k 0.3 "
+                    f"--init {init} --epochs 100 --warmup-epochs 5 --batch-size 256 --lr 0.256 --momentum 0.875 "
+                    f"--weight-decay 3.0517578125e-05 --label-smoothing 0.1 --seed {seed} "
+                    f"--out runs/imagenet/{model}-{init}-k30-seed{seed}"
                 )
     return out
 
