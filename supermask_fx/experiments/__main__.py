@@ -45,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-estimate", action="store_true", help="skip measuring step costs for the plan")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: share the CPU)")
     parser.add_argument("--nice", type=int, default=10, help="raise niceness by this much (default 10)")
+    parser.add_argument(
+        "--shard", default="0/1", help="I/N: make only every N-th run starting at I (N processes on one CSV)"
+    )
     args = parser.parse_args(argv)
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard {args.shard!r} must be I/N with 0 <= I < N, e.g. 0/2 and 1/2")
 
     if args.smoke:
         args.seeds = 1
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan_only:
         return 0
     sys.stdout.flush()
-    run_all(specs, csv_path, estimates=estimates)
+    run_all(specs, csv_path, estimates=estimates, shard=shard)
     return 0
 
 

@@ -182,9 +182,13 @@ def expand(name: str, scale: Scale | str, seeds: int | tuple[int, ...]) -> list[
 
 
 def plan(names: list[str], scale: Scale | str, seeds: int | tuple[int, ...], smoke: bool = False) -> list[RunSpec]:
-    """All runs of ``names``, seed-major (every experiment's seed 0 before any seed 1, so a partial suite covers
-    all configs early), experiments in the order given; runs shared between experiments are listed once (under
-    the first experiment that needs them)."""
+    """All runs of ``names`` in the order to make them; runs shared between experiments are listed once (under
+    the first experiment that needs them).
+
+    Order: a first pass makes the first two seeds of every configuration (experiments in the order given, the
+    two seeds of a configuration next to each other), so a partial suite covers every figure early with enough
+    seeds for a spread; then one pass per further seed.
+    """
     specs: list[RunSpec] = []
     seen: set[tuple] = set()
     for name in names:
@@ -193,7 +197,8 @@ def plan(names: list[str], scale: Scale | str, seeds: int | tuple[int, ...], smo
                 seen.add(spec.key())
                 specs.append(spec)
     rank = {name: i for i, name in enumerate(names)}
-    return sorted(specs, key=lambda s: (s.seed, rank[s.experiment]))
+    first = sorted({s.seed for s in specs})[:2]
+    return sorted(specs, key=lambda s: (0 if s.seed in first else s.seed + 1, rank[s.experiment]))
 
 
 def experiment_specs(name: str, scale: Scale | str, seeds, smoke: bool = False) -> list[RunSpec]:

@@ -93,8 +93,15 @@ def run_one(spec: RunSpec, revision: str | None = None) -> dict[str, object]:
     }
 
 
-def run_all(specs: list[RunSpec], csv_path: str | Path, *, log=print, estimates: dict | None = None) -> int:
-    """Run every spec whose key is not yet in ``csv_path``; append a row after each. Returns runs made."""
+def run_all(
+    specs: list[RunSpec], csv_path: str | Path, *, log=print, estimates: dict | None = None, shard=(0, 1)
+) -> int:
+    """Run every spec whose key is not yet in ``csv_path``; append a row after each. Returns runs made.
+
+    ``shard=(i, n)``: make only the specs at positions i, i + n, ... of ``specs`` (n processes can share one
+    CSV without making the same run twice)."""
+    index, count = shard
+    specs = specs[index::count]
     done = done_keys(csv_path)
     todo = [s for s in specs if s.key() not in done]
     log(f"{len(specs) - len(todo)} of {len(specs)} runs already in {csv_path}; {len(todo)} to do")
