@@ -1,0 +1,44 @@
+"""Training runs on Hugging Face accelerate: ``train(model, train_dataset, test_dataset, TrainConfig(...))``.
+
+    from supermask_fx import popupify
+    from supermask_fx.training import TrainConfig, train
+
+    popupify(model, k=0.5)
+    result = train(model, train_set, test_set, TrainConfig(epochs=10, lr=0.1, out_dir="runs/demo"))
+    print(result["final"]["test_top1"])
+
+Cosine schedule with linear warm-up (per step), SGD/Adam, label smoothing, weight decay (on the scores of a
+supermask network), bf16, gradient accumulation, top-1/top-5 gathered over processes, per-epoch atomic
+checkpoints with exact resume. Needs the ``train`` extra (accelerate, tqdm); importing this package does not:
+accelerate is imported when a run starts. See docs/training.md.
+"""
+
+from .checkpoint import CheckpointError, CheckpointMismatchError, atomic_save, load_checkpoint
+from .config import TrainConfig
+from .data import EpochBatchSampler, RandomCropFlip, batched
+from .engine import Run, build_optimizer, evaluate, make_accelerator, resolve_mixed_precision, train
+from .metrics import accuracy, topk_correct
+from .runlog import read_metrics
+from .schedule import WarmupCosine, warmup_cosine
+
+__all__ = [
+    "train",
+    "TrainConfig",
+    "Run",
+    "evaluate",
+    "make_accelerator",
+    "build_optimizer",
+    "resolve_mixed_precision",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "atomic_save",
+    "load_checkpoint",
+    "read_metrics",
+    "EpochBatchSampler",
+    "RandomCropFlip",
+    "batched",
+    "topk_correct",
+    "accuracy",
+    "WarmupCosine",
+    "warmup_cosine",
+]

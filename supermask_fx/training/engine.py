@@ -1,0 +1,481 @@
+"""The training engine: ``train(model, train_dataset, test_dataset, config)`` on Hugging Face accelerate.
+
+Works for any ``nn.Module`` that maps a batch of inputs to logits (or to an object with ``.logits``), and for
+every ``popupify`` method: the optimizer gets the parameters that require grad (the scores; the weights for
+``"dense"`` or after ``fix_masks(model, train_weights=True)``); with none (``"random"``) there is no optimizer
+step, but the forward passes still run in training mode so BatchNorm statistics are computed.
+
+Processes: one per device (``accelerate launch`` or ``torchrun``); ``Accelerator`` picks them up. The model is
+wrapped in DistributedDataParallel when it has something to train; after every epoch the buffers (BatchNorm
+statistics) of process 0 are copied to the others, so every process holds the same state. Only process 0
+prints and writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..subnetwork import unwrap
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    atomic_save,
+    check_compatible,
+    load_checkpoint,
+    model_fingerprint,
+    rng_state,
+    set_rng_state,
+)
+from .config import TrainConfig
+from .data import EpochBatchSampler, batched, collate
+from .metrics import topk_correct
+from .runlog import RunLog
+from .schedule import warmup_cosine
+
+__all__ = ["train", "evaluate", "make_accelerator", "build_optimizer", "resolve_mixed_precision", "Run"]
+
+
+def resolve_mixed_precision(mode: str) -> str:
+    """``"auto"`` -> ``"bf16"`` on a CUDA device that supports it, else ``"no"``; other values unchanged."""
+    if mode != "auto":
+        return mode
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def make_accelerator(config: TrainConfig | None = None, **kwargs):
+    """An ``accelerate.Accelerator`` for ``config`` (its mixed precision); ``kwargs`` go to ``Accelerator``."""
+    from accelerate import Accelerator
+
+    config = config or TrainConfig()
+    kwargs.setdefault("mixed_precision", resolve_mixed_precision(config.mixed_precision))
+    if not _has_accelerator_device():
+        # Without cpu=True, accelerate (1.x) ignores torchrun's ranks on a machine without a GPU: every process
+        # would train alone. With it, the processes form a gloo group (DistributedType.MULTI_CPU).
+        kwargs.setdefault("cpu", True)
+    return Accelerator(**kwargs)
+
+
+def _has_accelerator_device() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
+
+
+def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``params`` (weight decay on all of them, as the paper's code)."""
+    params = list(params)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+        )
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+
+def _logits(output):
+    return output.logits if hasattr(output, "logits") else output
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator, topk: tuple[int, ...] = (1, 5), prefix: str = "test_") -> dict:
+    """Loss and top-k accuracies of ``model`` over ``loader``, every example counted exactly once.
+
+    ``loader`` must come from ``accelerator.prepare`` (each process sees its shard; the last batch is padded
+    with repeated examples, which ``accelerator.gather_for_metrics`` drops). Returns ``{prefix + "loss",
+    prefix + "top1", ..., prefix + "examples"}`` on every process.
+    """
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    correct = torch.zeros(len(topk), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for inputs, targets in loader:
+        with accelerator.autocast():
+            logits = _logits(model(inputs))
+        logits = logits.float()
+        hits = topk_correct(logits, targets, topk).to(torch.uint8)
+        losses = F.cross_entropy(logits, targets, reduction="none")
+        hits, losses = accelerator.gather_for_metrics((hits, losses))
+        correct += hits.sum(0, dtype=torch.float64)
+        loss_sum += losses.sum(dtype=torch.float64)
+        count += losses.numel()
+    model.train(was_training)
+    out = {f"{prefix}loss": (loss_sum / max(count, 1)).item()}
+    for k, c in zip(topk, correct.tolist()):
+        out[f"{prefix}top{k}"] = c / max(count, 1)
+    out[f"{prefix}examples"] = count
+    return out
+
+
+def train(
+    model: nn.Module,
+    train_dataset,
+    test_dataset=None,
+    config: TrainConfig | None = None,
+    accelerator=None,
+    *,
+    loss_fn=None,
+    callbacks=(),
+    **overrides,
+) -> dict:
+    """Train ``model`` in place on ``train_dataset``, evaluating on ``test_dataset`` after every epoch.
+
+    Args:
+        model: any ``nn.Module`` mapping a batch of inputs to logits; for supermask search, a popupified one.
+        train_dataset: a map-style dataset of ``(input, target)`` pairs; datasets with ``get_batch(indices)``
+            (``supermask_fx.data.ImageTensorDataset``) are fetched a whole batch at a time.
+        test_dataset: the same for evaluation, or ``None``.
+        config: a ``TrainConfig``; ``overrides`` replace some of its fields (``train(..., epochs=3)``).
+        accelerator: an ``accelerate.Accelerator``; by default one is made for ``config.mixed_precision``.
+        loss_fn: ``loss_fn(logits, targets) -> scalar``; default cross-entropy with ``config.label_smoothing``.
+        callbacks: called as ``callback(metrics)`` on every process after each epoch (after its checkpoint).
+
+    Returns:
+        ``{"history": [per-epoch metrics], "final": last epoch's metrics, "out_dir", "checkpoint",
+        "resumed_from_epoch", "train_time_s"}``. Per-epoch metrics: ``epoch``, ``step``, ``lr``, ``train_loss``,
+        ``train_top1``, ``test_loss``, ``test_top1``, ``test_top5``, ``test_examples``, ``epoch_time_s``.
+
+    Raises:
+        ValueError: bad settings (batch larger than the data set, empty data set, ...).
+        FileExistsError: ``resume=False`` and ``out_dir`` already holds a checkpoint.
+        CheckpointMismatchError: the checkpoint to resume was made by another model or other settings.
+        CheckpointError: a checkpoint could not be read or written (a previous one stays intact).
+    """
+    config = config or TrainConfig()
+    if overrides:
+        config = replace(config, **overrides)
+    return Run(model, train_dataset, test_dataset, config, accelerator, loss_fn=loss_fn, callbacks=callbacks).fit()
+
+
+class Run:
+    """One training run; ``train`` is ``Run(...).fit()``. Its parts are usable on their own:
+    ``train_epoch(epoch)``, ``evaluate()``, ``save_checkpoint()``."""
+
+    def __init__(self, model, train_dataset, test_dataset, config, accelerator=None, *, loss_fn=None, callbacks=()):
+        self.config = config
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.callbacks = list(callbacks)
+        self.loss_fn = loss_fn or _CrossEntropy(config.label_smoothing)
+        self._check_data(train_dataset, test_dataset)
+        self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+        resume_from = self._resume_source()
+        self.log = RunLog(acc.is_main_process, config.progress, self.out_dir, config.log_every)
+
+        # the model and what it trains
+        self.base = unwrap(model)
+        self.base.to(acc.device)
+        if config.channels_last:
+            self.base.to(memory_format=torch.channels_last)
+        self.trainable = [p for p in self.base.parameters() if p.requires_grad]
+        self.fingerprint = model_fingerprint(self.base)
+
+        # data
+        self.sampler = EpochBatchSampler(
+            len(train_dataset),
+            config.batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            seed=config.seed,
+            drop_last=config.drop_last,
+        )
+        self.train_loader = DataLoader(
+            batched(train_dataset),
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=config.num_workers,
+            pin_memory=acc.device.type == "cuda",
+            persistent_workers=config.num_workers > 0,
+        )
+        self.micro_steps = len(self.sampler)
+        self.steps_per_epoch = math.ceil(self.micro_steps / config.grad_accum_steps)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.test_loader = None
+        if test_dataset is not None and config.eval_every > 0:
+            eval_bs = min(config.eval_batch_size or 2 * config.batch_size, len(test_dataset))
+            loader = DataLoader(
+                batched(test_dataset),
+                batch_size=eval_bs,
+                shuffle=False,
+                collate_fn=collate,
+                num_workers=config.num_workers,
+                pin_memory=acc.device.type == "cuda",
+            )
+            self.test_loader = acc.prepare_data_loader(loader)
+
+        # optimizer and schedule
+        self.optimizer = self.scheduler = None
+        if self.trainable:
+            self.optimizer = build_optimizer(self.trainable, config)
+            self.scheduler = warmup_cosine(
+                self.optimizer,
+                self.total_steps,
+                round(config.warmup_epochs * self.steps_per_epoch),
+                config.min_lr,
+                cosine=config.schedule == "cosine",
+            )
+
+        # state: fresh or resumed
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+        self.resumed_from_epoch = None
+        restored_rng = None
+        if resume_from is not None:
+            restored_rng = self._load(resume_from)
+        else:
+            from accelerate.utils import set_seed
+
+            set_seed(config.seed + self.rank)
+
+        # wrap for distributed training (DDP refuses a model with nothing to train)
+        self.model = acc.prepare_model(self.base) if self.trainable else self.base
+        if self.optimizer is not None:
+            self.optimizer = acc.prepare_optimizer(self.optimizer)
+        if acc.is_main_process and self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            if self.resumed_from_epoch is not None:
+                self.log.rewrite(self.history)
+            elif (self.out_dir / "metrics.jsonl").exists():
+                (self.out_dir / "metrics.jsonl").unlink()
+        if restored_rng is not None:  # last: nothing after this may draw random numbers before the next epoch
+            set_rng_state(restored_rng)
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def _check_data(self, train_dataset, test_dataset) -> None:
+        c = self.config
+        n = len(train_dataset)
+        if n == 0:
+            raise ValueError("the training set is empty")
+        per_process = math.ceil(n / self.world)
+        if c.batch_size > per_process:
+            where = f" ({per_process} per process with {self.world} processes)" if self.world > 1 else ""
+            raise ValueError(
+                f"batch_size={c.batch_size} is larger than the training set: {n} examples{where}. "
+                f"Use a batch size of at most {per_process}, or more data."
+            )
+        if c.drop_last and per_process // c.batch_size == 0:
+            raise ValueError(f"drop_last=True with batch_size={c.batch_size} leaves no batch of {per_process} examples")
+        if test_dataset is not None and len(test_dataset) == 0:
+            raise ValueError("the test set is empty (pass test_dataset=None to skip evaluation)")
+
+    def _resume_source(self) -> Path | None:
+        c = self.config
+        resume = c.resume
+        if isinstance(resume, (str, os.PathLike)) and resume not in ("auto",):
+            path = Path(resume)
+            if path.is_dir():
+                path = path / CHECKPOINT_NAME
+            if not path.is_file():
+                raise CheckpointError(f"resume={os.fspath(resume)!r}: no checkpoint file at {path}")
+            return path
+        existing = self.checkpoint_path is not None and self.checkpoint_path.is_file()
+        if resume is True and not existing:
+            where = self.checkpoint_path if self.checkpoint_path is not None else "out_dir=None"
+            raise CheckpointError(f"resume=True but there is no checkpoint to resume ({where})")
+        if resume is False and existing:
+            raise FileExistsError(
+                f"{self.checkpoint_path} already exists: pass resume=True (or --resume) to continue that run, or use "
+                "another out_dir; delete it to start over"
+            )
+        return self.checkpoint_path if existing and c.checkpoint else None
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def _load(self, path: Path) -> dict | None:
+        state = load_checkpoint(path)
+        check_compatible(path, state, self.fingerprint, self.config.result_fields())
+        self.base.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        self.resumed_from_epoch = self.epoch
+        rngs = state["rng"]
+        if len(rngs) != self.world:
+            warnings.warn(
+                f"{path} was written by {len(rngs)} processes, this run has {self.world}: it continues, but the data "
+                "order and random streams differ from the uninterrupted run",
+                stacklevel=3,
+            )
+            from accelerate.utils import set_seed
+
+            set_seed(self.config.seed + self.rank + 1000 * self.epoch)
+            return None
+        return rngs[self.rank]
+
+    def save_checkpoint(self) -> None:
+        """Write ``out_dir/checkpoint.pt`` (process 0; collective: call on every process)."""
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        acc = self.accelerator
+        rngs = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        error = [None]
+        if acc.is_main_process:
+            state = {
+                "format": FORMAT,
+                "version": VERSION,
+                "epoch": self.epoch,
+                "step": self.step,
+                "model": self.base.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "rng": rngs,
+                "history": self.history,
+                "config": self.config.to_dict(),
+                "fingerprint": self.fingerprint,
+                "world_size": self.world,
+            }
+            try:
+                atomic_save(state, self.checkpoint_path)
+            except CheckpointError as e:
+                error = [str(e)]
+        if self.world > 1:
+            broadcast_object_list(error, from_process=0)
+        if error[0] is not None:
+            raise CheckpointError(error[0])
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        c = self.config
+        t_start = time.perf_counter()
+        if self.resumed_from_epoch is not None:
+            self.log.print(f"resuming {self.checkpoint_path or ''} after epoch {self.epoch}/{c.epochs}")
+        try:
+            while self.epoch < c.epochs:
+                t0 = time.perf_counter()
+                metrics = {"epoch": self.epoch + 1}
+                metrics.update(self.train_epoch(self.epoch))
+                self._sync_buffers()
+                last = self.epoch + 1 == c.epochs
+                if self.test_loader is not None and ((self.epoch + 1) % c.eval_every == 0 or last):
+                    metrics.update(self.evaluate())
+                metrics["step"] = self.step
+                metrics["epoch_time_s"] = round(time.perf_counter() - t0, 3)
+                self.epoch += 1
+                self.history.append(metrics)
+                self.log.epoch(metrics)
+                if self.checkpoint_path is not None and c.checkpoint:
+                    self.save_checkpoint()
+                for callback in self.callbacks:
+                    callback(metrics)
+        except KeyboardInterrupt:
+            if self.checkpoint_path is not None and self.history:
+                self.log.print(
+                    f"interrupted; {self.checkpoint_path} holds epoch {len(self.history)}: "
+                    "run again with resume to go on"
+                )
+            raise
+        self.accelerator.wait_for_everyone()
+        return {
+            "history": self.history,
+            "final": self.history[-1] if self.history else {},
+            "out_dir": str(self.out_dir) if self.out_dir is not None else None,
+            "checkpoint": str(self.checkpoint_path) if self.checkpoint_path is not None and c.checkpoint else None,
+            "resumed_from_epoch": self.resumed_from_epoch,
+            "train_time_s": round(time.perf_counter() - t_start, 3),
+        }
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training set; returns ``train_loss``, ``train_top1`` and ``lr``."""
+        c, acc = self.config, self.accelerator
+        self.sampler.set_epoch(epoch)
+        self.model.train()
+        device = acc.device
+        accum = c.grad_accum_steps
+        full_groups_end = self.micro_steps - self.micro_steps % accum
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        lr = self._lr()
+        self.log.start_epoch(epoch, c.epochs, self.steps_per_epoch)
+        step_in_epoch = 0
+        grad_ctx = contextlib.nullcontext if self.optimizer is not None else torch.no_grad
+        for i, (inputs, targets) in enumerate(self.train_loader):
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if c.channels_last and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            boundary = (i + 1) % accum == 0 or i + 1 == self.micro_steps
+            group = accum if i < full_groups_end else self.micro_steps - full_groups_end
+            sync = contextlib.nullcontext() if boundary or self.optimizer is None else acc.no_sync(self.model)
+            with sync, grad_ctx():
+                with acc.autocast():
+                    logits = _logits(self.model(inputs))
+                loss = self.loss_fn(logits.float(), targets)
+                if self.optimizer is not None:
+                    acc.backward(loss / group)
+            with torch.no_grad():
+                n = targets.shape[0]
+                loss_sum += loss.detach().to(torch.float64) * n
+                correct += (logits.detach().argmax(1) == targets).sum()
+                seen += n
+            if boundary:
+                if self.optimizer is not None:
+                    if c.max_grad_norm is not None:
+                        acc.clip_grad_norm_(self.trainable, c.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                step_in_epoch += 1
+                if self.log.wants_step_stats(step_in_epoch):
+                    self.log.step(step_in_epoch, loss.item(), self._lr())
+                else:
+                    self.log.step(step_in_epoch)
+        self.log.end_epoch()
+        totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+        if self.world > 1:
+            totals = acc.reduce(totals, reduction="sum")
+        loss_total, correct_total, seen_total = totals.tolist()
+        return {"lr": lr, "train_loss": loss_total / seen_total, "train_top1": correct_total / seen_total}
+
+    def evaluate(self) -> dict:
+        """Test-set metrics (every process gets them)."""
+        return evaluate(self.base, self.test_loader, self.accelerator, self.config.topk)
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0
+
+    @torch.no_grad()
+    def _sync_buffers(self) -> None:
+        """Copy process 0's floating-point buffers (BatchNorm statistics) to every process."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for buffer in self.base.buffers():
+            if buffer.dtype != torch.bool:
+                dist.broadcast(buffer, src=0)
+
+
+class _CrossEntropy:
+    def __init__(self, label_smoothing: float) -> None:
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, logits, targets):
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)

@@ -1,0 +1,308 @@
+"""The training engine (supermask_fx.training): schedule, metrics, loop, checkpoints, exact resume, bad input."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+pytest.importorskip("accelerate")
+
+from supermask_fx import fix_masks, gated_layers, mask_stats, popupify  # noqa: E402
+from supermask_fx.training import (  # noqa: E402
+    CheckpointError,
+    CheckpointMismatchError,
+    EpochBatchSampler,
+    TrainConfig,
+    WarmupCosine,
+    load_checkpoint,
+    read_metrics,
+    topk_correct,
+    train,
+)
+from supermask_fx.training.runlog import RunLog  # noqa: E402
+
+
+def make_data(n_train=96, n_test=37, seed=0):
+    """A learnable 4-class problem on 3x6x6 'images' (labels from a random linear teacher)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, 3, 6, 6, generator=g)
+    teacher = torch.randn(3 * 6 * 6, 4, generator=g)
+    y = (x.flatten(1) @ teacher).argmax(1)
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+def make_model(method="edge_popup", k=0.5, seed=0, batchnorm=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8) if batchnorm else nn.Identity(),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 16, bias=False),
+        nn.ReLU(),
+        nn.Linear(16, 4, bias=False),
+    )
+    return popupify(model, 1.0 if method == "dense" else k, method=method, seed=seed)
+
+
+def quiet(**kw):
+    base = dict(epochs=2, batch_size=16, lr=0.1, progress="none", eval_batch_size=10)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def frozen_weights(model):
+    return {gate.name: module._parameters[gate.param].detach().clone() for module, gate in gated_layers(model)}
+
+
+def scores(model):
+    return {gate.name: module._parameters[gate.scores].detach().clone() for module, gate in gated_layers(model)}
+
+
+def without_times(history):
+    return [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in history]
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def test_warmup_cosine_per_step():
+    f = WarmupCosine(total_steps=10, warmup_steps=4)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert f(10) == pytest.approx(0.0)
+    assert WarmupCosine(10, 0, cosine=False)(7) == 1.0
+    assert WarmupCosine(10, 0, min_ratio=0.1)(10) == pytest.approx(0.1)
+
+
+def test_topk_correct_matches_definition():
+    logits = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.0, 0.3], [3.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
+    targets = torch.tensor([2, 5])
+    hits = topk_correct(logits, targets, (1, 3, 5, 10))
+    # row 0 order: 3, 1, 5, 2, 0, 4 -> target 2 is 4th; row 1: target 5 is last (6th)
+    assert hits.tolist() == [[False, False, True, True], [False, False, False, True]]
+
+
+def test_sampler_shards_cover_every_example_once_per_epoch():
+    n, world = 23, 2
+    shards = [list(EpochBatchSampler(n, 5, rank=r, world_size=world, seed=3)) for r in range(world)]
+    flat = [i for shard in shards for batch in shard for i in batch]
+    assert len(flat) == 24 and set(flat) == set(range(n))  # one example repeated as padding
+    assert [len(s) for s in shards] == [3, 3]
+    s = EpochBatchSampler(n, 5, seed=3)
+    s.set_epoch(1)
+    assert list(s) != list(EpochBatchSampler(n, 5, seed=3))  # another order in another epoch
+
+
+def test_config_rejects_bad_values():
+    for bad in (dict(epochs=0), dict(batch_size=-1), dict(optimizer="lamb"), dict(lr=0), dict(mixed_precision="fp8")):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainConfig(epochs=2, warmup_epochs=3)
+
+
+def test_progress_mode_follows_the_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert RunLog(True, "auto").mode == "bar"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert RunLog(True, "auto").mode == "lines"
+    assert RunLog(False, "auto").mode == "none"  # processes other than the main one stay silent
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_edge_popup_trains_scores_only_and_writes_run_files(tmp_path, capsys):
+    train_set, test_set = make_data()
+    model = make_model()
+    weights, before = frozen_weights(model), scores(model)
+    result = train(model, train_set, test_set, quiet(epochs=4, out_dir=tmp_path, progress="lines", log_every=2))
+    hist = result["history"]
+    assert [m["epoch"] for m in hist] == [1, 2, 3, 4]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert hist[-1]["test_examples"] == len(test_set)
+    assert hist[-1]["step"] == 4 * math.ceil(96 / 16)
+    assert 0 <= hist[-1]["test_top1"] <= hist[-1]["test_top5"] <= 1
+    after = frozen_weights(model)
+    assert all(torch.equal(weights[n], after[n]) for n in weights)  # the weights never change
+    assert any(not torch.equal(before[n], s) for n, s in scores(model).items())
+    assert mask_stats(model).fraction == pytest.approx(0.5, abs=0.01)
+    assert [m["epoch"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 4
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 4 and state["step"] == hist[-1]["step"]
+    out = capsys.readouterr().out
+    assert "epoch 1/4 step 2/6" in out and "test_top1" in out
+
+
+def test_random_method_has_nothing_to_optimize_but_updates_batchnorm():
+    train_set, test_set = make_data()
+    model = make_model("random")
+    before = scores(model)
+    bn = model[1]
+    result = train(model, train_set, test_set, quiet(epochs=1))
+    assert all(torch.equal(before[n], s) for n, s in scores(model).items())
+    assert int(bn.num_batches_tracked) == math.ceil(96 / 16)
+    assert not torch.equal(bn.running_mean, torch.zeros(8))
+    assert result["final"]["test_examples"] == len(test_set)
+
+
+def test_dense_and_retraining_after_fix_masks_train_the_weights():
+    train_set, test_set = make_data()
+    dense = make_model("dense")
+    w0 = frozen_weights(dense)
+    train(dense, train_set, test_set, quiet(epochs=1))
+    assert all(not torch.equal(w0[n], w) for n, w in frozen_weights(dense).items())
+
+    model = make_model()
+    train(model, train_set, None, quiet(epochs=1))
+    fix_masks(model, train_weights=True)
+    masks = {g.name: g.current_mask(m).clone() for m, g in gated_layers(model)}
+    w1, s1 = frozen_weights(model), scores(model)
+    result = train(model, train_set, test_set, quiet(epochs=1, lr=0.01))
+    w2 = frozen_weights(model)
+    assert all(torch.equal(masks[g.name], g.current_mask(m)) for m, g in gated_layers(model))
+    assert all(torch.equal(s1[n], s) for n, s in scores(model).items())
+    for name in w1:  # kept weights move
+        assert not torch.equal(w1[name][masks[name]], w2[name][masks[name]])
+    assert math.isfinite(result["final"]["test_loss"])
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    train_set, _ = make_data()
+    a, b = make_model(batchnorm=False), make_model(batchnorm=False)  # BatchNorm sees the micro-batches
+    train(a, train_set, None, quiet(epochs=1, batch_size=16, optimizer="adam", lr=1e-3, weight_decay=0.0))
+    train(
+        b,
+        train_set,
+        None,
+        quiet(epochs=1, batch_size=8, grad_accum_steps=2, optimizer="adam", lr=1e-3, weight_decay=0.0),
+    )
+    sa, sb = scores(a), scores(b)
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=1e-4, atol=1e-6)
+
+
+def test_label_smoothing_and_warmup_are_applied():
+    train_set, _ = make_data()
+    model = make_model()
+    result = train(model, train_set, None, quiet(epochs=2, warmup_epochs=1, label_smoothing=0.1))
+    # the first epoch starts at lr / warm-up steps; the second at the peak (warm-up ended)
+    assert result["history"][0]["lr"] == pytest.approx(0.1 / 6)
+    assert result["history"][1]["lr"] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(epoch):
+    def callback(metrics):
+        if metrics["epoch"] == epoch:
+            raise Stop
+
+    return callback
+
+
+def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(tmp_path):
+    train_set, test_set = make_data()
+    config = quiet(epochs=3, batch_size=8, grad_accum_steps=2, warmup_epochs=1, label_smoothing=0.1, optimizer="sgd")
+    full = make_model()
+    ref = train(full, train_set, test_set, config, out_dir=tmp_path / "full")
+
+    interrupted = make_model()
+    with pytest.raises(Stop):
+        train(interrupted, train_set, test_set, config, out_dir=tmp_path / "cut", callbacks=[stop_after(1)])
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+
+    resumed = make_model()  # a fresh process would rebuild the model the same way
+    res = train(resumed, train_set, test_set, config, out_dir=tmp_path / "cut")
+    assert res["resumed_from_epoch"] == 1
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:  # scores, weights, BatchNorm statistics: bit for bit
+        assert torch.equal(a[key], b[key]), key
+    assert without_times(ref["history"]) == without_times(res["history"])
+    assert [m["epoch"] for m in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_of_a_finished_run_returns_its_history(tmp_path):
+    train_set, _ = make_data()
+    train(make_model(), train_set, None, quiet(epochs=1, out_dir=tmp_path))
+    again = train(make_model(), train_set, None, quiet(epochs=1, out_dir=tmp_path, resume=True))
+    assert again["resumed_from_epoch"] == 1 and len(again["history"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_batch_larger_than_the_dataset_is_refused():
+    train_set, _ = make_data(n_train=20)
+    with pytest.raises(ValueError, match=r"batch_size=32 is larger than the training set: 20 examples"):
+        train(make_model(), train_set, None, quiet(batch_size=32))
+
+
+def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path):
+    train_set, _ = make_data()
+    train(make_model(), train_set, None, quiet(epochs=1, out_dir=tmp_path))
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    other = popupify(nn.Sequential(nn.Flatten(), nn.Linear(108, 4, bias=False)), 0.5)
+    with pytest.raises(CheckpointMismatchError, match="different model"):
+        train(other, train_set, None, quiet(epochs=2, out_dir=tmp_path))
+    with pytest.raises(CheckpointMismatchError, match="popupify config"):
+        train(make_model(seed=1), train_set, None, quiet(epochs=1, out_dir=tmp_path))
+    with pytest.raises(CheckpointMismatchError, match="lr: checkpoint 0.1, now 0.05"):
+        train(make_model(), train_set, None, quiet(epochs=1, lr=0.05, out_dir=tmp_path))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+def test_fresh_start_does_not_overwrite_a_checkpoint(tmp_path):
+    train_set, _ = make_data()
+    train(make_model(), train_set, None, quiet(epochs=1, out_dir=tmp_path))
+    with pytest.raises(FileExistsError, match="resume"):
+        train(make_model(), train_set, None, quiet(epochs=1, out_dir=tmp_path, resume=False))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(make_model(), train_set, None, quiet(epochs=1, out_dir=tmp_path / "empty", resume=True))
+
+
+def test_unreadable_checkpoint_gives_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        train(make_model(), make_data()[0], None, quiet(out_dir=tmp_path))
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    train_set, _ = make_data()
+    real_save = torch.save
+    calls = []
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    with pytest.raises(CheckpointError, match="no space left on device.*previous checkpoint.pt is unchanged"):
+        train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1  # the earlier one, intact
+    result = train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path))  # and resumable
+    assert result["resumed_from_epoch"] == 1 and result["final"]["epoch"] == 2
