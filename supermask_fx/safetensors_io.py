@@ -8,6 +8,7 @@ load with the ``safetensors`` package and vice versa.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -37,10 +38,11 @@ class SafetensorsError(ValueError):
 
 
 def tensor_bytes(t: Tensor) -> bytes:
+    """The raw little-endian bytes of ``t`` in row-major order (one memcpy; no numpy needed)."""
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return b""
-    return bytes(t.clone().untyped_storage())
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
 def write(
