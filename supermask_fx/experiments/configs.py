@@ -90,7 +90,20 @@ EXPERIMENTS: dict[str, list[Grid]] = {
 #: Experiments that exist only at the paper's scale (emitted as commands, not run here).
 PAPER_ONLY = ("imagenet_table2",)
 
-#: The order ``all`` runs experiments in (the ones that matter most first).
+#: Priority of runs within a pass: (experiment, models or None for all). The cheap part of Fig. 3 first, then
+#: Fig. 7, Fig. 6 and Table 3, then the deep nets of Fig. 3, then the rest.
+PRIORITY: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("fig3_depth_k", ("fc", "conv2", "conv4")),
+    ("fig7_distributions", None),
+    ("fig6_zhou", None),
+    ("table3_retrain", None),
+    ("fig3_depth_k", None),
+    ("fig4_width", None),
+    ("fig5_fixed_params", None),
+    ("resnet18", None),
+)
+
+#: The experiments ``all`` runs (shared runs are attributed to the first one listed).
 ORDER = (
     "fig3_depth_k",
     "fig7_distributions",
@@ -185,9 +198,9 @@ def plan(names: list[str], scale: Scale | str, seeds: int | tuple[int, ...], smo
     """All runs of ``names`` in the order to make them; runs shared between experiments are listed once (under
     the first experiment that needs them).
 
-    Order: a first pass makes the first two seeds of every configuration (experiments in the order given, the
-    two seeds of a configuration next to each other), so a partial suite covers every figure early with enough
-    seeds for a spread; then one pass per further seed.
+    Order: a first pass makes the first two seeds of every configuration (by ``PRIORITY``, the two seeds of a
+    configuration next to each other), so a partial suite covers every figure early with enough seeds for a
+    spread; then one pass per further seed.
     """
     specs: list[RunSpec] = []
     seen: set[tuple] = set()
@@ -196,9 +209,16 @@ def plan(names: list[str], scale: Scale | str, seeds: int | tuple[int, ...], smo
             if spec.key() not in seen:
                 seen.add(spec.key())
                 specs.append(spec)
-    rank = {name: i for i, name in enumerate(names)}
     first = sorted({s.seed for s in specs})[:2]
-    return sorted(specs, key=lambda s: (0 if s.seed in first else s.seed + 1, rank[s.experiment]))
+    return sorted(specs, key=lambda s: (0 if s.seed in first else s.seed + 1, priority(s, names)))
+
+
+def priority(spec: RunSpec, names: list[str]) -> int:
+    """Position of ``spec`` in ``PRIORITY`` (experiments not in it: after, in the order of ``names``)."""
+    for i, (experiment, models) in enumerate(PRIORITY):
+        if spec.experiment == experiment and (models is None or spec.model in models):
+            return i
+    return len(PRIORITY) + names.index(spec.experiment)
 
 
 def experiment_specs(name: str, scale: Scale | str, seeds, smoke: bool = False) -> list[RunSpec]:
