@@ -343,7 +343,7 @@ def _legend(ax, size):
 def _missing_note(ax, groups: list[Group]):
     missing = sum(len(g.missing) for g in groups)
     if missing:
-        ax.text(0.02, 0.02, f"missing: {missing} runs", transform=ax.transAxes, fontsize=7, color="crimson")
+        ax.text(0.02, 0.97, f"missing: {missing} runs", transform=ax.transAxes, fontsize=7, color="crimson", va="top")
 
 
 def figures(groups: dict[str, dict[tuple, Group]], out: Path, dataset: str) -> dict[str, Path]:
@@ -474,7 +474,7 @@ def figures(groups: dict[str, dict[tuple, Group]], out: Path, dataset: str) -> d
             ("xavier_normal", False),
             ("kaiming_uniform", False),
         ]
-        labels = [f"{INIT_LABEL[i].split(' (')[0]}{' scaled' if s else ''}" for i, s in kinds]
+        labels = [f"{INIT_LABEL[i].split(' (')[0]}{chr(10) + 'scaled' if s else ''}" for i, s in kinds]
         series = [
             (
                 f"k = {k:.0%}",
