@@ -66,9 +66,9 @@ def test_fashion_mnist_quick_finds_saves_and_plots(tmp_path):
     text = done.stdout
     assert "subnetwork of random weights" in text and "learned dense weights" in text
     results = json.loads((out / "results.json").read_text())
-    assert results["quick"] and results["edge_popup_test_top1"] > 0.3  # 10 classes: chance is 0.1
+    assert results["quick"] and results["edge_popup_test_top1"] > 0.5  # 10 classes: chance is 0.1 (measured 0.695)
     assert results["reloaded_subnetwork_test_top1"] == results["edge_popup_test_top1"]
-    assert results["dense_test_top1"] > 0.3
+    assert results["dense_test_top1"] > 0.5
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "subnetwork.safetensors").stat().st_size == results["subnetwork_bytes"]
     assert str(out / "subnetwork.safetensors") in text and str(out / "accuracy.png") in text
@@ -191,3 +191,35 @@ def test_imagenet_script_rejects_unknown_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         script("imagenet").main(["--model", "resnet1000", "--data-dir", str(tmp_path)])
     assert exit_.value.code == 2 and "unknown torchvision model 'resnet1000'" in capsys.readouterr().err
+
+
+def test_fashion_mnist_gets_the_data_itself_or_says_what_to_run(monkeypatch, capsys):
+    fm = script("fashion_mnist")
+    calls, installed = [], []
+
+    def fake_load(name, split, root=None, download=True, limit=None):
+        if installed or (download and "download works" in calls):
+            return f"{split} split"
+        raise DatasetNotFoundError("not found")
+
+    def fake_run(cmd, check=False):
+        calls.append(" ".join(cmd))
+        if cmd[:2] == ["apt-get", "install"]:
+            installed.append(True)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(fm, "load_dataset", fake_load)
+    monkeypatch.setattr(fm.subprocess, "run", fake_run)
+    monkeypatch.setattr(fm, "_can_apt", lambda: True)
+    assert fm.get_data(None, allow_install=True) == ("train split", "test split")  # root with apt-get: installs
+    assert calls == ["apt-get update", "apt-get install -y dataset-fashion-mnist"]
+
+    installed.clear()
+    calls.clear()
+    monkeypatch.setattr(fm, "_can_apt", lambda: False)  # not root: no apt-get; the download fails too
+    with pytest.raises(SystemExit) as exit_:
+        fm.get_data(None, allow_install=True)
+    message = str(exit_.value)
+    assert calls == []
+    assert "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist" in message
+    assert "pip install torchvision" in message and "--data-dir DIR" in message
