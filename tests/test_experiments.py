@@ -60,19 +60,6 @@ def test_smoke_runs_write_rows_and_rerun_skips(tmp_path, restore_threads, capsys
     assert os.path.getsize(path) == size
 
 
-@pytest.mark.skipif(
-    not _have_fashion_mnist(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
-)
-def test_fallback_loop_when_engine_missing(tmp_path, monkeypatch):
-    from supermask_fx.experiments import engine, runner
-
-    monkeypatch.setattr(engine, "_training", lambda: None)
-    spec = smoke_subset(expand("table3_retrain", "cpu", 1))[0]
-    result = runner.run_one(spec)
-    assert result["engine"] == engine.FALLBACK
-    assert 0.0 <= float(result["test_accuracy"]) <= 100.0 and result["found_accuracy"] is not None
-
-
 def test_torn_last_line_is_ignored_and_rerun(tmp_path):
     spec = expand("fig7_distributions", "cpu", 1)[0]
     path = tmp_path / "r.csv"
