@@ -226,18 +226,20 @@ def stop_after(epoch):
     return callback
 
 
-def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("method", ["edge_popup", "sampled"])  # sampled draws random masks: RNG states matter
+def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(tmp_path, method):
     train_set, test_set = make_data()
     config = quiet(epochs=3, batch_size=8, grad_accum_steps=2, warmup_epochs=1, label_smoothing=0.1, optimizer="sgd")
-    full = make_model()
+    full = make_model(method)
     ref = train(full, train_set, test_set, config, out_dir=tmp_path / "full")
 
-    interrupted = make_model()
+    interrupted = make_model(method)
     with pytest.raises(Stop):
         train(interrupted, train_set, test_set, config, out_dir=tmp_path / "cut", callbacks=[stop_after(1)])
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
 
-    resumed = make_model()  # a fresh process would rebuild the model the same way
+    torch.manual_seed(1234)  # a new process: its random streams come from the checkpoint, not from here
+    resumed = make_model(method)  # a fresh process would rebuild the model the same way
     res = train(resumed, train_set, test_set, config, out_dir=tmp_path / "cut")
     assert res["resumed_from_epoch"] == 1
     a, b = full.state_dict(), resumed.state_dict()
