@@ -4,6 +4,7 @@ CI runs a subset that covers the interesting cases (BatchNorm, LayerNorm2d, Mult
 ``shifted_window_attention(x, self.qkv.weight, ...)``, GoogLeNet's auxiliary heads); ``-m slow`` runs all of them.
 """
 
+import gc
 import warnings
 
 import pytest
@@ -75,3 +76,4 @@ def test_fast_subset(name):
 @pytest.mark.parametrize("name", [n for n in ALL_MODELS if n not in FAST])
 def test_every_torchvision_model(name):
     check_model(name)
+    gc.collect()  # gated modules and their selectors form reference cycles: free big models before the next
