@@ -317,3 +317,31 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1  # the earlier one, intact
     result = train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path))  # and resumable
     assert result["resumed_from_epoch"] == 1 and result["final"]["epoch"] == 2
+
+
+def test_resume_is_exact_with_augmentation_in_worker_processes(tmp_path):
+    from supermask_fx.data import ImageTensorDataset, dataset_info
+    from supermask_fx.training import RandomCropFlip
+
+    g = torch.Generator().manual_seed(0)
+    info = dataset_info("cifar10")
+    images = torch.randint(0, 256, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
+    targets = torch.randint(0, 10, (64,), generator=g)
+    train_set = RandomCropFlip(ImageTensorDataset(images, targets, info), padding=2)
+
+    def net():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Flatten(), nn.Linear(4 * 36, 10, bias=False))
+        return popupify(model, 0.5)
+
+    config = quiet(epochs=3, num_workers=1)
+    full = net()
+    train(full, train_set, None, config, out_dir=tmp_path / "full")
+    with pytest.raises(Stop):
+        train(net(), train_set, None, config, out_dir=tmp_path / "cut", callbacks=[stop_after(1)])
+    resumed = net()
+    train(resumed, train_set, None, config, out_dir=tmp_path / "cut")
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    a, b = RandomCropFlip(ImageTensorDataset(images, targets, info), padding=2), train_set
+    assert not torch.equal(a.get_batch(torch.arange(64))[0], b.get_batch(torch.arange(64))[0])  # it does augment

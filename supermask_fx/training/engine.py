@@ -205,7 +205,9 @@ class Run:
             collate_fn=collate,
             num_workers=config.num_workers,
             pin_memory=acc.device.type == "cuda",
-            persistent_workers=config.num_workers > 0,
+            # not persistent: workers are re-seeded from the main random stream every epoch, which a resumed
+            # run restores, so random augmentations in workers repeat exactly after a resume
+            persistent_workers=False,
         )
         self.micro_steps = len(self.sampler)
         self.steps_per_epoch = math.ceil(self.micro_steps / config.grad_accum_steps)
@@ -295,7 +297,7 @@ class Run:
         if resume is True and not existing:
             where = self.checkpoint_path if self.checkpoint_path is not None else "out_dir=None"
             raise CheckpointError(f"resume=True but there is no checkpoint to resume ({where})")
-        if resume is False and existing:
+        if resume is False and existing and c.checkpoint:
             raise FileExistsError(
                 f"{self.checkpoint_path} already exists: pass resume=True (or --resume) to continue that run, or use "
                 "another out_dir; delete it to start over"
