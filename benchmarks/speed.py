@@ -1,0 +1,539 @@
+"""Speed and size of edge-popup against learned dense weights and the paper's Algorithm 1.
+
+Run from the repository root::
+
+    python -m benchmarks.speed --quick --json benchmarks/results/cpu.json     # CPU, a few minutes
+    python -m benchmarks.speed --json benchmarks/results/gpu.json             # on a CUDA machine
+
+What is measured (every figure goes to ``--json``; each target is printed as measured / target, PASS or FAIL):
+
+* training step (zero_grad, forward, cross-entropy, backward, SGD momentum step) of the same model on the same
+  batch in three variants: ``dense`` (the weights train), ``edge_popup`` (``popupify``; the scores train) and
+  ``algorithm1`` (the paper's sort-every-forward reference, ``benchmarks/algorithm1.py``). Variants are timed
+  interleaved in one process (round-robin, rotating order, warm-up rounds discarded); medians and ratios.
+  Cases: Conv4 and CIFAR ResNet-18 at 32x32 (batch 128 on CPU), torchvision ResNet-50 at 224x224 (batch 32 on
+  CPU). On CUDA: batch 256, bf16 autocast, channels-last, cudnn.benchmark.
+* inference (eval mode, ``no_grad``) of the dense model, the popupified model and ``materialize(model)``.
+* peak training memory of each variant, above what the process held before the model was built: on CPU each
+  variant runs alone in a subprocess that reads its ``ru_maxrss``; on CUDA ``torch.cuda.max_memory_allocated``.
+* ResNet-50's masks alone: ``|s|`` into buffers plus ``select_topk`` for every layer (what a mask refresh
+  computes), the whole refresh (masks plus the cached ``w * mask`` and ``w * sign(s)``), against one
+  elementwise pass ``torch.abs(scores, out=buf)`` over all scores, per-layer ``kthvalue`` and full ``sort``.
+  Between timed calls the scores take an SGD momentum step along a real gradient, so the threshold moves as
+  in training.
+* the compact subnetwork file (``save_subnetwork``) in bits per gated weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make supermask_fx and benchmarks importable
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from benchmarks.algorithm1 import algorithm1  # noqa: E402
+from supermask_fx import materialize, popupify, save_subnetwork  # noqa: E402
+from supermask_fx.masks import gated_layers  # noqa: E402
+from supermask_fx.models import build_model  # noqa: E402
+from supermask_fx.topk import select_topk  # noqa: E402
+
+K = 0.5  # fraction kept
+GPU_BATCH = 256
+OPTIMIZER = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)  # the paper's CIFAR settings
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cases, devices, variants
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    image_size: int
+    num_classes: int
+    cpu_batch: int
+
+    def build(self) -> nn.Module:
+        torch.manual_seed(0)
+        if self.name == "resnet50":
+            return torchvision.models.resnet50(num_classes=self.num_classes)
+        return build_model(self.name, num_classes=self.num_classes, in_channels=3, image_size=self.image_size)
+
+
+CASES = {
+    "conv4": Case("conv4", 32, 10, 128),
+    "resnet18": Case("resnet18", 32, 10, 128),
+    "resnet50": Case("resnet50", 224, 1000, 32),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where and how models run: CPU in float32, or CUDA with bf16 autocast and channels-last."""
+
+    device: torch.device
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def batch(self, case: Case) -> int:
+        return GPU_BATCH if self.cuda else case.cpu_batch
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+
+    def place(self, module: nn.Module) -> nn.Module:
+        module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if self.cuda else module
+
+    def inputs(self, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        n = self.batch(case)
+        x = torch.randn(n, 3, case.image_size, case.image_size, generator=g)
+        y = torch.randint(0, case.num_classes, (n,), generator=g)
+        x = x.to(self.device, memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
+        return x, y.to(self.device)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def describe(self) -> dict:
+        info = {
+            "device": self.device.type,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg(),
+        }
+        if self.cuda:
+            info.update(
+                gpu=torch.cuda.get_device_name(self.device),
+                cuda=torch.version.cuda,
+                dtype="bfloat16",
+                memory_format="channels_last",
+            )
+        return info
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def dense(model: nn.Module) -> nn.Module:
+    """Learned dense weights: the model as built, every parameter trains."""
+    return model
+
+
+def edge_popup(model: nn.Module) -> nn.Module:
+    """This library: ``popupify``; only the scores train."""
+    return popupify(model, K)
+
+
+def paper_algorithm1(model: nn.Module) -> nn.Module:
+    """The paper's Algorithm 1: sort every layer's |scores| in every forward (benchmarks/algorithm1.py)."""
+    return algorithm1(model, K)
+
+
+VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "dense": dense,
+    "edge_popup": edge_popup,
+    "algorithm1": paper_algorithm1,
+}
+
+
+def build(case: Case, variant: str, setting: Setting) -> nn.Module:
+    return setting.place(VARIANTS[variant](case.build()))
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, setting: Setting) -> Callable[[], None]:
+    """One training step of ``model`` on ``(x, y)``: what every variant is timed on."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **OPTIMIZER)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with setting.autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def inference(model: nn.Module, x: torch.Tensor, setting: Setting) -> Callable[[], None]:
+    model.eval()
+
+    def forward() -> None:
+        with torch.no_grad(), setting.autocast():
+            model(x)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing: the one loop every figure goes through
+
+
+@dataclass
+class Task:
+    run: Callable[[], object]
+    prepare: Callable[[], object] = field(default=lambda: None)  # untimed, before every timed run
+
+
+def interleaved(tasks: dict[str, Task], repeats: int, warmup: int, setting: Setting) -> dict[str, dict]:
+    """Time the tasks round-robin (the order rotates every round); the first ``warmup`` rounds are dropped."""
+    names = list(tasks)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            tasks[name].prepare()
+            setting.sync()
+            start = time.perf_counter()
+            tasks[name].run()
+            setting.sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: summary(t) for name, t in times.items()}
+
+
+def summary(seconds: list[float]) -> dict:
+    ms = [s * 1e3 for s in seconds]
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "times_ms": ms}
+
+
+def ratio(figures: dict, a: str, b: str) -> float:
+    return figures[a]["median_ms"] / figures[b]["median_ms"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The figures
+
+
+def bench_case(case: Case, setting: Setting, repeats: int, warmup: int) -> dict:
+    """Training steps of the three variants, then inference of dense, popupified and materialized models."""
+    x, y = setting.inputs(case)
+    models = {name: build(case, name, setting) for name in VARIANTS}
+    steps = interleaved(
+        {name: Task(train_step(m, x, y, setting)) for name, m in models.items()}, repeats, warmup, setting
+    )
+    served = {
+        "dense": models["dense"],
+        "popupified": models["edge_popup"],
+        "materialized": setting.place(materialize(models["edge_popup"])),
+    }
+    infer = interleaved({name: Task(inference(m, x, setting)) for name, m in served.items()}, repeats, warmup, setting)
+    return {
+        "batch": setting.batch(case),
+        "image_size": case.image_size,
+        "step": steps,
+        "step_ratios": {
+            "edge_popup/dense": ratio(steps, "edge_popup", "dense"),
+            "algorithm1/edge_popup": ratio(steps, "algorithm1", "edge_popup"),
+            "algorithm1/dense": ratio(steps, "algorithm1", "dense"),
+        },
+        "inference": infer,
+        "inference_ratios": {
+            "popupified/dense": ratio(infer, "popupified", "dense"),
+            "materialized/dense": ratio(infer, "materialized", "dense"),
+        },
+    }
+
+
+def peak_training_memory(case: Case, variant: str, setting: Setting, steps: int = 3) -> dict:
+    """Bytes the process holds at its peak over a few training steps, above what it held before the model."""
+    if setting.cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        x, y = setting.inputs(case)
+        torch.cuda.reset_peak_memory_stats(setting.device)
+        before = torch.cuda.memory_allocated(setting.device)
+        step = train_step(build(case, variant, setting), x, y, setting)
+        for _ in range(steps):
+            step()
+        setting.sync()
+        peak = torch.cuda.max_memory_allocated(setting.device)
+        del step
+        return {"peak_bytes": peak - before, "how": "torch.cuda.max_memory_allocated"}
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.speed",
+        "--peak-child",
+        case.name,
+        variant,
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def peak_child(case_name: str, variant: str, steps: int = 3) -> None:
+    """Body of the CPU memory subprocess: prints ``{"peak_bytes": ...}`` as its last line.
+
+    The peak is the kernel's high-water mark of this process's resident memory (``VmHWM``), reset to the current
+    size before the model is built (``/proc/self/clear_refs``). ``ru_maxrss`` would not do: Linux carries the
+    parent's size over ``exec`` into it.
+    """
+    setting = Setting(torch.device("cpu"))
+    case = CASES[case_name]
+    x, y = setting.inputs(case)
+    gc.collect()
+    before = memory_status("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # the high-water mark then counts from the start of this (fresh) process
+    step = train_step(build(case, variant, setting), x, y, setting)
+    for _ in range(steps):
+        step()
+    peak = memory_status("VmHWM")
+    print(json.dumps({"peak_bytes": peak - before, "process_peak_bytes": peak, "how": "VmHWM of a subprocess"}))
+
+
+def memory_status(key: str) -> int:
+    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def bench_masks(setting: Setting, repeats: int, warmup: int) -> dict:
+    """ResNet-50's masks against one elementwise pass, per-layer kthvalue and per-layer sort."""
+    model = build(CASES["resnet50"], "edge_popup", setting)
+    pairs = list(gated_layers(model))
+    scores = [m._parameters[g.scores] for m, g in pairs]
+    selectors = list({id(g.selector): g.selector for _, g in pairs}.values())
+    # A real gradient of the scores, then SGD steps along it between timed calls: the threshold moves as in training.
+    x, y = setting.inputs(CASES["resnet50"])
+    with setting.autocast():
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+    optimizer = torch.optim.SGD(scores, **OPTIMIZER)
+    magnitudes = [torch.empty_like(s, memory_format=torch.contiguous_format).view(-1) for s in scores]
+    masks = [torch.empty(s.numel(), dtype=torch.bool, device=s.device) for s in scores]
+    kept = [g.selector.kept for _, g in pairs]
+    hints: list = [None] * len(pairs)
+
+    def abs_pass() -> None:
+        for s, a in zip(scores, magnitudes):
+            torch.abs(s.detach(), out=a.view_as(s))
+
+    def select_masks() -> None:  # what a refresh computes for the masks: |s|, then the exact top-k per layer
+        abs_pass()
+        for i, (a, m) in enumerate(zip(magnitudes, masks)):
+            hints[i] = select_topk([a], kept[i], [m], hints[i])
+
+    def refresh() -> None:  # the library's whole refresh: masks plus the cached w * mask and w * sign(s)
+        for selector in selectors:
+            selector.refresh()
+
+    def kthvalue() -> None:
+        for a, n in zip(magnitudes, kept):
+            torch.kthvalue(a, a.numel() - n + 1)
+
+    def sort() -> None:
+        for a in magnitudes:
+            torch.sort(a)
+
+    tasks = {
+        "abs_pass": Task(abs_pass),
+        "masks": Task(select_masks, prepare=optimizer.step),
+        "refresh": Task(refresh, prepare=optimizer.step),
+        "kthvalue": Task(kthvalue),
+        "sort": Task(sort),
+    }
+    abs_pass()
+    select_masks()
+    refresh()
+    figures = interleaved(tasks, repeats, warmup, setting)
+    return {
+        "layers": len(scores),
+        "scores": sum(s.numel() for s in scores),
+        "strategy": "band" if not setting.cuda else "select",
+        "times": figures,
+        "ratios": {f"{name}/abs_pass": ratio(figures, name, "abs_pass") for name in tasks if name != "abs_pass"},
+    }
+
+
+def subnetwork_bits(case: Case) -> dict:
+    model = edge_popup(case.build())
+    weights = sum(m._parameters[g.param].numel() for m, g in gated_layers(model))
+    with tempfile.TemporaryDirectory() as tmp:
+        size = save_subnetwork(model, Path(tmp) / "subnetwork.safetensors")
+    return {"file_bytes": size, "gated_weights": weights, "bits_per_weight": 8 * size / weights}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Targets and report
+
+
+@dataclass
+class Targets:
+    rows: list[dict] = field(default_factory=list)
+
+    def check(self, name: str, measured: float, op: str, limit: float) -> None:
+        ok = measured <= limit if op == "<=" else measured >= limit
+        self.rows.append({"target": name, "measured": measured, "op": op, "limit": limit, "pass": ok})
+
+    def print(self) -> None:
+        print("\nTargets (measured / target):")
+        width = max(len(r["target"]) for r in self.rows)
+        for r in self.rows:
+            verdict = "PASS" if r["pass"] else "FAIL"
+            print(f"  {r['target']:<{width}}  {r['measured']:8.3f} / {r['op']} {r['limit']:<5g}  {verdict}")
+
+
+def print_case(name: str, figures: dict) -> None:
+    print(f"\n{name}: batch {figures['batch']}, {figures['image_size']}x{figures['image_size']}")
+    for kind in ("step", "inference"):
+        row = "  ".join(f"{v} {f['median_ms']:9.1f} ms" for v, f in figures[kind].items())
+        ratios = "  ".join(f"{k} {v:.3f}" for k, v in figures[f"{kind}_ratios"].items())
+        print(f"  {kind:<9} {row}\n  {'':<9} {ratios}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (3; ResNet-50 on CPU: 2)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 5 on CPU, 10 on CUDA; --quick: 3)")
+    parser.add_argument("--warmup", type=int, help="discarded rounds (default 1 on CPU, 3 on CUDA)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["steps", "memory", "masks", "files"])
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--peak-child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.peak_child:
+        peak_child(*args.peak_child)
+        return {}
+
+    setting = Setting(torch.device(args.device))
+    if setting.cuda:
+        torch.backends.cudnn.benchmark = True
+    repeats = args.repeats or (3 if args.quick else 10 if setting.cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (3 if setting.cuda else 1)
+    # A CPU ResNet-50 step takes seconds: half the rounds there.
+    repeats_for = {
+        name: repeats if setting.cuda or name != "resnet50" else max(2, math.ceil(repeats / 2)) for name in CASES
+    }
+    results: dict = {
+        "machine": setting.describe(),
+        "k": K,
+        "optimizer": OPTIMIZER,
+        "repeats": repeats,
+        "warmup": warmup,
+        "cases": {},
+        "memory": {},
+        "section_seconds": {},
+    }
+    targets = Targets()
+    tag = "GPU" if setting.cuda else "CPU"
+    print(json.dumps(results["machine"]))
+
+    def done(section: str, began: float) -> None:
+        """Record the section's duration and write everything so far (a run cut short keeps its figures)."""
+        results["section_seconds"][section] = time.perf_counter() - began
+        results["targets"] = targets.rows
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+    for name in args.cases:
+        case = CASES[name]
+        if "steps" not in args.skip:
+            began = time.perf_counter()
+            figures = bench_case(case, setting, repeats_for[name], warmup)
+            results["cases"][name] = figures
+            print_case(name, figures)
+            if name == "resnet18":
+                ratios = figures["step_ratios"]
+                limit = 1.05 if setting.cuda else 1.10
+                targets.check(f"edge-popup step / dense step, ResNet-18 {tag}", ratios["edge_popup/dense"], "<=", limit)
+                if not setting.cuda:
+                    targets.check(
+                        "Algorithm 1 step / edge-popup step, ResNet-18 CPU", ratios["algorithm1/edge_popup"], ">=", 3.0
+                    )
+            for kind, value in figures["inference_ratios"].items():
+                targets.check(f"inference {kind}, {name} {tag}", value, "<=", 1.05)
+            done(f"steps {name}", began)
+        if "memory" not in args.skip:
+            began = time.perf_counter()
+            memory = {variant: peak_training_memory(case, variant, setting) for variant in VARIANTS}
+            memory["edge_popup/dense"] = memory["edge_popup"]["peak_bytes"] / memory["dense"]["peak_bytes"]
+            results["memory"][name] = memory
+            print(
+                "  peak training memory (MiB above baseline): "
+                + "  ".join(f"{v} {memory[v]['peak_bytes'] / 2**20:.0f}" for v in VARIANTS)
+            )
+            targets.check(
+                f"peak training memory edge-popup / dense, {name} {tag}", memory["edge_popup/dense"], "<=", 1.3
+            )
+            done(f"memory {name}", began)
+
+    if "masks" not in args.skip:
+        began = time.perf_counter()
+        masks = bench_masks(setting, repeats, warmup)
+        results["masks_resnet50"] = masks
+        print(
+            f"\nResNet-50 masks ({masks['layers']} layers, {masks['scores']:,} scores, strategy {masks['strategy']}):"
+        )
+        for name, f in masks["times"].items():
+            extra = f"  ({masks['ratios'][name + '/abs_pass']:.2f}x abs)" if name != "abs_pass" else ""
+            print(f"  {name:<9} {f['median_ms']:9.2f} ms{extra}")
+        targets.check(f"ResNet-50 all masks / one abs pass {tag}", masks["ratios"]["masks/abs_pass"], "<=", 3.0)
+        done("masks", began)
+
+    if "files" not in args.skip:
+        began = time.perf_counter()
+        results["subnetwork_files"] = {name: subnetwork_bits(CASES[name]) for name in args.cases}
+        print("\nsubnetwork files:")
+        for name, f in results["subnetwork_files"].items():
+            print(
+                f"  {name:<9} {f['file_bytes']:>10,} bytes for {f['gated_weights']:>11,} weights: "
+                f"{f['bits_per_weight']:.4f} bits/weight"
+            )
+            targets.check(f"subnetwork file bits per weight, {name}", f["bits_per_weight"], "<=", 1.05)
+        done("files", began)
+
+    targets.print()
+    if args.json:
+        print(f"\nwrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
