@@ -382,8 +382,8 @@ def test_image_folder_two_classes_and_cache(tmp_path, isolated):
     images, _ = expected["train"]
     assert first.classes == ("cat", "dog") and not first.from_cache and not first.lossy
     assert first.images.shape == (6, 3, 8, 8) and first.images.dtype == torch.uint8
-    assert torch.equal(first.images, images)  # PNG is lossless
-    assert first.targets.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(first.images, images[[0, 3, 1, 4, 2, 5]])  # PNG is lossless; classes interleaved
+    assert first.targets.tolist() == [0, 1, 0, 1, 0, 1]
     assert first.cache_path is not None and first.cache_path.is_file()
     assert first.cache_path.parent == root  # written next to the split folder
     assert not list(root.glob(".*.tmp"))  # atomic write left no temporary file
@@ -452,10 +452,12 @@ def test_cifar_image_folder_via_load_dataset(tmp_path, isolated):
     for split in ("train", "test"):
         ds = load_dataset("cifar10", split, root=root, download=False)
         assert ds.images.shape == (20, 3, 32, 32)
-        assert torch.equal(ds.images, expected[split][0]) and torch.equal(ds.targets, expected[split][1])
-        assert ds.targets.tolist() == [i // 2 for i in range(20)]
+        interleaved = [2 * (i % 10) + i // 10 for i in range(20)]  # 1st image of each class, then the 2nd
+        assert torch.equal(ds.images, expected[split][0][interleaved])
+        assert torch.equal(ds.targets, expected[split][1][interleaved])
+        assert ds.targets.tolist() == [i % 10 for i in range(20)]
         assert ds.exact and ds.display_name == "CIFAR-10"
-        x, y = ds[5]
+        x, y = ds[12]
         assert x.shape == (3, 32, 32) and y == 2
 
 
@@ -601,3 +603,18 @@ def test_optional_dependencies_are_imported_lazily(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_image_folder_limit_covers_every_class(tmp_path):
+    """Image folders are class-sorted on disk; loading interleaves classes so that limit=N stays balanced."""
+    from PIL import Image
+
+    from supermask_fx.data.imagefolder import load_image_folder
+
+    for cls in ("a", "b", "c"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / "train" / cls / f"{i:02d}.png")
+    split = load_image_folder(tmp_path / "train", cache=False)
+    assert split.targets.tolist() == [0, 1, 2] * 4
+    assert split.images[:3, 0, 0, 0].tolist() == [0, 0, 0] and split.images[3:6, 0, 0, 0].tolist() == [1, 1, 1]

@@ -193,3 +193,10 @@ def test_materialize_round_trips_into_the_original_class():
     exported = torch.export.export(plain.eval(), (x,))
     with torch.no_grad():
         assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
+
+
+def test_saved_file_has_the_usual_permissions(saved):
+    _, path, _ = saved
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask

@@ -36,7 +36,7 @@ __all__ = [
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"})
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _LOSSY_EXTENSIONS = frozenset({".jpg", ".jpeg", ".webp"})
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: examples stored class-interleaved (see _interleave_classes)
 _MARKER = ".supermask_fx-extracted"
 _MODES = {"L": 1, "RGB": 3}
 
@@ -110,7 +110,21 @@ def _scan(split_dir: Path, classes: Sequence[str] | None):
             raise DatasetFormatError(
                 f"{cdir}: class folder has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-    return classes, items, digest.hexdigest(), lossy
+    return classes, _interleave_classes(items), digest.hexdigest(), lossy
+
+
+def _interleave_classes(items: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+    """Order examples round-robin over classes (1st of each class, then 2nd, ...), file order within a class.
+
+    Image folders are sorted by class on disk; interleaving makes the first N examples (``limit=N``) cover every
+    class about equally, as the first N examples of the MNIST files do.
+    """
+    rank: dict[int, int] = {}
+    keyed = []
+    for position, (path, label) in enumerate(items):
+        keyed.append((rank.get(label, 0), label, position, path))
+        rank[label] = rank.get(label, 0) + 1
+    return [(path, label) for _, label, _, path in sorted(keyed)]
 
 
 def _cache_candidates(split_dir: Path, mode: str, cache_dir: Path | None) -> list[Path]:

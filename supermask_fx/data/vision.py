@@ -470,9 +470,10 @@ def load_dataset(
             docstring); also where a download goes. Files directly in ``root`` are taken as the requested
             data set without further checks (MNIST and Fashion-MNIST use the same file names).
         download: if no local copy is found, download it with torchvision.
-        limit: keep only the first ``limit`` examples of the split, in file order (no class balancing; the
-            first examples of these data sets are close to balanced, e.g. MNIST's first 1000 training labels
-            have 85 to 126 per class).
+        limit: keep only the first ``limit`` examples of the split, in stored order (no resampling). The first
+            examples are close to balanced: the MNIST files are shuffled (their first 1000 training labels have 85
+            to 126 per class) and image folders are stored class-interleaved (1st image of each class, then the
+            2nd, ...).
 
     Returns:
         An :class:`ImageTensorDataset` with ``uint8`` ``.images`` ``(N, C, H, W)`` and ``int64``
