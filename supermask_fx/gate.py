@@ -102,8 +102,14 @@ class Gate:
     def ensure_buffers(self, weight: Tensor, signed: bool) -> None:
         """Allocate the cache tensors once (again after a device or dtype change)."""
         buf = self.effective_buffer
-        if buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype or buf.device != weight.device:
-            self.effective_buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        if (
+            buf is None
+            or buf.shape != weight.shape
+            or buf.stride() != weight.stride()  # memory format, e.g. after .to(memory_format=channels_last)
+            or buf.dtype != weight.dtype
+            or buf.device != weight.device
+        ):
+            self.effective_buffer = torch.empty_like(weight)  # same memory format (channels-last convs stay fast)
             self.mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
             self.signed_buffer = None
         if signed and self.signed_buffer is None:

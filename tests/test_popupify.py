@@ -332,3 +332,14 @@ def test_config_object_and_json_round_trip():
     assert {gate.config for _, gate in gated_layers(model)} == {config}
     with pytest.raises(TypeError, match="either a PopupConfig"):
         popupify(SmallNet(), config, seed=1)
+
+
+def test_channels_last_keeps_the_weight_format_and_the_same_masks():
+    model = popupify(SmallNet(), k=0.3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    expected_mask = (model.conv.weight != 0).clone()
+    expected = model(x)
+    model.to(memory_format=torch.channels_last)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(model.conv.weight != 0, expected_mask)
+    assert torch.allclose(model(x.to(memory_format=torch.channels_last)), expected, atol=1e-6)

@@ -88,10 +88,11 @@ class TopKSelector:
                 scores, weight = module._parameters[gate.scores], module._parameters[gate.param]
                 gate.ensure_buffers(weight, signed=scores.requires_grad)
                 scores = scores.detach()
-                if scores.dtype == weight.dtype:  # use the effective-weight buffer as scratch for |s|
-                    magnitudes = torch.abs(scores, out=gate.effective_buffer)
-                else:
-                    magnitudes = scores.abs()
+                buffer = gate.effective_buffer
+                if scores.dtype == buffer.dtype and scores.is_contiguous() and buffer.is_contiguous():
+                    magnitudes = torch.abs(scores, out=buffer)  # the effective-weight buffer as scratch for |s|
+                else:  # channels-last or mixed dtypes: rank in row-major order all the same
+                    magnitudes = scores.abs().contiguous()
                 parts.append(magnitudes.view(-1))
                 masks.append(gate.mask.view(-1))
             self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
