@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_file, umask
 
 __all__ = ["atomic_torch_save", "chmod_default", "default_cache_dir", "is_writable_dir"]
 
@@ -40,33 +41,13 @@ def is_writable_dir(path: Path) -> bool:
     return p.is_dir() and bool(mode & 0o222) and os.access(p, os.W_OK | os.X_OK)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def chmod_default(path: Path, directory: bool = False) -> None:
     """Give a file made by ``mkstemp``/``mkdtemp`` (mode 0600/0700) the usual permissions under the umask."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
 def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file in the target directory, then ``os.replace`` it into place, so
     readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        chmod_default(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        torch.save(obj, f)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import errno
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..atomic import atomic_file
 
 FORMAT = "supermask_fx.training.checkpoint"
 VERSION = 1
@@ -46,27 +47,11 @@ def atomic_save(obj, path: str | os.PathLike) -> int:
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise CheckpointError(f"cannot write {path}: {_reason(error)}") from error
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as error:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(error, OSError):
-            kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
-            raise CheckpointError(f"cannot write {path}: {_reason(error)}{kept}") from error
-        raise
-    _fsync_dir(path.parent)
+    except OSError as error:
+        kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+        raise CheckpointError(f"cannot write {path}: {_reason(error)}{kept}") from error
     return path.stat().st_size
 
 
@@ -74,25 +59,6 @@ def _reason(error: OSError) -> str:
     if error.errno == errno.ENOSPC:
         return "no space left on device (free some disk space, or point out_dir elsewhere)"
     return error.strerror or str(error)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------------------------------------ reading

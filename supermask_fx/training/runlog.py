@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..atomic import atomic_file
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -109,13 +111,8 @@ class RunLog:
         """Make ``metrics.jsonl`` hold exactly ``history`` (a resumed run drops epochs redone after the kill)."""
         if not (self.enabled and self.out_dir is not None):
             return
-        path = self.out_dir / METRICS_NAME
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(_jsonable(m)) + "\n" for m in history)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_file(self.out_dir / METRICS_NAME) as f:
+            f.write("".join(json.dumps(_jsonable(m)) + "\n" for m in history).encode("utf-8"))
 
 
 def read_metrics(path) -> list[dict]:
