@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))  # benchmarks.algorithm1: the paper's Algorithm 1, the reference tests compare with
 
 
 @pytest.fixture(autouse=True)

@@ -7,20 +7,16 @@ Speed is not tested here: performance figures live in ``benchmarks/speed.py``.
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from benchmarks.algorithm1 import GetSubnet, algorithm1  # the paper's reference (path set in conftest.py)
 from supermask_fx import popupify, supermask_parameters
 from supermask_fx.masks import gated_layers
 from supermask_fx.models import build_model
 from supermask_fx.topk import select_topk, topk_mask_reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for benchmarks.algorithm1, the paper's reference
-from benchmarks.algorithm1 import GetSubnet, algorithm1  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
