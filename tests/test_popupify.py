@@ -343,3 +343,11 @@ def test_channels_last_keeps_the_weight_format_and_the_same_masks():
     assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(model.conv.weight != 0, expected_mask)
     assert torch.allclose(model(x.to(memory_format=torch.channels_last)), expected, atol=1e-6)
+
+
+def test_scores_switched_to_trainable_get_gradients():
+    model = popupify(SmallNet(), k=0.5, method="random")
+    model(torch.randn(2, 3, 4, 4))  # masks cached while the scores are frozen
+    model.fc.scores.requires_grad_(True)
+    model(torch.randn(2, 3, 4, 4)).sum().backward()
+    assert model.fc.scores.grad is not None and model.fc.scores.grad.abs().sum() > 0

@@ -78,7 +78,9 @@ class TopKSelector:
 
     def refresh(self) -> None:
         key = tuple(
-            (version_key(m._parameters[g.scores]), version_key(m._parameters[g.param])) for m, g in self.members
+            (version_key(s), s.requires_grad, version_key(m._parameters[g.param]))
+            for m, g in self.members
+            for s in (m._parameters[g.scores],)
         )
         if key == self.key:
             return
