@@ -8,13 +8,31 @@ import os
 import pytest
 import torch
 
-from supermask_fx.experiments import EXPERIMENTS, SCALES, append_row, compare, expand, make_report, read_rows
+import supermask_fx.data as sdata
+from supermask_fx.experiments import EXPERIMENTS, SCALES, Grid, append_row, compare, expand, make_report, read_rows
 from supermask_fx.experiments.__main__ import main
-from supermask_fx.experiments.configs import ORDER, plan, smoke_subset
+from supermask_fx.experiments.configs import ORDER, gated_weight_count, plan, smoke_subset
 from supermask_fx.experiments.report import combine
 from supermask_fx.experiments.results import COLUMNS
 
 SEEDS = 3
+PAPER_KS = {0.1, 0.3, 0.5, 0.7, 0.9}
+
+
+def _data_here(monkeypatch, cifar: bool, download: bool = False, exact: bool | None = False):
+    """Pretend CIFAR-10 is (or is not) local, downloadable, and its local copy (not) bit-exact; the other data
+    sets count as local."""
+    monkeypatch.setattr(sdata, "is_available_offline", lambda name, root=None: cifar or name != "cifar10")
+    monkeypatch.setattr(sdata, "download_possible", lambda name, timeout=3.0: download)
+    real = sdata.local_copy_is_exact
+    monkeypatch.setattr(
+        sdata, "local_copy_is_exact", lambda name, root=None: exact if name == "cifar10" else real(name)
+    )
+
+
+@pytest.fixture
+def cifar_local(monkeypatch):
+    _data_here(monkeypatch, cifar=True)
 
 
 @pytest.fixture
@@ -69,13 +87,16 @@ def test_torn_last_line_is_ignored_and_rerun(tmp_path):
     assert len(read_rows(path)) == 1
 
 
-def test_configs_are_declarative_grids():
+def test_configs_are_declarative_grids(cifar_local):
     cpu = plan(list(ORDER), "cpu", 5)
     keys = [s.key() for s in cpu]
     assert len(keys) == len(set(keys)), "shared runs must be planned once"
-    first_pass = [s.seed for s in cpu[: len(cpu) * 2 // 5]]
-    assert set(first_pass) == {0, 1}, "seeds 0 and 1 of everything first"
-    assert [s.seed for s in cpu[len(cpu) * 2 // 5 :]] == sorted(s.seed for s in cpu if s.seed >= 2)
+    fashion = [s for s in cpu if s.dataset == "fashion_mnist"]
+    assert cpu[: len(fashion)] == fashion, "the scale's own data set first, then CIFAR-10"
+    for part in (fashion, cpu[len(fashion) :]):
+        first_pass = [s.seed for s in part[: len(part) * 2 // 5]]
+        assert set(first_pass) == {0, 1}, "seeds 0 and 1 of everything first"
+        assert [s.seed for s in part[len(part) * 2 // 5 :]] == sorted(s.seed for s in part if s.seed >= 2)
     assert cpu[0].seed == 0 and cpu[1].seed == 1 and cpu[0].key()[:-3] == cpu[1].key()[:-3]
     fig3 = expand("fig3_depth_k", "paper", 1)
     assert {s.k for s in fig3 if s.method == "edge_popup" and s.model == "conv8"} == {0.1, 0.3, 0.5, 0.7, 0.9}
@@ -92,6 +113,90 @@ def test_configs_are_declarative_grids():
         kept = s.k * gated_weight_count(s.model, s.width, 1, 28)
         assert any(abs(kept / (ref * gated_weight_count(s.model, base, 1, 28)) - 1) < 1e-9 for ref in (0.3, 0.5, 0.7))
     assert len(smoke_subset(fig3)) < len(fig3)
+
+
+def test_cifar10_k_planned_at_cpu_scale_on_cifar_shapes(cifar_local):
+    from supermask_fx.experiments.runner import build
+
+    cpu = SCALES["cpu"]
+    runs = plan(["cifar10_k"], "cpu", 5)
+    assert len(runs) == 30 and {s.dataset for s in runs} == {"cifar10"}
+    assert {(s.model, s.width, s.epochs, s.train_limit, s.test_limit) for s in runs} == {
+        ("conv4", cpu.conv_width, cpu.epochs, cpu.train_limit, cpu.test_limit)
+    }
+    ep = [s for s in runs if s.method == "edge_popup"]
+    assert {s.k for s in ep} == set(cpu.ks) == PAPER_KS and {s.init for s in ep} == {"signed_constant"}
+    assert {(s.recipe.lr, s.recipe.weight_decay) for s in ep} == {(0.1, 1e-4)}
+    dense = [s for s in runs if s.method == "dense"]
+    assert len(dense) == 5 and {(s.k, s.optimizer, s.recipe.lr) for s in dense} == {(1.0, "sgd", 0.01)}
+    # the current Fashion-MNIST plan is unchanged and comes first, so the shards of a running suite stay the same
+    before = plan([n for n in ORDER if n != "cifar10_k"], "cpu", 5)
+    assert plan(list(ORDER), "cpu", 5) == before + runs
+    # built for 32x32x3 inputs
+    model = build(runs[0])
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    gated = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert (
+        gated
+        == gated_weight_count("conv4", cpu.conv_width, 3, 32)
+        != gated_weight_count("conv4", cpu.conv_width, 1, 28)
+    )
+
+
+def test_grid_dataset_sets_shapes_of_kept_refs(monkeypatch, cifar_local):
+    """Fig. 5-style grids count weights on the grid's own data set (3x32x32), not the scale's (1x28x28)."""
+    monkeypatch.setitem(
+        EXPERIMENTS, "tmp_fig5_cifar", [Grid(("conv4",), widths=(1.0, 1.5), kept_refs=(0.5,), dataset="cifar10")]
+    )
+    runs = expand("tmp_fig5_cifar", "cpu", 1)
+    base = SCALES["cpu"].conv_width
+    wide = next(s for s in runs if s.width > base)
+    want = 0.5 * gated_weight_count("conv4", base, 3, 32) / gated_weight_count("conv4", 1.5 * base, 3, 32)
+    wrong = 0.5 * gated_weight_count("conv4", base, 1, 28) / gated_weight_count("conv4", 1.5 * base, 1, 28)
+    assert wide.dataset == "cifar10" and abs(wide.k - want) < 1e-12 and abs(want - wrong) > 1e-5
+
+
+def test_cifar10_k_skipped_with_reason_when_cifar_is_missing(monkeypatch, capsys):
+    _data_here(monkeypatch, cifar=False)
+    assert plan(["cifar10_k"], "cpu", 5) == []
+    out = capsys.readouterr().out
+    assert "cifar10_k: 30 runs skipped: CIFAR-10 not found locally" in out and "not downloadable" in out
+    assert plan(list(ORDER), "cpu", 2) == plan([n for n in ORDER if n != "cifar10_k"], "cpu", 2)
+    capsys.readouterr()
+    assert main(["cifar10_k", "--scale", "cpu", "--seeds", "5", "--plan-only", "--no-estimate", "--nice", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cifar10_k: 30 runs skipped: CIFAR-10 not found locally") and out[1] == "0 runs planned"
+    # not local, but downloadable: planned (the runner downloads it)
+    _data_here(monkeypatch, cifar=False, download=True)
+    assert len(plan(["cifar10_k"], "cpu", 5)) == 30
+
+
+def test_cifar10_k_is_a_subset_of_fig3_at_paper_scale(cifar_local):
+    cifar = expand("cifar10_k", "paper", 2)
+    fig3 = expand("fig3_depth_k", "paper", 2)
+    assert len(cifar) == 12 and {s.dataset for s in cifar} == {"cifar10"}
+    assert {s.key() for s in cifar} <= {s.key() for s in fig3}
+    both = plan(["fig3_depth_k", "cifar10_k"], "paper", 2)
+    assert both == plan(["fig3_depth_k"], "paper", 2)
+    assert len(plan(list(ORDER), "paper", 2)) == len({s.key() for n in ORDER for s in expand(n, "paper", 2)})
+
+
+def test_availability_and_exactness_of_a_local_copy(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv(sdata.ENV_VAR, str(tmp_path))
+    classes = sdata.dataset_info("cifar10").classes
+    for ext, exact in ((".png", True), (".jpg", False)):
+        root = tmp_path / ext[1:]
+        for split in ("train", "test"):
+            for cls in classes:
+                (root / split / cls).mkdir(parents=True)
+                Image.new("RGB", (32, 32)).save(root / split / cls / f"0000{ext}")
+        assert sdata.is_available_offline("cifar10", root=root)
+        assert sdata.local_copy_is_exact("cifar10", root=root) is exact
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert sdata.is_available_offline("fashion_mnist", root=empty) == _have_fashion_mnist()
 
 
 def test_imagenet_table2_emits_commands_at_paper_scale_only(capsys):
@@ -180,30 +285,34 @@ def _verdicts(md: str) -> dict[str, str]:
     return out
 
 
-def test_report_paper_world_supports_every_claim(tmp_path):
+def test_report_paper_world_supports_every_claim(tmp_path, cifar_local):
     path = tmp_path / "r.csv"
     _write(path, paper_world)
     md = make_report(path, tmp_path / "out", "cpu", SEEDS).read_text()
     verdicts = _verdicts(md)
-    assert len(verdicts) == 7
+    assert len(verdicts) == 8
     assert all(v == "supported" for v in verdicts.values()), verdicts
+    assert "On CIFAR-10 (JPEG copy), accuracy is best for k in 30–70 %" in md
+    assert "cifar10_k: 18 of 18 runs done" in md and "Data set: CIFAR-10 (JPEG copy)." in md
     pngs = {p.name for p in (tmp_path / "out").glob("*.png")}
     assert {"fig3_depth_k.png", "fig6_zhou.png", "fig7_distributions.png", "table3_retrain.png"} <= pngs
+    assert {"cifar10_k.png", "resnet18.png"} <= pngs
     assert all((tmp_path / "out" / p).stat().st_size > 1000 for p in pngs)
     assert "missing" not in md.split("## Experiments")[1].replace("missing runs", "")
 
 
-def test_report_dense_world_gives_not_supported(tmp_path):
+def test_report_dense_world_gives_not_supported(tmp_path, cifar_local):
     path = tmp_path / "r.csv"
     _write(path, dense_world)
     verdicts = _verdicts(make_report(path, tmp_path / "out", "cpu", SEEDS).read_text())
     assert verdicts["Accuracy is best for k in 30–70 %"] == "not supported"
+    assert verdicts["On CIFAR-10"] == "not supported"
     assert verdicts["Deeper nets close the gap to learned dense weights"] == "not supported"
     assert verdicts["Edge-popup beats Zhou et al.'s sampled supermask"] == "not supported"
     assert verdicts["Retraining a found subnetwork ≈ retraining a random one of the same size"] == "not supported"
 
 
-def test_report_shows_missing_runs(tmp_path):
+def test_report_shows_missing_runs(tmp_path, cifar_local):
     path = tmp_path / "r.csv"
     _write(path, paper_world, names=["fig3_depth_k"], seeds=2)  # 2 of 3 seeds, one experiment only
     md = make_report(path, tmp_path / "out", "cpu", SEEDS).read_text()
@@ -213,3 +322,51 @@ def test_report_shows_missing_runs(tmp_path):
     assert "1 missing" in md  # the fig3 groups: n=2 done, 1 seed missing
     assert "| conv4 | 0.25 | sampled | xavier_normal | False | 0.5 | sgd |  | missing |" in md
     assert "fig4_width: 12 of 54 runs done" in md  # width-1 points are fig3 runs (2 seeds x 6 configs)
+
+
+def test_report_shows_skipped_cifar_runs_as_missing_with_reason(tmp_path, monkeypatch):
+    _data_here(monkeypatch, cifar=False)
+    path = tmp_path / "r.csv"
+    _write(path, paper_world, names=["fig3_depth_k"])
+    md = make_report(path, tmp_path / "out", "cpu", SEEDS).read_text()
+    assert _verdicts(md)["On CIFAR-10"] == "missing runs"
+    section = md.split("### cifar10_k: 0 of 18 runs done")[1].split("###")[0]
+    assert "Missing runs skipped by the planner here: CIFAR-10 not found locally" in section
+    assert "| conv4 | 0.25 | edge_popup | signed_constant | False | 0.1 | sgd |  | missing |" in section
+    assert "| conv4 | 0.25 | dense | kaiming_normal | False | 1 | sgd |  | missing |" in section
+    claim = md.split("### On CIFAR-10 (JPEG copy), accuracy")[1].split("###")[0]
+    assert "runs missing because they are skipped here: CIFAR-10 not found locally" in claim
+
+
+def _tiny_cifar_folder(root, per_class=26):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for cls in sdata.dataset_info("cifar10").classes:
+            (root / "cifar10" / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / "cifar10" / split / cls / f"{i:04d}.png")
+
+
+def test_cifar10_k_smoke_runs_end_to_end(tmp_path, monkeypatch, restore_threads):
+    """The smoke subset of cifar10_k through the real loader (a tiny CIFAR-10 image folder found through
+    $SUPERMASK_FX_DATA), model, training and CSV."""
+    from supermask_fx.experiments import runner
+
+    _tiny_cifar_folder(tmp_path / "data")
+    monkeypatch.setenv(sdata.ENV_VAR, str(tmp_path / "data"))
+    monkeypatch.setattr(runner, "_DATA", {})
+    path = tmp_path / "results.csv"
+    assert main(["cifar10_k", "--smoke", "--csv", str(path), "--nice", "0"]) == 0
+    rows = read_rows(path)
+    assert sorted(r["method"] for r in rows) == ["dense", "edge_popup"]
+    width = SCALES["cpu"].conv_width / 4
+    for row in rows:
+        assert row["dataset"] == "cifar10" and row["model"] == "conv4" and float(row["width"]) == width
+        assert row["epochs"] == "1" and row["train_limit"] == "256" and 0.0 <= float(row["test_accuracy"]) <= 100.0
+        assert int(row["total_weights"]) == gated_weight_count("conv4", width, 3, 32)
+    ep = next(r for r in rows if r["method"] == "edge_popup")
+    assert int(ep["kept_weights"]) < int(ep["total_weights"])
+    assert runner._DATA[("cifar10", "train", 256)].images.shape == (256, 3, 32, 32)

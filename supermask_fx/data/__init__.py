@@ -16,7 +16,15 @@ from .idx import read_idx
 from .imagefolder import ImageFolderSplit, extract_archive, load_image_folder
 from .info import DATASET_NAMES, DatasetInfo, canonical_name, dataset_info
 from .paths import default_cache_dir
-from .vision import ENV_VAR, ImageTensorDataset, load_dataset, search_locations
+from .vision import (
+    ENV_VAR,
+    ImageTensorDataset,
+    download_possible,
+    is_available_offline,
+    load_dataset,
+    local_copy_is_exact,
+    search_locations,
+)
 
 __all__ = [
     "DATASET_NAMES",
@@ -29,9 +37,12 @@ __all__ = [
     "canonical_name",
     "dataset_info",
     "default_cache_dir",
+    "download_possible",
     "extract_archive",
+    "is_available_offline",
     "load_dataset",
     "load_image_folder",
+    "local_copy_is_exact",
     "read_idx",
     "search_locations",
 ]

@@ -40,11 +40,19 @@ from torch.utils.data import Dataset
 
 from .errors import DatasetFormatError, DatasetNotFoundError
 from .idx import read_idx
-from .imagefolder import extract_archive, find_split_root, load_image_folder
+from .imagefolder import _LOSSY_EXTENSIONS, IMAGE_EXTENSIONS, extract_archive, find_split_root, load_image_folder
 from .info import DatasetInfo, canonical_name, dataset_info
 from .paths import default_cache_dir
 
-__all__ = ["ENV_VAR", "ImageTensorDataset", "load_dataset", "search_locations"]
+__all__ = [
+    "ENV_VAR",
+    "ImageTensorDataset",
+    "download_possible",
+    "is_available_offline",
+    "load_dataset",
+    "local_copy_is_exact",
+    "search_locations",
+]
 
 #: Environment variable naming extra data folders (``os.pathsep``-separated).
 ENV_VAR = "SUPERMASK_FX_DATA"
@@ -277,6 +285,75 @@ def _locate(name: str, split: str, root) -> tuple[_Found | None, list[tuple[Path
         if found is not None:
             return found, places
     return None, places
+
+
+def is_available_offline(name: str, root: str | Path | None = None) -> bool:
+    """Whether :func:`load_dataset` finds both splits of ``name`` locally (same search, nothing is read or
+    downloaded). A malformed copy counts as available: loading it then raises its ``DatasetFormatError``."""
+    name = canonical_name(name)
+    try:
+        return all(_locate(name, split, root)[0] is not None for split in SPLITS)
+    except DatasetFormatError:
+        return True
+
+
+def local_copy_is_exact(name: str, root: str | Path | None = None) -> bool | None:
+    """Whether the local copy :func:`load_dataset` would read is bit-exact, without decoding it: True for IDX
+    files and CIFAR pickles (or an archive named like torchvision's ``cifar-10-python.tar.gz``), False for an
+    image folder of JPEG/WebP files or another image archive (e.g. ``cifar10-jpeg.tar.gz``), None if there is no
+    local copy. Results from a copy that is not exact are reported as e.g. "CIFAR-10 (JPEG copy)"."""
+    name = canonical_name(name)
+    try:
+        found, _ = _locate(name, "train", root)
+    except DatasetFormatError:
+        return None
+    if found is None:
+        return None
+    if found.kind == "archive":
+        return "python" in found.path.name.lower()
+    if found.kind != "imagefolder":
+        return True
+    split_dirs = [found.path / split for split in SPLITS if (found.path / split).is_dir()]
+    for class_dir in sorted(p for d in split_dirs for p in d.iterdir() if p.is_dir()):
+        for entry in os.scandir(class_dir):
+            ext = os.path.splitext(entry.name)[1].lower()
+            if ext in IMAGE_EXTENSIONS:
+                return ext not in _LOSSY_EXTENSIONS
+    return True
+
+
+def download_possible(name: str, timeout: float = 3.0) -> bool:
+    """Whether ``load_dataset(name, download=True)`` could download ``name`` now: torchvision is installed and
+    the host of its download URL answers a TCP connection within ``timeout`` seconds (name lookup included)."""
+    import threading
+    from urllib.parse import urlsplit
+
+    name = canonical_name(name)
+    try:
+        import torchvision.datasets as tvd
+    except ImportError:
+        return False
+    cls = getattr(tvd, _TORCHVISION_CLASS[name], None)
+    url = getattr(cls, "url", None) or next(iter(getattr(cls, "mirrors", None) or ()), None)
+    if not url:
+        return False
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    reached: list[bool] = []
+
+    def probe() -> None:
+        import socket
+
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # a stuck name lookup ignores the socket timeout
+    thread.start()
+    thread.join(timeout)
+    return bool(reached)
 
 
 # ------------------------------------------------------------------------------------------- reading layouts

@@ -1,9 +1,9 @@
 """The paper's experiments as declarative grids of runs.
 
 Each experiment is a list of ``Grid`` entries; a grid is the product of its axes (models x widths x inits x
-scaled x ks) for one method and optimizer. Axis values given as strings name a field of the ``Scale``
-(``"ks"`` -> ``scale.ks``), so the same config gives the paper's grid and the reduced CPU grid. Widths are
-factors of the scale's "width 1" of each model.
+scaled x ks) for one method and optimizer, on the scale's data set unless the grid names its own. Axis values
+given as strings name a field of the ``Scale`` (``"ks"`` -> ``scale.ks``), so the same config gives the paper's
+grid and the reduced CPU grid. Widths are factors of the scale's "width 1" of each model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,17 @@ from .specs import (
     adam_recipe,
 )
 
-__all__ = ["Grid", "EXPERIMENTS", "PAPER_ONLY", "expand", "plan", "recipe_for", "smoke_subset", "gated_weight_count"]
+__all__ = [
+    "Grid",
+    "EXPERIMENTS",
+    "PAPER_ONLY",
+    "expand",
+    "plan",
+    "recipe_for",
+    "smoke_subset",
+    "gated_weight_count",
+    "missing_data_reason",
+]
 
 KN, SC = "kaiming_normal", "signed_constant"
 DEPTHS = ("fc", "conv2", "conv4", "conv6", "conv8")
@@ -35,6 +45,7 @@ class Grid:
 
     ``kept_refs``: instead of ``ks``, choose k per width so that the number of kept weights equals
     ``ref * (weights at width 1)`` for each ref (Fig. 5); widths where that k would exceed 1 are skipped.
+    ``dataset``: data set of the grid's runs (None: the scale's ``dataset``).
     """
 
     models: tuple[str, ...]
@@ -46,6 +57,7 @@ class Grid:
     optimizer: str = "sgd"
     variant: str = ""
     kept_refs: tuple[float, ...] | str = ()
+    dataset: str | None = None
 
 
 EXPERIMENTS: dict[str, list[Grid]] = {
@@ -85,6 +97,13 @@ EXPERIMENTS: dict[str, list[Grid]] = {
         Grid(("resnet18",), inits=(KN, SC), ks="resnet_ks"),
         Grid(("resnet18",), method="dense", inits=(KN,), ks=(1.0,)),
     ],
+    # Fig. 3's k sweep for Conv4 (signed constant) on CIFAR-10 against learned dense weights (SGD): at CPU scale
+    # the CIFAR part of the suite (skipped where CIFAR-10 is neither local nor downloadable); at paper scale a
+    # subset of fig3_depth_k (the same runs, made once).
+    "cifar10_k": [
+        Grid(("conv4",), inits=(SC,), ks="ks", dataset="cifar10"),
+        Grid(("conv4",), method="dense", inits=(KN,), ks=(1.0,), dataset="cifar10"),
+    ],
 }
 
 #: Experiments that exist only at the paper's scale (emitted as commands, not run here).
@@ -101,6 +120,7 @@ PRIORITY: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("fig4_width", None),
     ("fig5_fixed_params", None),
     ("resnet18", None),
+    ("cifar10_k", None),
 )
 
 #: The experiments ``all`` runs (shared runs are attributed to the first one listed).
@@ -112,6 +132,7 @@ ORDER = (
     "fig4_width",
     "fig5_fixed_params",
     "resnet18",
+    "cifar10_k",
 )
 
 
@@ -153,9 +174,10 @@ def expand(name: str, scale: Scale | str, seeds: int | tuple[int, ...]) -> list[
 
     scale = SCALES[scale] if isinstance(scale, str) else scale
     seed_list = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
-    info = dataset_info(scale.dataset)
     specs: list[RunSpec] = []
     for grid in EXPERIMENTS[name]:
+        dataset = grid.dataset or scale.dataset
+        info = dataset_info(dataset)
         for model in _axis(grid.models, scale):
             base = scale.base_width(model)
             for factor in _axis(grid.widths, scale):
@@ -182,7 +204,7 @@ def expand(name: str, scale: Scale | str, seeds: int | tuple[int, ...]) -> list[
                                         k=k,
                                         seed=seed,
                                         epochs=scale.epochs,
-                                        dataset=scale.dataset,
+                                        dataset=dataset,
                                         recipe=recipe,
                                         scaled=scaled,
                                         variant=grid.variant,
@@ -194,23 +216,56 @@ def expand(name: str, scale: Scale | str, seeds: int | tuple[int, ...]) -> list[
     return specs
 
 
-def plan(names: list[str], scale: Scale | str, seeds: int | tuple[int, ...], smoke: bool = False) -> list[RunSpec]:
+def plan(
+    names: list[str], scale: Scale | str, seeds: int | tuple[int, ...], smoke: bool = False, log=print
+) -> list[RunSpec]:
     """All runs of ``names`` in the order to make them; runs shared between experiments are listed once (under
-    the first experiment that needs them).
+    the first experiment that needs them). Runs on a data set that is neither local nor downloadable are left
+    out, with one line per experiment through ``log`` saying how many and why (``missing_data_reason``).
 
-    Order: a first pass makes the first two seeds of every configuration (by ``PRIORITY``, the two seeds of a
-    configuration next to each other), so a partial suite covers every figure early with enough seeds for a
-    spread; then one pass per further seed.
+    Order: the runs on the scale's own data set first, then those on other data sets (CIFAR-10 at CPU scale),
+    each part in passes: a first pass makes the first two seeds of every configuration (by ``PRIORITY``, the two
+    seeds of a configuration next to each other), so a partial suite covers every figure early with enough seeds
+    for a spread; then one pass per further seed.
     """
+    scale = SCALES[scale] if isinstance(scale, str) else scale
     specs: list[RunSpec] = []
     seen: set[tuple] = set()
+    reasons: dict[str, str | None] = {}
+    skipped: dict[tuple[str, str], int] = {}
     for name in names:
         for spec in experiment_specs(name, scale, seeds, smoke):
-            if spec.key() not in seen:
-                seen.add(spec.key())
-                specs.append(spec)
+            if spec.key() in seen:
+                continue
+            seen.add(spec.key())
+            if spec.dataset not in reasons:
+                reasons[spec.dataset] = missing_data_reason(spec.dataset)
+            if reasons[spec.dataset] is not None:
+                skipped[(name, spec.dataset)] = skipped.get((name, spec.dataset), 0) + 1
+                continue
+            specs.append(spec)
+    for (name, dataset), count in skipped.items():
+        log(f"{name}: {count} runs skipped: {reasons[dataset]}")
     first = sorted({s.seed for s in specs})[:2]
-    return sorted(specs, key=lambda s: (0 if s.seed in first else s.seed + 1, priority(s, names)))
+    return sorted(
+        specs,
+        key=lambda s: (s.dataset != scale.dataset, 0 if s.seed in first else s.seed + 1, priority(s, names)),
+    )
+
+
+def missing_data_reason(dataset: str) -> str | None:
+    """Why runs on ``dataset`` cannot be made here, or None if they can (a local copy exists, or torchvision can
+    download it now): the planner skips such runs and the report names the reason next to them."""
+    from .. import data
+
+    if data.is_available_offline(dataset) or data.download_possible(dataset):
+        return None
+    name = data.dataset_info(dataset).display_name
+    return (
+        f"{name} not found locally (searched {len(data.search_locations(dataset))} folders; "
+        f"load_dataset({data.canonical_name(dataset)!r}, download=False) lists them) "
+        "and not downloadable here (offline, or torchvision missing)"
+    )
 
 
 def priority(spec: RunSpec, names: list[str]) -> int:

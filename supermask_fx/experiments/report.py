@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .configs import EXPERIMENTS, experiment_specs
+from .configs import EXPERIMENTS, experiment_specs, missing_data_reason
 from .results import read_rows, row_key
 from .specs import SCALES, RunSpec
 
@@ -197,6 +197,26 @@ def _best(groups: list[Group]) -> Group | None:
     return max(done, key=lambda g: g.mean) if done else None
 
 
+def dataset_label(name: str) -> str:
+    """Name to report runs on data set ``name`` under: its display name, with " (JPEG copy)" when the local copy
+    the runs read is not bit-exact (the CIFAR-10 JPEG copy in ``../shared/data``)."""
+    from ..data import dataset_info, local_copy_is_exact
+
+    return dataset_info(name).display_name + (" (JPEG copy)" if local_copy_is_exact(name) is False else "")
+
+
+def _add_best_k(c: Claim, label: str, curve: list[Group]) -> None:
+    """One "best k in 30–70 % > best of the other k" comparison of an edge-popup k curve (skipped if the curve
+    has no k outside 30–70 %)."""
+    inner = [g for g in curve if 0.3 - 1e-9 <= g.spec.k <= 0.7 + 1e-9]
+    outer = [g for g in curve if not 0.3 - 1e-9 <= g.spec.k <= 0.7 + 1e-9]
+    if not outer:
+        return  # grid without k = 10 % / 90 % for this model at this scale
+    bi, bo = _best(inner), _best(outer)
+    how = f" (best k in 30–70: {bi.spec.k:.0%}; best of 10/90: {bo.spec.k:.0%})" if bi and bo else ""
+    c.add(label, bi, ">", bo, how, needs=curve)
+
+
 # ----------------------------------------------------------------------------------------------------- claims
 
 
@@ -206,15 +226,16 @@ def claims(groups: dict[str, dict[tuple, Group]]) -> list[Claim]:
     c = Claim("Accuracy is best for k in 30–70 % (edge-popup, Fig. 3)", "fig3_depth_k")
     for model in ("fc", "conv2", "conv4", "conv6", "conv8"):
         for init in ("kaiming_normal", "signed_constant"):
-            curve = _select(g3, model=model, init=init, method="edge_popup")
-            inner = [g for g in curve if 0.3 - 1e-9 <= g.spec.k <= 0.7 + 1e-9]
-            outer = [g for g in curve if not 0.3 - 1e-9 <= g.spec.k <= 0.7 + 1e-9]
-            if not outer:
-                continue  # grid without k = 10 % / 90 % for this model at this scale
-            bi, bo = _best(inner), _best(outer)
-            how = f" (best k in 30–70: {bi.spec.k:.0%}; best of 10/90: {bo.spec.k:.0%})" if bi and bo else ""
-            c.add(f"{model} {init}", bi, ">", bo, how, needs=curve)
+            _add_best_k(c, f"{model} {init}", _select(g3, model=model, init=init, method="edge_popup"))
     out.append(c)
+
+    gc = groups.get("cifar10_k", {})
+    if gc:
+        label = dataset_label(next(iter(gc.values())).spec.dataset)
+        c = Claim(f"On {label}, accuracy is best for k in 30–70 % (Conv4, edge-popup)", "cifar10_k")
+        for init in sorted({g.spec.init for g in _select(gc, method="edge_popup")}):
+            _add_best_k(c, f"conv4 {init}", _select(gc, model="conv4", init=init, method="edge_popup"))
+        out.append(c)
 
     c = Claim("Deeper nets close the gap to learned dense weights (Fig. 3)", "fig3_depth_k")
     for init in ("kaiming_normal", "signed_constant"):
@@ -512,21 +533,30 @@ def figures(groups: dict[str, dict[tuple, Group]], out: Path, dataset: str) -> d
             ],
         )
 
-    gr = groups.get("resnet18")
-    if gr:
+    def k_curves(name, title, ylabel="test accuracy (%)"):
+        """Edge-popup accuracy over k per init (mean ± std over seeds), learned dense weights (SGD) as a line."""
+        gs = groups.get(name)
+        if not gs:
+            return
         fig, ax = plt.subplots(figsize=(4.5, 3.4))
         for init, color in (("kaiming_normal", "tab:blue"), ("signed_constant", "tab:red")):
             _plot_line(
-                ax, _select(gr, init=init, method="edge_popup"), lambda g: 100 * g.spec.k, INIT_LABEL[init], color=color
+                ax, _select(gs, init=init, method="edge_popup"), lambda g: 100 * g.spec.k, INIT_LABEL[init], color=color
             )
-        dense = _select(gr, method="dense")
+        dense = _select(gs, method="dense", optimizer="sgd")
         _hline(ax, dense[0] if dense else None, "dense sgd", "tab:green")
-        _missing_note(ax, list(gr.values()))
+        _missing_note(ax, list(gs.values()))
         ax.set_xlabel("% of weights kept (k)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(ylabel)
         _legend(ax, 7)
-        ax.set_title(f"Fig. 11: ResNet-18 ({dataset})", fontsize=9)
-        save(fig, "resnet18")
+        ax.set_title(title, fontsize=9)
+        save(fig, name)
+
+    k_curves("resnet18", f"Fig. 11: ResNet-18 ({dataset})")
+    gc = groups.get("cifar10_k")
+    if gc:
+        label = dataset_label(next(iter(gc.values())).spec.dataset)
+        k_curves("cifar10_k", f"Conv4 over k on {label}", ylabel=f"test accuracy on {label} (%)")
     return made
 
 
@@ -542,12 +572,24 @@ def make_report(
     out_dir = Path(out_dir)
     rows = read_rows(csv_path)
     sc = SCALES[scale]
-    groups = {name: collect(rows, experiment_specs(name, sc, seeds, smoke)) for name in EXPERIMENTS}
+    specs = {name: experiment_specs(name, sc, seeds, smoke) for name in EXPERIMENTS}
+    groups = {name: collect(rows, specs[name]) for name in EXPERIMENTS}
     dataset = dataset_info(sc.dataset).display_name
     made = figures(groups, out_dir, dataset)
     found = claims(groups)
+    others = {
+        name: dataset_label(ds) for name, ss in specs.items() for ds in sorted({s.dataset for s in ss} - {sc.dataset})
+    }
+    # experiment -> why its missing runs are not made here (data set neither local nor downloadable)
+    lacking = {ds: missing_data_reason(ds) for ds in {g.spec.dataset for gs in groups.values() for g in gs.values()}}
+    skipped = {}
+    for name, gs in groups.items():
+        why = sorted({lacking[g.spec.dataset] for g in gs.values() if g.missing and lacking[g.spec.dataset]})
+        if why:
+            skipped[name] = "; ".join(why)
+    extra = "".join(f"; {name} on {label}" for name, label in others.items())
     lines = [
-        f"# Reproduction report ({scale} scale, {dataset})",
+        f"# Reproduction report ({scale} scale, {dataset}{extra})",
         "",
         f"Generated from `{csv_path}` ({len(rows)} rows)" + (f" by `{command}`." if command else "."),
         f"Expected: {seeds} seeds per configuration. Accuracies are top-1 test accuracy in %, mean ± std over the "
@@ -566,12 +608,12 @@ def make_report(
     if rows:
         by_kind: dict[tuple, list[float]] = {}
         for r in rows:
-            kind = (r["model"], float(r["width"]), r["method"] if not r["variant"] else r["variant"])
+            kind = (r["dataset"], r["model"], float(r["width"]), r["method"] if not r["variant"] else r["variant"])
             by_kind.setdefault(kind, []).append(float(r["wall_time_s"]))
         lines += ["Measured wall time per run (median over the rows done):", ""]
-        lines += ["| model | width | method | runs | median s |", "|---|---|---|---|---|"]
-        for (model, width, method), secs in sorted(by_kind.items()):
-            lines.append(f"| {model} | {width:g} | {method} | {len(secs)} | {statistics.median(secs):.1f} |")
+        lines += ["| data set | model | width | method | runs | median s |", "|---|---|---|---|---|---|"]
+        for (ds, model, width, method), secs in sorted(by_kind.items()):
+            lines.append(f"| {ds} | {model} | {width:g} | {method} | {len(secs)} | {statistics.median(secs):.1f} |")
         lines.append("")
     lines += ["## Claims", "", "| claim | verdict |", "|---|---|"]
     for claim in found:
@@ -580,12 +622,18 @@ def make_report(
     for claim in found:
         lines += [f"### {claim.title}", "", f"Verdict: **{claim.verdict}**", ""]
         lines += [f"- {line}" for line in claim.lines] or ["- no comparison possible: missing runs"]
+        if claim.experiment in skipped:
+            lines.append(f"- runs missing because they are skipped here: {skipped[claim.experiment]}")
         lines.append("")
     lines += ["## Experiments", ""]
     for name, gs in groups.items():
         expected = sum(g.n + len(g.missing) for g in gs.values())
         done = sum(g.n for g in gs.values())
         lines += [f"### {name}: {done} of {expected} runs done", ""]
+        if name in others:
+            lines += [f"Data set: {others[name]}.", ""]
+        if name in skipped:
+            lines += [f"Missing runs skipped by the planner here: {skipped[name]}.", ""]
         if name in made:
             lines += [f"![{name}]({made[name].name})", ""]
         lines += [
