@@ -11,13 +11,14 @@ What is measured (every figure goes to ``--json``; each target is printed as mea
   batch in three variants: ``dense`` (the weights train), ``edge_popup`` (``popupify``; the scores train) and
   ``algorithm1`` (the paper's sort-every-forward reference, ``benchmarks/algorithm1.py``). Variants are timed
   interleaved in one process (round-robin, rotating order, warm-up rounds discarded); medians and ratios.
-  Cases: Conv4 and CIFAR ResNet-18 at 32x32 (batch 128 on CPU), torchvision ResNet-50 at 224x224 (batch 32 on
-  CPU). On CUDA: batch 256, bf16 autocast, channels-last, cudnn.benchmark.
+  Cases: Conv4, CIFAR ResNet-18 (stride-1 stem: 0.56 GFLOPs per image) and torchvision's ResNet-18 (stride-2
+  stem and max-pool: 0.04 GFLOPs per image; the model of the issue's figures) at 32x32 (batch 128 on CPU),
+  torchvision ResNet-50 at 224x224 (batch 32 on CPU). On CUDA: batch 256, bf16 autocast, channels-last, cudnn.benchmark.
 * inference (eval mode, ``no_grad``) of the dense model, the popupified model and ``materialize(model)``.
 * peak training memory of each variant, above what the process held before the model was built: on CPU each
   variant runs alone in a subprocess that reads its ``ru_maxrss``; on CUDA ``torch.cuda.max_memory_allocated``.
-* ResNet-50's masks alone: ``|s|`` into buffers plus ``select_topk`` for every layer (what a mask refresh
-  computes), the whole refresh (masks plus the cached ``w * mask`` and ``w * sign(s)``), against one
+* ResNet-50's masks alone (on CPU by the compiled ``select_topk_native``, also the pure-PyTorch ``band`` for
+  comparison), the whole refresh (masks plus the cached ``w * mask`` and ``w * sign(s)``), against one
   elementwise pass ``torch.abs(scores, out=buf)`` over all scores, per-layer ``kthvalue`` and full ``sort``.
   Between timed calls the scores take an SGD momentum step along a real gradient, so the threshold moves as
   in training.
@@ -52,10 +53,10 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from benchmarks.algorithm1 import algorithm1  # noqa: E402
-from supermask_fx import materialize, popupify, save_subnetwork  # noqa: E402
+from supermask_fx import materialize, native, popupify, save_subnetwork  # noqa: E402
 from supermask_fx.masks import gated_layers  # noqa: E402
 from supermask_fx.models import build_model  # noqa: E402
-from supermask_fx.topk import select_topk  # noqa: E402
+from supermask_fx.topk import select_topk, select_topk_native  # noqa: E402
 
 K = 0.5  # fraction kept
 GPU_BATCH = 256
@@ -77,13 +78,24 @@ class Case:
         torch.manual_seed(0)
         if self.name == "resnet50":
             return torchvision.models.resnet50(num_classes=self.num_classes)
+        if self.name == "resnet18_tv":  # torchvision's ImageNet-style ResNet-18 (stride-2 stem, max-pool)
+            return torchvision.models.resnet18(num_classes=self.num_classes)
         return build_model(self.name, num_classes=self.num_classes, in_channels=3, image_size=self.image_size)
 
 
 CASES = {
     "conv4": Case("conv4", 32, 10, 128),
     "resnet18": Case("resnet18", 32, 10, 128),
+    "resnet18_tv": Case("resnet18_tv", 32, 10, 128),
     "resnet50": Case("resnet50", 224, 1000, 32),
+}
+
+
+LABELS = {
+    "conv4": "Conv4",
+    "resnet18": "ResNet-18 (CIFAR)",
+    "resnet18_tv": "ResNet-18 (torchvision)",
+    "resnet50": "ResNet-50",
 }
 
 
@@ -331,29 +343,46 @@ def memory_status(key: str) -> int:
 
 
 def bench_masks(setting: Setting, repeats: int, warmup: int) -> dict:
-    """ResNet-50's masks against one elementwise pass, per-layer kthvalue and per-layer sort."""
+    """ResNet-50's masks against one elementwise pass, per-layer kthvalue and per-layer sort.
+
+    Each mask computation works on its own copy of the scores, which takes one SGD momentum step along a real
+    gradient before every timed call: its threshold moves as in training, one optimizer step per call.
+    """
     model = build(CASES["resnet50"], "edge_popup", setting)
     pairs = list(gated_layers(model))
     scores = [m._parameters[g.scores] for m, g in pairs]
     selectors = list({id(g.selector): g.selector for _, g in pairs}.values())
-    # A real gradient of the scores, then SGD steps along it between timed calls: the threshold moves as in training.
     x, y = setting.inputs(CASES["resnet50"])
     with setting.autocast():
         F.cross_entropy(model(x[:8]), y[:8]).backward()
-    optimizer = torch.optim.SGD(scores, **OPTIMIZER)
-    magnitudes = [torch.empty_like(s, memory_format=torch.contiguous_format).view(-1) for s in scores]
-    masks = [torch.empty(s.numel(), dtype=torch.bool, device=s.device) for s in scores]
+
+    def stepped_copy() -> tuple[list[torch.Tensor], Callable[[], object]]:
+        copy = [nn.Parameter(s.detach().clone()) for s in scores]
+        for c, s in zip(copy, scores):
+            c.grad = s.grad.clone()
+        return [c.detach().view(-1) for c in copy], torch.optim.SGD(copy, **OPTIMIZER).step
+
+    weights = [m._parameters[g.param].detach().reshape(-1) for m, g in pairs]
     kept = [g.selector.kept for _, g in pairs]
-    hints: list = [None] * len(pairs)
+    magnitudes = [torch.empty(s.numel(), dtype=s.dtype, device=s.device) for s in scores]
+    masks = [torch.empty(s.numel(), dtype=torch.bool, device=s.device) for s in scores]
+    native_scores, native_step = stepped_copy()
+    band_scores, band_step = stepped_copy()
+    native_hints: list = [None] * len(pairs)
+    band_hints: list = [None] * len(pairs)
 
     def abs_pass() -> None:
-        for s, a in zip(scores, magnitudes):
-            torch.abs(s.detach(), out=a.view_as(s))
+        for s, a in zip(band_scores, magnitudes):
+            torch.abs(s, out=a)
 
-    def select_masks() -> None:  # what a refresh computes for the masks: |s|, then the exact top-k per layer
+    def native_masks() -> None:  # the compiled pass, masks only
+        for i, (s, w, m) in enumerate(zip(native_scores, weights, masks)):
+            native_hints[i] = select_topk_native([s], [w], kept[i], [m], None, None, native_hints[i])
+
+    def band_masks() -> None:  # the pure-PyTorch path: |s|, then the exact top-k per layer
         abs_pass()
         for i, (a, m) in enumerate(zip(magnitudes, masks)):
-            hints[i] = select_topk([a], kept[i], [m], hints[i])
+            band_hints[i] = select_topk([a], kept[i], [m], band_hints[i])
 
     def refresh() -> None:  # the library's whole refresh: masks plus the cached w * mask and w * sign(s)
         for selector in selectors:
@@ -367,21 +396,24 @@ def bench_masks(setting: Setting, repeats: int, warmup: int) -> dict:
         for a in magnitudes:
             torch.sort(a)
 
+    use_native = not setting.cuda and native.kernel() is not None
     tasks = {
         "abs_pass": Task(abs_pass),
-        "masks": Task(select_masks, prepare=optimizer.step),
-        "refresh": Task(refresh, prepare=optimizer.step),
+        "masks": Task(native_masks, prepare=native_step) if use_native else Task(band_masks, prepare=band_step),
+        "refresh": Task(refresh, prepare=torch.optim.SGD(scores, **OPTIMIZER).step),
         "kthvalue": Task(kthvalue),
         "sort": Task(sort),
     }
-    abs_pass()
-    select_masks()
-    refresh()
+    if use_native:
+        tasks["masks_torch_band"] = Task(band_masks, prepare=band_step)
+    for task in tasks.values():
+        task.run()
     figures = interleaved(tasks, repeats, warmup, setting)
     return {
         "layers": len(scores),
         "scores": sum(s.numel() for s in scores),
-        "strategy": "band" if not setting.cuda else "select",
+        "strategy": "select" if setting.cuda else "native band (compiled)" if use_native else "band",
+        "native_unavailable": None if setting.cuda else native.unavailable_reason(),
         "times": figures,
         "ratios": {f"{name}/abs_pass": ratio(figures, name, "abs_pass") for name in tasks if name != "abs_pass"},
     }
@@ -479,13 +511,14 @@ def main(argv: list[str] | None = None) -> dict:
             figures = bench_case(case, setting, repeats_for[name], warmup)
             results["cases"][name] = figures
             print_case(name, figures)
-            if name == "resnet18":
+            if name.startswith("resnet18"):
                 ratios = figures["step_ratios"]
                 limit = 1.05 if setting.cuda else 1.10
-                targets.check(f"edge-popup step / dense step, ResNet-18 {tag}", ratios["edge_popup/dense"], "<=", limit)
+                label = LABELS[name]
+                targets.check(f"edge-popup step / dense step, {label} {tag}", ratios["edge_popup/dense"], "<=", limit)
                 if not setting.cuda:
                     targets.check(
-                        "Algorithm 1 step / edge-popup step, ResNet-18 CPU", ratios["algorithm1/edge_popup"], ">=", 3.0
+                        f"Algorithm 1 step / edge-popup step, {label} CPU", ratios["algorithm1/edge_popup"], ">=", 3.0
                     )
             for kind, value in figures["inference_ratios"].items():
                 targets.check(f"inference {kind}, {name} {tag}", value, "<=", 1.05)

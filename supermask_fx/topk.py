@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["kept_count", "topk_mask_reference", "select_topk", "BandHint"]
+__all__ = ["kept_count", "topk_mask_reference", "select_topk", "select_topk_native", "BandHint"]
 
 
 def kept_count(numel: int, k: float) -> int:
@@ -66,7 +66,7 @@ class BandHint:
 
     threshold: float
     half_width: float
-    scratch: Tensor | None = None  # bool, padded to a multiple of 8 entries, for the word-wise ``nonzero``
+    scratch: Tensor | None = None  # band: bool, padded to a multiple of 8 (word-wise ``nonzero``); native: int64
 
 
 def select_topk(
@@ -99,19 +99,97 @@ def select_topk(
         for m in masks:
             m.fill_(True)
         return hint
-    dtype = parts[0].dtype
     scratch = _scratch_for(parts, hint)
+    return _band_search(
+        lambda lo, hi: _band_select(parts, kept, masks, lo, hi, scratch),
+        lambda: _kth_largest_exact(parts, kept),
+        hint,
+        parts[0].dtype,
+        scratch,
+    )
+
+
+def select_topk_native(
+    scores: list[Tensor],
+    weights: list[Tensor],
+    kept: int,
+    masks: list[Tensor],
+    effective: list[Tensor] | None,
+    signed: list[Tensor | None] | None,
+    hint: BandHint | None = None,
+) -> BandHint | None:
+    """The ``band`` strategy with its passes fused in C (``supermask_fx.native``), writing the caches too.
+
+    Same rule and same result as ``select_topk`` on ``[s.abs() for s in scores]``; in the same pass it writes,
+    if given, ``effective[i] = weights[i] * masks[i]`` and ``signed[i] = weights[i] * sign(s)`` (``signed`` only
+    together with ``effective``).
+    Every tensor is 1-D, contiguous, on the CPU, float32 (masks bool), and equal in size part by part.
+
+    Raises:
+        RuntimeError: if the compiled kernel is not available (``supermask_fx.native.unavailable_reason()``).
+    """
+    from . import native
+
+    kern = native.kernel()
+    if kern is None:
+        raise RuntimeError(f"the compiled top-k is not available: {native.unavailable_reason()}")
+    total = sum(s.numel() for s in scores)
+    if not 1 <= kept <= total:
+        raise ValueError(f"kept={kept} must be between 1 and the number of scores ({total})")
+    threads = torch.get_num_threads()
+    tables = [kern.table(scores, weights, masks, effective, signed)]
+    scratch = kern.scratch(tables[0], None if hint is None else hint.scratch)
+
+    def try_band(lo: float, hi: float) -> float | None:
+        # w * sign(s) does not depend on the band: written by the first pass only.
+        table = tables[-1]
+        if signed is not None and len(tables) == 1:
+            tables.append(kern.table(scores, weights, masks, effective, None))
+        lo_bits, hi_bits = native.float_bits(lo), native.float_bits(hi)
+        counts, chunk_band = kern.band_pass(table, lo_bits, hi_bits, scratch, threads)
+        above, in_band = (int(x) for x in counts.sum(0))
+        missing = kept - above
+        if missing <= 0 or in_band < missing:
+            return None
+        where = kern.band_collect(table, lo_bits, hi_bits, chunk_band, scratch, in_band, threads)
+        sizes = counts[:, 1].tolist()
+        positions = where.split(sizes)
+        values = torch.cat([s[p] for s, p in zip(scores, positions)]).abs_()
+        chosen, threshold = _best_of_band(values, missing)
+        for g, (w, m, p, c) in enumerate(zip(weights, masks, positions, chosen.split(sizes))):
+            if p.numel():
+                picked = p[c]
+                m[picked] = True
+                if effective is not None:
+                    effective[g][picked] = w[picked]
+        return threshold
+
+    if kept == total:
+        kern.band_pass(tables[0], 0, 0, scratch, threads)  # |s| >= 0 everywhere: keep all
+        return hint
+    return _band_search(
+        try_band, lambda: _kth_largest_exact([s.abs() for s in scores], kept), hint, torch.float32, scratch
+    )
+
+
+def _band_search(try_band, exact_threshold, hint: BandHint | None, dtype: torch.dtype, scratch) -> BandHint:
+    """Try the band around last step's threshold, then a 16x wider one, then find ``T`` exactly.
+
+    ``try_band(lo, hi)`` writes the mask and returns the kept threshold, or ``None`` if ``T`` is not in
+    ``[lo, hi)``; ``exact_threshold()`` returns ``T``. The band ``[T, next float)`` always holds ``T``.
+    """
     if hint is not None:
         for widen in (1.0, 16.0):
             half = hint.half_width * widen
             lo, hi = _representable(hint.threshold - half, dtype), _representable(hint.threshold + half, dtype)
-            found = _band_select(parts, kept, masks, lo, hi, scratch)
+            found = try_band(lo, hi)
             if found is not None:
                 return _next_hint(found, hint.threshold, dtype, scratch)
-    threshold = _kth_largest_exact(parts, kept)
-    found = _band_select(parts, kept, masks, threshold, _next_float(threshold, dtype), scratch)
+    threshold = exact_threshold()
+    found = try_band(threshold, _next_float(threshold, dtype))
     assert found is not None, "a band [T, next float) always contains the threshold"
-    return _next_hint(found, None, dtype, scratch)
+    # Keep last step's movement in the next hint: a fresh hint's band is tiny and would miss again.
+    return _next_hint(found, None if hint is None else hint.threshold, dtype, scratch)
 
 
 # Non-negative IEEE floats order like their bit patterns read as signed integers; integer compares are cheaper.
@@ -154,18 +232,32 @@ def _band_select(
     missing = kept - above
     if band_values.numel() < missing:
         return None
-    # Entries are concatenated in flat order, so a stable descending sort ranks ties by lowest index.
-    order = torch.sort(band_values, descending=True, stable=True).indices[:missing]
-    if len(parts) == 1:
-        masks[0][positions[0][order]] = True
-    else:
-        chosen = torch.zeros(band_values.numel(), dtype=torch.bool, device=band_values.device)
+    chosen, threshold = _best_of_band(band_values, missing)
+    start = 0
+    for m, where in zip(masks, positions):
+        m[where[chosen[start : start + where.numel()]]] = True
+        start += where.numel()
+    return threshold
+
+
+#: Bands up to this size are ranked by a stable sort; larger ones by ``kthvalue`` and the cumulative-sum tie rule.
+_SORT_BAND_LIMIT = 1 << 11
+
+
+def _best_of_band(values: Tensor, count: int) -> tuple[Tensor, float]:
+    """The ``count`` largest of ``values`` (given in flat order, so ties go to the lowest position) as a bool
+    mask, and the smallest value kept. ``1 <= count <= values.numel()``."""
+    n = values.numel()
+    if n <= _SORT_BAND_LIMIT:
+        order = torch.sort(values, descending=True, stable=True).indices[:count]
+        chosen = torch.zeros(n, dtype=torch.bool, device=values.device)
         chosen[order] = True
-        start = 0
-        for m, where in zip(masks, positions):
-            m[where[chosen[start : start + where.numel()]]] = True
-            start += where.numel()
-    return float(band_values[order[-1]])
+        return chosen, float(values[order[-1]])
+    threshold = torch.kthvalue(values, n - count + 1).values
+    above = values > threshold
+    ties = values == threshold
+    chosen = above | (ties & (torch.cumsum(ties, 0) <= count - int(above.sum())))
+    return chosen, float(threshold)
 
 
 def _flat_nonzero(scratch: Tensor, n: int) -> Tensor:
@@ -181,7 +273,7 @@ def _flat_nonzero(scratch: Tensor, n: int) -> Tensor:
 def _scratch_for(parts: list[Tensor], hint: BandHint | None) -> Tensor:
     need = -(-max(p.numel() for p in parts) // 8) * 8
     scratch = None if hint is None else hint.scratch
-    if scratch is None or scratch.numel() < need or scratch.device != parts[0].device:
+    if scratch is None or scratch.numel() < need or scratch.device != parts[0].device or scratch.dtype != torch.bool:
         scratch = torch.zeros(need, dtype=torch.bool, device=parts[0].device)
     return scratch
 

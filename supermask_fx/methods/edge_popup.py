@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gate import version_key
-from ..topk import BandHint, select_topk
+from ..topk import BandHint, select_topk, select_topk_native
 from .base import Method
 
 
@@ -85,22 +85,62 @@ class TopKSelector:
         if key == self.key:
             return
         with torch.inference_mode(False), torch.no_grad():
-            parts, masks = [], []
             for module, gate in self.members:
                 scores, weight = module._parameters[gate.scores], module._parameters[gate.param]
                 gate.ensure_buffers(weight, signed=scores.requires_grad)
-                scores = scores.detach()
-                buffer = gate.effective_buffer
-                if scores.dtype == buffer.dtype and scores.is_contiguous() and buffer.is_contiguous():
-                    magnitudes = torch.abs(scores, out=buffer)  # the effective-weight buffer as scratch for |s|
-                else:  # channels-last or mixed dtypes: rank in row-major order all the same
-                    magnitudes = scores.abs().contiguous()
-                parts.append(magnitudes.view(-1))
-                masks.append(gate.mask.view(-1))
-            self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
-            for module, gate in self.members:
-                scores, weight = module._parameters[gate.scores], module._parameters[gate.param].detach()
-                torch.mul(weight, gate.mask, out=gate.effective_buffer)
-                if scores.requires_grad:
-                    torch.sign(scores.detach(), out=gate.signed_buffer).mul_(weight)
+            if self._native_ok():
+                self._refresh_native()
+            else:
+                self._refresh_torch()
         self.key = key
+
+    def _tensors(self):
+        """Per member: (scores, weight, mask, effective buffer, signed buffer or None), detached."""
+        for module, gate in self.members:
+            scores = module._parameters[gate.scores].detach()
+            signed = gate.signed_buffer if module._parameters[gate.scores].requires_grad else None
+            yield scores, module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer, signed
+
+    def _native_ok(self) -> bool:
+        """Whether the compiled CPU pass applies: strategy ``auto`` or ``native``, float32 contiguous CPU tensors."""
+        if self.strategy not in ("auto", "native"):
+            return False
+        fits = all(
+            t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
+            for group in self._tensors()
+            for t in (group[0], group[1], group[3], group[4])
+            if t is not None
+        )
+        from .. import native
+
+        if fits and native.kernel() is not None:
+            return True
+        if self.strategy == "native":
+            why = native.unavailable_reason() or "it needs contiguous float32 scores and weights on the CPU"
+            raise RuntimeError(f"strategy='native' cannot be used: {why}; use strategy='auto'")
+        return False
+
+    def _refresh_native(self) -> None:
+        scores, weights, masks, effective, signed = zip(*self._tensors())
+        flat = [[t.view(-1) for t in group] for group in (scores, weights, masks, effective)]
+        signed = [None if t is None else t.view(-1) for t in signed]
+        self.hint = select_topk_native(*flat[:2], self.kept, *flat[2:], signed, self.hint)
+
+    def _refresh_torch(self) -> None:
+        parts, masks = [], []
+        for module, gate in self.members:
+            scores, weight = module._parameters[gate.scores], module._parameters[gate.param]
+            scores = scores.detach()
+            buffer = gate.effective_buffer
+            if scores.dtype == buffer.dtype and scores.is_contiguous() and buffer.is_contiguous():
+                magnitudes = torch.abs(scores, out=buffer)  # the effective-weight buffer as scratch for |s|
+            else:  # channels-last or mixed dtypes: rank in row-major order all the same
+                magnitudes = scores.abs().contiguous()
+            parts.append(magnitudes.view(-1))
+            masks.append(gate.mask.view(-1))
+        self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
+        for module, gate in self.members:
+            scores, weight = module._parameters[gate.scores], module._parameters[gate.param].detach()
+            torch.mul(weight, gate.mask, out=gate.effective_buffer)
+            if scores.requires_grad:
+                torch.sign(scores.detach(), out=gate.signed_buffer).mul_(weight)

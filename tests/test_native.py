@@ -1,0 +1,117 @@
+"""The compiled CPU top-k (supermask_fx/native/band.c): the same masks as the rule, and the caches it fills.
+
+Skipped, with the reason, where no C compiler can build it (the library then uses the pure-PyTorch path).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from supermask_fx import native, popupify, supermask_parameters
+from supermask_fx.masks import gated_layers
+from supermask_fx.topk import BandHint, select_topk_native, topk_mask_reference
+
+pytestmark = pytest.mark.skipif(native.kernel() is None, reason=f"no compiled kernel: {native.unavailable_reason()}")
+
+CHUNK = 1 << 18  # band.c's SFX_CHUNK: sizes around it exercise chunk boundaries and several threads
+
+
+def _run(scores, kept, hint=None, signed=True):
+    weights = [torch.randn(s.numel(), generator=torch.Generator().manual_seed(s.numel())) for s in scores]
+    masks = [torch.empty(s.numel(), dtype=torch.bool) for s in scores]
+    eff = [torch.full((s.numel(),), 7.0) for s in scores]
+    sgn = [torch.full((s.numel(),), 7.0) for s in scores] if signed else None
+    new_hint = select_topk_native(scores, weights, kept, masks, eff, sgn, hint)
+    expected = topk_mask_reference(torch.cat(scores).abs(), kept)
+    assert torch.equal(torch.cat(masks), expected)
+    assert torch.equal(torch.cat(eff), torch.cat(weights) * expected)
+    if signed:
+        assert torch.equal(torch.cat(sgn), torch.cat(weights) * torch.sign(torch.cat(scores)))
+    return new_hint, masks
+
+
+def test_many_ties_any_sizes_and_global_groups():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(150):
+        sizes = [int(torch.randint(1, 300, (1,), generator=g)) for _ in range(1 + trial % 3)]
+        levels = int(torch.randint(1, 7, (1,), generator=g))  # few distinct values: many ties, signs mixed
+        scores = [(torch.randint(0, levels, (n,), generator=g) - levels // 2).float() for n in sizes]
+        kept = int(torch.randint(1, sum(sizes) + 1, (1,), generator=g))
+        _run(scores, kept, signed=trial % 2 == 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_across_chunks_and_threads_with_any_hint(threads):
+    """Whatever the hint (none, tiny band, band over most of the layer: the overflow path, far off), the mask
+    is the exact top-k, across chunk boundaries and with several threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        s = torch.randn(2 * CHUNK + 1234, generator=g)
+        s[::9] = 0.25  # a tie group straddling every chunk
+        s[5::9] = -0.25
+        s[::101] = 0.0
+        kept = int(0.6 * s.numel())
+        for hint in [None, BandHint(0.6, 1e-9), BandHint(0.5, 0.45), BandHint(0.25, 0.0), BandHint(9.0, 0.1)]:
+            new_hint, masks = _run([s], kept, hint)
+            assert new_hint.threshold == float(s[masks[0]].abs().min())
+        parts = [s[:1000], s[1000 : CHUNK + 7], s[CHUNK + 7 :]]  # global scope: one ranking over three parts
+        _run(parts, CHUNK, BandHint(0.3, 0.2))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_moving_threshold_and_edge_counts():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(CHUNK + 5000, generator=g)
+    hint = None
+    for _ in range(12):
+        s += 0.02 * torch.randn(s.shape, generator=g)
+        hint, _ = _run([s], 77777, hint)
+    for kept in (1, s.numel() - 1, s.numel()):
+        _run([s], kept)
+    with pytest.raises(ValueError, match="kept"):
+        _run([s], 0)
+
+
+def test_training_uses_it_and_matches_the_pure_pytorch_path():
+    """Two copies of a model train side by side, one on the compiled path, one on the pure-PyTorch band:
+    masks, effective weights and score gradients stay identical."""
+
+    def make(strategy):
+        torch.manual_seed(0)
+        model = popupify(nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 10)), k=0.4)
+        for _, gate in gated_layers(model):
+            gate.selector.strategy = strategy
+        return model, torch.optim.SGD(supermask_parameters(model), lr=0.5, momentum=0.9)
+
+    (a, opt_a), (b, opt_b) = make("native"), make("band")
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(6):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        for (ma, ga), (mb, gb) in zip(gated_layers(a), gated_layers(b)):
+            assert torch.equal(ga.mask, gb.mask)
+            assert torch.equal(ma.weight, mb.weight)
+            assert torch.equal(ma.scores.grad, mb.scores.grad)
+
+
+def test_native_strategy_refuses_what_it_cannot_do():
+    model = popupify(nn.Linear(8, 4), k=0.5)
+    model.double()
+    gate = next(iter(gated_layers(model)))[1]
+    gate.selector.strategy = "native"
+    with pytest.raises(RuntimeError, match="strategy='native' cannot be used"):
+        model(torch.randn(2, 8, dtype=torch.float64))
+    gate.selector.strategy = "auto"  # falls back to the pure-PyTorch path
+    assert model(torch.randn(2, 8, dtype=torch.float64)).shape == (2, 4)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SUPERMASK_FX_NATIVE", "0")
+    assert native.kernel() is None
+    assert "SUPERMASK_FX_NATIVE" in native.unavailable_reason()
