@@ -35,7 +35,6 @@ from supermask_fx.data import (
     DatasetFormatError,
     DatasetNotFoundError,
     ImageTensorDataset,
-    dataset_info,
     load_dataset,
 )
 from supermask_fx.models import MODEL_NAMES, build_model
@@ -144,7 +143,6 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else Path("runs/cifar") / run_name(args)
 
     accelerator = make_accelerator(TrainConfig(mixed_precision=args.mixed_precision))
-    info = dataset_info(args.dataset)
     try:
         with accelerator.main_process_first():  # one process downloads, the others then read
             train_set = load_dataset(args.dataset, "train", root=args.data_dir, download=not args.no_download)
@@ -156,13 +154,7 @@ def main(argv=None) -> dict:
         train_set = RandomCropFlip(train_set, padding=4, flip=True)
 
     try:
-        model = build_model(
-            args.model,
-            num_classes=info.num_classes,
-            in_channels=info.channels,
-            image_size=info.image_size,
-            width=args.width,
-        )
+        model = build_model(args.model, dataset=args.dataset, width=args.width)
     except ValueError as error:
         p.error(str(error))
     popupify(

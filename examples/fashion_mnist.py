@@ -145,14 +145,8 @@ def pick_threads(requested: int | None, reset: bool = False) -> str:
 # ----------------------------------------------------------------------------------------------- runs
 
 
-def build(args, info, method: str) -> torch.nn.Module:
-    model = build_model(
-        args.model,
-        num_classes=info.num_classes,
-        in_channels=info.channels,
-        image_size=info.image_size,
-        width=args.width,
-    )
+def build(args, method: str) -> torch.nn.Module:
+    model = build_model(args.model, dataset="fashion_mnist", width=args.width)  # 1x28x28 inputs, 10 classes
     if method == "dense":  # the reference: same architecture, usual initialisation, weights learned
         return popupify(model, 1.0, method="dense", init="kaiming_normal", seed=args.seed)
     return popupify(model, args.k, method="edge_popup", init="signed_constant", seed=args.seed)
@@ -174,7 +168,7 @@ def recheck_threads(args):
 
 
 def run(args, train_set, test_set, accelerator, method: str, epochs: int) -> dict:
-    model = build(args, train_set.info, method)
+    model = build(args, method)
     config = TrainConfig(
         epochs=epochs,
         batch_size=128,
@@ -266,7 +260,7 @@ def main(argv=None) -> dict:
     size = save_subnetwork(model, subnet_path)
     stats = mask_stats(model)
     # reload the file into a freshly built network: the same random weights come back from the seed
-    fresh = build_model(args.model, num_classes=10, in_channels=1, image_size=28, width=args.width)
+    fresh = build_model(args.model, dataset="fashion_mnist", width=args.width)
     reloaded = load_subnetwork(fresh, subnet_path).eval()
     loader = accelerator.prepare_data_loader(
         torch.utils.data.DataLoader(batched(test_set), batch_size=1000, collate_fn=_collate)

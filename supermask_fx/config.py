@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
+from ._dataclass_io import dataclass_from_dict
 from .initializers import INITIALIZERS, NONLINEARITIES
 
 METHODS = ("edge_popup", "sampled", "random", "dense")
@@ -82,11 +83,7 @@ class PopupConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PopupConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown PopupConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 def _check_k(k: object, name: str) -> None:

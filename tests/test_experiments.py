@@ -110,8 +110,10 @@ def test_configs_are_declarative_grids(cifar_local):
     fig5 = expand("fig5_fixed_params", "cpu", 1)
     base = SCALES["cpu"].conv_width
     for s in fig5:
-        kept = s.k * gated_weight_count(s.model, s.width, 1, 28)
-        assert any(abs(kept / (ref * gated_weight_count(s.model, base, 1, 28)) - 1) < 1e-9 for ref in (0.3, 0.5, 0.7))
+        kept = s.k * gated_weight_count(s.model, s.width, "fashion_mnist")
+        assert any(
+            abs(kept / (ref * gated_weight_count(s.model, base, "fashion_mnist")) - 1) < 1e-9 for ref in (0.3, 0.5, 0.7)
+        )
     assert len(smoke_subset(fig3)) < len(fig3)
 
 
@@ -138,8 +140,8 @@ def test_cifar10_k_planned_at_cpu_scale_on_cifar_shapes(cifar_local):
     gated = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     assert (
         gated
-        == gated_weight_count("conv4", cpu.conv_width, 3, 32)
-        != gated_weight_count("conv4", cpu.conv_width, 1, 28)
+        == gated_weight_count("conv4", cpu.conv_width, "cifar10")
+        != gated_weight_count("conv4", cpu.conv_width, "fashion_mnist")
     )
 
 
@@ -151,8 +153,12 @@ def test_grid_dataset_sets_shapes_of_kept_refs(monkeypatch, cifar_local):
     runs = expand("tmp_fig5_cifar", "cpu", 1)
     base = SCALES["cpu"].conv_width
     wide = next(s for s in runs if s.width > base)
-    want = 0.5 * gated_weight_count("conv4", base, 3, 32) / gated_weight_count("conv4", 1.5 * base, 3, 32)
-    wrong = 0.5 * gated_weight_count("conv4", base, 1, 28) / gated_weight_count("conv4", 1.5 * base, 1, 28)
+    want = 0.5 * gated_weight_count("conv4", base, "cifar10") / gated_weight_count("conv4", 1.5 * base, "cifar10")
+    wrong = (
+        0.5
+        * gated_weight_count("conv4", base, "fashion_mnist")
+        / gated_weight_count("conv4", 1.5 * base, "fashion_mnist")
+    )
     assert wide.dataset == "cifar10" and abs(wide.k - want) < 1e-12 and abs(want - wrong) > 1e-5
 
 
@@ -366,7 +372,7 @@ def test_cifar10_k_smoke_runs_end_to_end(tmp_path, monkeypatch, restore_threads)
     for row in rows:
         assert row["dataset"] == "cifar10" and row["model"] == "conv4" and float(row["width"]) == width
         assert row["epochs"] == "1" and row["train_limit"] == "256" and 0.0 <= float(row["test_accuracy"]) <= 100.0
-        assert int(row["total_weights"]) == gated_weight_count("conv4", width, 3, 32)
+        assert int(row["total_weights"]) == gated_weight_count("conv4", width, "cifar10")
     ep = next(r for r in rows if r["method"] == "edge_popup")
     assert int(ep["kept_weights"]) < int(ep["total_weights"])
     assert runner._DATA[("cifar10", "train", 256)].images.shape == (256, 3, 32, 32)

@@ -173,6 +173,30 @@ def test_width_multiplier_changes_channels():
     assert [m.out_channels for m in tiny.modules() if isinstance(m, nn.Conv2d)] == [1, 1]
 
 
+@pytest.mark.parametrize("name", ["fc", "conv2"])
+def test_build_model_takes_sizes_from_a_dataset(name):
+    from supermask_fx.data import dataset_info
+
+    fmnist = build_model(name, dataset="fashion_mnist", width=0.25)
+    assert fmnist(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    cifar = build_model(name, dataset="CIFAR-10", width=0.25)  # any name dataset_info accepts, or its DatasetInfo
+    assert cifar(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    same = build_model(name, dataset=dataset_info("cifar10"), width=0.25)
+    assert n_params(same) == n_params(cifar) == n_params(build_model(name, in_channels=3, image_size=32, width=0.25))
+    # explicit sizes may repeat the data set's
+    agreeing = build_model(name, dataset="fashion_mnist", num_classes=10, in_channels=1, image_size=28, width=0.25)
+    assert n_params(agreeing) == n_params(fmnist)
+
+
+def test_build_model_refuses_sizes_that_contradict_the_dataset():
+    with pytest.raises(ValueError, match=r"dataset 'fashion_mnist' conflicts with in_channels=3 \(it has 1\)"):
+        build_model("conv2", dataset="fashion_mnist", in_channels=3)
+    with pytest.raises(ValueError, match=r"num_classes=100 \(it has 10\), image_size=32 \(it has 28\)"):
+        build_model("fc", dataset="mnist", num_classes=100, image_size=32)
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'; valid names"):
+        build_model("conv2", dataset="svhn")
+
+
 def test_build_model_is_case_insensitive_and_keyword_only():
     assert isinstance(build_model("Conv6"), ConvNet)
     with pytest.raises(TypeError):

@@ -331,6 +331,8 @@ def test_reset_parameters_is_refused_with_a_reason():
 def test_config_object_and_json_round_trip():
     config = PopupConfig(k=0.3, init="kaiming_normal", layer_k={"fc": 1.0}, seed=3)
     assert PopupConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown PopupConfig fields \['kk'\]; known fields: \['bias', 'init', 'k',"):
+        PopupConfig.from_dict({"k": 0.5, "kk": 0.3})
     model = popupify(SmallNet(), config)
     assert {gate.config for _, gate in gated_layers(model)} == {config}
     with pytest.raises(TypeError, match="either a PopupConfig"):

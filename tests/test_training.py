@@ -118,6 +118,10 @@ def test_config_rejects_bad_values():
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="warmup_epochs"):
         TrainConfig(epochs=2, warmup_epochs=3)
+    config = TrainConfig(epochs=3, lr=0.05)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['epoch'\]; known fields: \['batch_size',"):
+        TrainConfig.from_dict({"epoch": 3})
 
 
 def test_progress_mode_follows_the_terminal(monkeypatch):

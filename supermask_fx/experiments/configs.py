@@ -152,39 +152,36 @@ def _axis(value, scale: Scale) -> tuple:
     return tuple(getattr(scale, value)) if isinstance(value, str) else tuple(value)
 
 
-_WEIGHT_COUNTS: dict[tuple[str, float, int, int], int] = {}
+_WEIGHT_COUNTS: dict[tuple[str, float, str], int] = {}
 
 
-def gated_weight_count(model: str, width: float, in_channels: int, image_size: int) -> int:
-    """Number of weights popupify gates in ``build_model(model, width=width)`` (all Conv/Linear weights)."""
-    key = (model, float(width), in_channels, image_size)
+def gated_weight_count(model: str, width: float, dataset: str) -> int:
+    """Number of weights popupify gates in ``build_model(model, dataset=dataset, width=width)`` (Conv/Linear)."""
+    key = (model, float(width), dataset)
     if key not in _WEIGHT_COUNTS:
         from torch import nn
 
         from ..models import build_model
 
-        net = build_model(model, in_channels=in_channels, image_size=image_size, width=width)
+        net = build_model(model, dataset=dataset, width=width)
         _WEIGHT_COUNTS[key] = sum(m.weight.numel() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     return _WEIGHT_COUNTS[key]
 
 
 def expand(name: str, scale: Scale | str, seeds: int | tuple[int, ...]) -> list[RunSpec]:
     """The runs of experiment ``name`` at ``scale`` for ``seeds`` (a count, meaning 0..n-1, or explicit seeds)."""
-    from ..data import dataset_info
-
     scale = SCALES[scale] if isinstance(scale, str) else scale
     seed_list = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
     specs: list[RunSpec] = []
     for grid in EXPERIMENTS[name]:
         dataset = grid.dataset or scale.dataset
-        info = dataset_info(dataset)
         for model in _axis(grid.models, scale):
             base = scale.base_width(model)
             for factor in _axis(grid.widths, scale):
                 width = base * factor
                 if grid.kept_refs:
-                    total1 = gated_weight_count(model, base, info.channels, info.image_size)
-                    total = gated_weight_count(model, width, info.channels, info.image_size)
+                    total1 = gated_weight_count(model, base, dataset)
+                    total = gated_weight_count(model, width, dataset)
                     ks = [ref * total1 / total for ref in _axis(grid.kept_refs, scale)]
                     ks = [k for k in ks if 0.0 < k <= 1.0]
                 else:

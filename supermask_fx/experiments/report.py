@@ -329,11 +329,9 @@ def _same_ref(g: Group, ref: Group, g5: dict[tuple, Group]) -> bool:
 
 
 def _kept_estimate(g: Group) -> float:
-    from ..data import dataset_info
     from .configs import gated_weight_count
 
-    info = dataset_info(g.spec.dataset)
-    return g.spec.k * gated_weight_count(g.spec.model, g.spec.width, info.channels, info.image_size)
+    return g.spec.k * gated_weight_count(g.spec.model, g.spec.width, g.spec.dataset)
 
 
 # ---------------------------------------------------------------------------------------------------- figures

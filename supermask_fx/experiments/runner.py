@@ -48,16 +48,7 @@ def git_revision() -> str:
 
 
 def build(spec: RunSpec) -> torch.nn.Module:
-    from ..data import dataset_info
-
-    info = dataset_info(spec.dataset)
-    model = build_model(
-        spec.model,
-        num_classes=info.num_classes,
-        in_channels=info.channels,
-        image_size=info.image_size,
-        width=spec.width,
-    )
+    model = build_model(spec.model, dataset=spec.dataset, width=spec.width)
     popupify(model, spec.k, method=spec.method, init=spec.init, scaled=spec.scaled, seed=spec.seed)
     return model
 
