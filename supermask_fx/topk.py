@@ -137,14 +137,10 @@ def select_topk_native(
     if not 1 <= kept <= total:
         raise ValueError(f"kept={kept} must be between 1 and the number of scores ({total})")
     threads = torch.get_num_threads()
-    tables = [kern.table(scores, weights, masks, effective, signed)]
-    scratch = kern.scratch(tables[0], None if hint is None else hint.scratch)
+    table = kern.table(scores, weights, masks, effective, signed)
+    scratch = kern.scratch(table, None if hint is None else hint.scratch)
 
     def try_band(lo: float, hi: float) -> float | None:
-        # w * sign(s) does not depend on the band: written by the first pass only.
-        table = tables[-1]
-        if signed is not None and len(tables) == 1:
-            tables.append(kern.table(scores, weights, masks, effective, None))
         lo_bits, hi_bits = native.float_bits(lo), native.float_bits(hi)
         counts, chunk_band = kern.band_pass(table, lo_bits, hi_bits, scratch, threads)
         above, in_band = (int(x) for x in counts.sum(0))
@@ -165,7 +161,7 @@ def select_topk_native(
         return threshold
 
     if kept == total:
-        kern.band_pass(tables[0], 0, 0, scratch, threads)  # |s| >= 0 everywhere: keep all
+        kern.band_pass(table, 0, 0, scratch, threads)  # |s| >= 0 everywhere: keep all
         return hint
     return _band_search(
         try_band, lambda: _kth_largest_exact([s.abs() for s in scores], kept), hint, torch.float32, scratch
@@ -254,10 +250,15 @@ def _best_of_band(values: Tensor, count: int) -> tuple[Tensor, float]:
         chosen[order] = True
         return chosen, float(values[order[-1]])
     threshold = torch.kthvalue(values, n - count + 1).values
-    above = values > threshold
-    ties = values == threshold
-    chosen = above | (ties & (torch.cumsum(ties, 0) <= count - int(above.sum())))
-    return chosen, float(threshold)
+    return _keep_with_ties(values, count, threshold), float(threshold)
+
+
+def _keep_with_ties(flat: Tensor, kept: int, threshold: Tensor) -> Tensor:
+    """The rule given ``T`` (the ``kept``-th largest of 1-D ``flat``, a 0-d tensor): everything above ``T``, then
+    the entries equal to ``T`` with the lowest indices. Tensor operations only, so no host synchronisation."""
+    above = flat > threshold
+    ties = flat == threshold
+    return above | (ties & (torch.cumsum(ties, 0) <= kept - above.sum()))
 
 
 def _flat_nonzero(scratch: Tensor, n: int) -> Tensor:
@@ -287,11 +288,7 @@ def _select_sync_free(parts: list[Tensor], kept: int, masks: list[Tensor]) -> No
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)
     # T from a full sort, not torch.kthvalue: CUDA's kthvalue runs one thread block per slice (127 ms for
     # ResNet-50's layers on an H100, against 5 ms for a radix sort; docs/performance.md).
-    threshold = torch.sort(flat).values[flat.numel() - kept]
-    above = flat > threshold
-    ties = flat == threshold
-    room = kept - above.sum()
-    keep = above | (ties & (torch.cumsum(ties, 0) <= room))
+    keep = _keep_with_ties(flat, kept, torch.sort(flat).values[flat.numel() - kept])
     start = 0
     for m in masks:
         m.copy_(keep[start : start + m.numel()])

@@ -129,8 +129,7 @@ class TopKSelector:
     def _refresh_torch(self) -> None:
         parts, masks = [], []
         for module, gate in self.members:
-            scores, weight = module._parameters[gate.scores], module._parameters[gate.param]
-            scores = scores.detach()
+            scores = module._parameters[gate.scores].detach()
             buffer = gate.effective_buffer
             if scores.dtype == buffer.dtype and scores.is_contiguous() and buffer.is_contiguous():
                 magnitudes = torch.abs(scores, out=buffer)  # the effective-weight buffer as scratch for |s|
