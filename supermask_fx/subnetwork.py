@@ -1,18 +1,23 @@
-"""Compact subnetwork files: the masks as bits, plus what cannot be regenerated from the seed.
+"""Compact subnetwork files: the masks, entropy-coded, plus what cannot be regenerated from the seed.
 
 A found subnetwork is fully described by (architecture, ``PopupConfig``, masks, buffers): the weights are
-redrawn from the seed. ``save_subnetwork`` writes a safetensors file with
+redrawn from the seed. ``save_subnetwork`` writes a safetensors file (format version 2) with
 
-* ``mask/<layer>.<param>``: the evaluation mask, bit-packed (uint8, 8 weights a byte, first weight in the
-  most significant bit, zero-padded): 1 bit per weight;
+* ``mask/<layer>.<param>``: the evaluation mask as uint8, in the smaller of two encodings (``mask_codec`` has the
+  exact layout): ``"bits"``, bit-packed (8 weights a byte, first weight in the most significant bit, zero-padded:
+  1 bit per weight), or ``"rice"``, a Golomb-Rice code of the gaps between the positions of the less frequent
+  value (about ``H(k)`` bits per weight: 0.89 at ``k = 0.3``). A mask at ``k = 0.5`` stays at 1 bit per weight;
 * ``state/<state_dict key>``: every other ``state_dict`` entry that ``popupify`` does not regenerate: BatchNorm
   running statistics, and parameters like ViT's position embeddings. Gated weights, scores, zeroed biases and
   normalization affine values at 1/0 are regenerated and not stored;
 * metadata ``supermask_fx``: JSON with the format name and version, the ``PopupConfig``, the model class, per layer
-  its name, shape, kept count and the SHA-256 of its regenerated float32 weight, and the SHA-256 of the data.
+  its name, shape, kept count, the SHA-256 of its regenerated float32 weight and the mask's encoding (with the
+  Rice code's parameters), and the SHA-256 of the data.
 
 ``load_subnetwork`` rebuilds the supermask network from a freshly built model of the same architecture and
-checks everything it can: format, checksum (corruption), architecture (names and shapes), regenerated weights.
+checks everything it can: format, checksum (corruption), architecture (names and shapes), regenerated weights,
+the masks against their metadata. It reads version 2 and version 1 (the same layout with every mask as bits and
+no ``encoding`` key).
 """
 
 from __future__ import annotations
@@ -28,19 +33,16 @@ from torch import Tensor, nn
 from . import safetensors_io
 from .config import PopupConfig
 from .gate import Gate, is_gated
+from .mask_codec import SubnetworkFileError, decode_mask, encode_mask, pack_bits, unpack_bits
 from .masks import fix_masks, gated_layers
 from .popup import _BIAS_OF, NORM_TYPES, draw_layer_weight, popupify
 
 FORMAT = "supermask_fx.subnetwork"
-VERSION = 1
+VERSION = 2  # 2: masks as "bits" or "rice" (per layer); 1: every mask as bits, no "encoding" key
 _META = "supermask_fx"
 _CHECKSUM = "supermask_fx.content_sha256"
 
 __all__ = ["save_subnetwork", "load_subnetwork", "SubnetworkFileError", "pack_bits", "unpack_bits", "unwrap"]
-
-
-class SubnetworkFileError(ValueError):
-    """A subnetwork file that cannot be loaded into this model; the message says what differs."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -52,24 +54,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """Bool tensor -> uint8 of ceil(numel / 8) bytes, first entry in the most significant bit."""
-    flat = mask.reshape(-1).to(device="cpu", dtype=torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Inverse of ``pack_bits``."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[:numel].to(torch.bool).reshape(shape)
 
 
 def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
@@ -99,9 +83,15 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
                     "state_dict instead"
                 )
             mask = gate.current_mask(module)
-            tensors[f"mask/{gate.name}"] = pack_bits(mask)
+            tensors[f"mask/{gate.name}"], encoding = encode_mask(mask)
             layers.append(
-                {"name": gate.name, "shape": list(weight.shape), "kept": int(mask.sum()), "sha256": _sha(regenerated)}
+                {
+                    "name": gate.name,
+                    "shape": list(weight.shape),
+                    "kept": int(torch.count_nonzero(mask)),
+                    "sha256": _sha(regenerated),
+                    **encoding,
+                }
             )
         for key, value in _stored_state(model, pairs, config).items():
             tensors[f"state/{key}"] = value
@@ -144,6 +134,8 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise SubnetworkFileError(
             f"{path}: format version {info['version']} is newer than this supermask_fx reads ({VERSION}): upgrade"
         )
+    if info["version"] == 1 and any(layer.get("encoding", "bits") != "bits" for layer in info.get("layers", [])):
+        raise SubnetworkFileError(f"{path}: corrupted: a version-1 file with a mask encoding other than bits")
     config = PopupConfig.from_dict(info["config"])
     model = unwrap(model)
     if any(is_gated(m) for m in model.modules()):
@@ -167,10 +159,10 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 raise SubnetworkFileError(f"{path}: the model's weights of {gate.name} are not the seed's weights")
         fix_masks(model)
         for (module, gate), layer in zip(pairs, info["layers"]):
-            mask = unpack_bits(tensors[f"mask/{gate.name}"], tuple(layer["shape"]))
-            if int(mask.sum()) != layer["kept"]:
-                raise SubnetworkFileError(f"{path}: corrupted mask for {gate.name}")
-            module._buffers[gate.mask_buffer].copy_(mask)
+            data = tensors.get(f"mask/{gate.name}")
+            if data is None:
+                raise SubnetworkFileError(f"{path}: corrupted: the file lacks the mask of {gate.name}")
+            module._buffers[gate.mask_buffer].copy_(decode_mask(data, layer, where=f"{path}: "))
         stored = {key[len("state/") :]: t for key, t in tensors.items() if key.startswith("state/")}
         expected = _stored_state(model, pairs, config, include_changed_constants=False)
         missing = sorted(set(expected) - set(stored))

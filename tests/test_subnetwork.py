@@ -1,6 +1,7 @@
 """Compact subnetwork files and materialize: round trips, size, and every error a user can meet."""
 
 import json
+import math
 import os
 
 import pytest
@@ -18,7 +19,10 @@ from supermask_fx import (
     safetensors_io,
     save_subnetwork,
 )
+from supermask_fx.mask_codec import decode_mask
 from supermask_fx.subnetwork import pack_bits, unpack_bits
+
+CHECKSUM = "supermask_fx.content_sha256"
 
 
 def trained_resnet(seed=0, k=0.3):
@@ -56,7 +60,8 @@ def test_save_load_gives_identical_eval_logits(saved):
     assert [layer.kept for layer in mask_stats(again).layers] == [layer.kept for layer in mask_stats(model).layers]
 
 
-def test_file_is_about_one_bit_per_weight_plus_bn_stats(saved):
+def test_file_is_at_most_one_bit_per_weight_plus_bn_stats(saved):
+    """Each mask takes the smaller of its bitmap (1 bit per weight) and its Rice code (about H(k) bits per weight)."""
     model, path, size = saved
     assert size == os.path.getsize(path)
     tensors, metadata, _ = safetensors_io.read(path)
@@ -65,8 +70,100 @@ def test_file_is_about_one_bit_per_weight_plus_bn_stats(saved):
     gated = {gate.name for _, gate in gated_layers(model)}
     stored = {name[len("state/") :] for name in tensors if name.startswith("state/")}
     assert stored and not stored & gated and not any(name.endswith("scores") for name in stored)
+    info = json.loads(metadata["supermask_fx"])
+    assert info["version"] == 2
+    for layer in info["layers"]:
+        mask_bytes = tensors[f"mask/{layer['name']}"].numel()
+        bitmap_bytes = -(-math.prod(layer["shape"]) // 8)
+        assert layer["encoding"] in ("bits", "rice") and mask_bytes <= bitmap_bytes
+        assert (layer["encoding"] == "rice") == (mask_bytes < bitmap_bytes)  # a tie keeps the bitmap
     masked = mask_stats(model).numel
-    assert (size - state_bytes) * 8 <= 1.05 * masked + 8 * 16384  # 1.05 bits/weight + a few KB of header
+    h = -(0.3 * math.log2(0.3) + 0.7 * math.log2(0.7))  # k = 0.3: 0.881 bits of information per weight
+    assert (size - state_bytes) * 8 <= 1.02 * h * masked + 8 * 16384  # a few KB of header
+    assert size * 8 / masked < 0.95  # BatchNorm statistics included
+
+
+def test_k_0_3_file_is_smaller_than_k_0_5(saved, tmp_path):
+    model, path, size = saved
+    half = trained_resnet(k=0.5)
+    half_path = tmp_path / "half.safetensors"
+    half_size = save_subnetwork(half, half_path)
+    assert size < 0.92 * half_size
+    tensors, metadata, _ = safetensors_io.read(half_path)
+    layers = json.loads(metadata["supermask_fx"])["layers"]
+    bitmap_bytes = sum(-(-math.prod(layer["shape"]) // 8) for layer in layers)
+    mask_bytes = sum(tensors[f"mask/{layer['name']}"].numel() for layer in layers)
+    # k = 0.5 stays at 1 bit per weight: bitmaps, except where the last byte holds no minority entry, so that a
+    # Rice code with b = 0 (the minority's bitmap, cut after its last entry) is a byte or so shorter
+    assert bitmap_bytes - len(layers) <= mask_bytes <= bitmap_bytes
+    assert all(layer["encoding"] == "bits" or layer["rice_b"] == 0 for layer in layers)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_subnetwork(torchvision.models.resnet18(num_classes=10), half_path).eval()(x), half(x))
+        assert torch.equal(load_subnetwork(torchvision.models.resnet18(num_classes=10), path).eval()(x), model(x))
+
+
+def as_version_1(source, target):
+    """Rewrite a file in the layout supermask_fx wrote before format version 2: every mask bit-packed, no encoding
+    keys, version 1."""
+    tensors, metadata, _ = safetensors_io.read(source)
+    info = json.loads(metadata["supermask_fx"])
+    old_layers = []
+    for layer in info["layers"]:
+        mask = decode_mask(tensors[f"mask/{layer['name']}"], layer)
+        tensors[f"mask/{layer['name']}"] = pack_bits(mask)
+        old_layers.append({key: layer[key] for key in ("name", "shape", "kept", "sha256")})
+    info = {**info, "version": 1, "layers": old_layers}
+    safetensors_io.write(target, tensors, {"supermask_fx": json.dumps(info)}, checksum_key=CHECKSUM)
+    return tensors, info
+
+
+def test_version_1_files_still_load(saved, tmp_path):
+    model, path, _ = saved
+    old = tmp_path / "v1.safetensors"
+    tensors, info = as_version_1(path, old)
+    assert all(
+        tensors[f"mask/{layer['name']}"].numel() == -(-math.prod(layer["shape"]) // 8) for layer in info["layers"]
+    )
+    assert old.stat().st_size > path.stat().st_size  # the rice-coded file is smaller
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_subnetwork(torchvision.models.resnet18(num_classes=10), old).eval()(x), model(x))
+
+
+def rewrite(source, target, edit):
+    tensors, metadata, _ = safetensors_io.read(source)
+    info = json.loads(metadata["supermask_fx"])
+    edit(info)
+    safetensors_io.write(target, tensors, {"supermask_fx": json.dumps(info)}, checksum_key=CHECKSUM)
+
+
+def test_newer_format_version_or_encoding_says_upgrade(saved, tmp_path):
+    _, path, _ = saved
+    newer = tmp_path / "v3.safetensors"
+    rewrite(path, newer, lambda info: info.update(version=3))
+    with pytest.raises(SubnetworkFileError, match="format version 3 is newer than this supermask_fx reads.*upgrade"):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10), newer)
+    unknown = tmp_path / "zstd.safetensors"
+    rewrite(path, unknown, lambda info: info["layers"][4].update(encoding="zstd"))
+    with pytest.raises(SubnetworkFileError, match=r"layer1\.1\.conv2\.weight uses the mask encoding 'zstd'.*upgrade"):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10), unknown)
+
+
+def test_version_1_file_with_a_rice_mask_is_corrupted(saved, tmp_path):
+    _, path, _ = saved
+    bad = tmp_path / "v1rice.safetensors"
+    rewrite(path, bad, lambda info: info.update(version=1))
+    with pytest.raises(SubnetworkFileError, match="corrupted: a version-1 file"):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10), bad)
+
+
+def test_mask_not_matching_its_metadata_is_corrupted(saved, tmp_path):
+    _, path, _ = saved
+    bad = tmp_path / "m.safetensors"
+    rewrite(path, bad, lambda info: info["layers"][2].update(m=info["layers"][2]["m"] + 1))
+    with pytest.raises(SubnetworkFileError, match=r"m.safetensors: corrupted mask for layer1\.0\.conv2\.weight"):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10), bad)
 
 
 def test_file_reads_with_the_official_safetensors_package(saved):
