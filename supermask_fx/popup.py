@@ -132,19 +132,22 @@ def _reset_norms(model: nn.Module) -> None:
 def _group(gates: list[tuple[nn.Module, Gate]], config: PopupConfig, layer_k: dict) -> None:
     """Attach a TopKSelector to every gate: one per layer, or one shared by the globally ranked layers."""
     shared: list[tuple[nn.Module, Gate]] = []
+    peers: list[TopKSelector] = []  # refreshed together on the compiled CPU path
     for (module, gate), override in zip(gates, layer_k.values()):
         if config.scope == "global" and override is None:
             shared.append((module, gate))
             continue
         weight = module._parameters[gate.param]
-        _attach(TopKSelector(kept_count(weight.numel(), gate.k)), [(module, gate)])
+        _attach(TopKSelector(kept_count(weight.numel(), gate.k)), [(module, gate)], peers)
     if shared:
         total = sum(m._parameters[g.param].numel() for m, g in shared)
-        _attach(TopKSelector(kept_count(total, config.k)), shared)
+        _attach(TopKSelector(kept_count(total, config.k)), shared, peers)
 
 
-def _attach(selector: TopKSelector, members: list[tuple[nn.Module, Gate]]) -> None:
+def _attach(selector: TopKSelector, members: list[tuple[nn.Module, Gate]], peers: list[TopKSelector]) -> None:
     selector.members = members
+    selector.peers = peers
+    peers.append(selector)
     for _, gate in members:
         gate.selector = selector
 

@@ -34,12 +34,21 @@ Both strategies write into caller-owned boolean buffers, so the hot path allocat
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["kept_count", "topk_mask_reference", "select_topk", "select_topk_native", "BandHint"]
+__all__ = [
+    "kept_count",
+    "topk_mask_reference",
+    "select_topk",
+    "select_topk_native",
+    "select_topk_native_many",
+    "NativeGroup",
+    "BandHint",
+]
 
 
 def kept_count(numel: int, k: float) -> int:
@@ -66,7 +75,7 @@ class BandHint:
 
     threshold: float
     half_width: float
-    scratch: Tensor | None = None  # band: bool, padded to a multiple of 8 (word-wise ``nonzero``); native: int64
+    scratch: Tensor | None = None  # band: bool, padded to a multiple of 8 (word-wise ``nonzero``)
 
 
 def select_topk(
@@ -109,6 +118,22 @@ def select_topk(
     )
 
 
+@dataclass
+class NativeGroup:
+    """One selector's work for ``select_topk_native_many``: the parts ranked together (one layer, or several
+    under global scope) and where to write. Every tensor is 1-D, contiguous, on the CPU, float32 (masks bool),
+    equal in size part by part; ``effective`` / ``signed``: lists or ``None`` (not written; ``signed`` only
+    together with ``effective``; entries of ``signed`` may be ``None``)."""
+
+    scores: list[Tensor]
+    weights: list[Tensor]
+    masks: list[Tensor]
+    effective: list[Tensor] | None
+    signed: list[Tensor | None] | None
+    kept: int
+    hint: BandHint | None = None
+
+
 def select_topk_native(
     scores: list[Tensor],
     weights: list[Tensor],
@@ -118,12 +143,18 @@ def select_topk_native(
     signed: list[Tensor | None] | None,
     hint: BandHint | None = None,
 ) -> BandHint | None:
-    """The ``band`` strategy with its passes fused in C (``supermask_fx.native``), writing the caches too.
+    """The ``band`` strategy in C (``supermask_fx.native``) for one selector; see ``select_topk_native_many``."""
+    return select_topk_native_many([NativeGroup(scores, weights, masks, effective, signed, kept, hint)])[0]
 
-    Same rule and same result as ``select_topk`` on ``[s.abs() for s in scores]``; in the same pass it writes,
-    if given, ``effective[i] = weights[i] * masks[i]`` and ``signed[i] = weights[i] * sign(s)`` (``signed`` only
-    together with ``effective``).
-    Every tensor is 1-D, contiguous, on the CPU, float32 (masks bool), and equal in size part by part.
+
+def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
+    """The ``band`` strategy for many selectors at once, each pass one call of the compiled kernel.
+
+    Same rule and same result per group as ``select_topk`` on ``[s.abs() for s in group.scores]``; in the same
+    pass it writes, if given, ``effective[i] = weights[i] * masks[i]`` and ``signed[i] = weights[i] * sign(s)``.
+    The kernel reads every score once (threads over chunks of all the groups' layers) and ranks each group's
+    band in C; a group whose threshold left its band is tried again with a 16x wider band, then with the exact
+    ``T`` (``kthvalue``), in further calls for those groups only. Returns the hint for each group's next call.
 
     Raises:
         RuntimeError: if the compiled kernel is not available (``supermask_fx.native.unavailable_reason()``).
@@ -133,39 +164,59 @@ def select_topk_native(
     kern = native.kernel()
     if kern is None:
         raise RuntimeError(f"the compiled top-k is not available: {native.unavailable_reason()}")
-    total = sum(s.numel() for s in scores)
-    if not 1 <= kept <= total:
-        raise ValueError(f"kept={kept} must be between 1 and the number of scores ({total})")
+    for group in groups:
+        total = sum(s.numel() for s in group.scores)
+        if not 1 <= group.kept <= total:
+            raise ValueError(f"kept={group.kept} must be between 1 and the number of scores ({total})")
     threads = torch.get_num_threads()
-    table = kern.table(scores, weights, masks, effective, signed)
-    scratch = kern.scratch(table, None if hint is None else hint.scratch)
+    hints: list[BandHint | None] = [group.hint for group in groups]
+    # Per group the next band to try: (lo, hi, tries so far). Keep-all groups: [0, 0), every |s| >= 0 is kept.
+    bands = {}
+    for i, group in enumerate(groups):
+        if group.kept == sum(s.numel() for s in group.scores):
+            bands[i] = (0.0, 0.0, -1)
+        else:
+            bands[i] = _native_band(group, 0)
+    while bands:
+        order = list(bands)
+        table, rows = [], []
+        for g, i in enumerate(order):
+            group, (lo, hi, _) = groups[i], bands[i]
+            for p, (s, w, m) in enumerate(zip(group.scores, group.weights, group.masks)):
+                eff = 0 if group.effective is None else group.effective[p].data_ptr()
+                sgn = group.signed[p] if eff and group.signed is not None else None
+                table.append(
+                    [s.data_ptr(), w.data_ptr(), m.data_ptr(), eff, 0 if sgn is None else sgn.data_ptr(), s.numel(), g]
+                )
+            rows.append([native.float_bits(lo), native.float_bits(hi), group.kept, 0, 0, 0, 0])
+        out = torch.tensor(rows, dtype=torch.int64)
+        kern.topk(torch.tensor(table, dtype=torch.int64), out, threads)
+        for i, (status, threshold_bits) in zip(order, out[:, 3:5].tolist()):
+            tries = bands.pop(i)[2]
+            if tries < 0:
+                continue  # keep-all: done, the hint stays
+            if status == 1:
+                previous = None if groups[i].hint is None else groups[i].hint.threshold
+                hints[i] = _next_hint(_float32_of(threshold_bits), previous, torch.float32, None)
+            else:
+                assert tries < 2, "a band [T, next float) always contains the threshold"
+                bands[i] = _native_band(groups[i], tries + 1)
+    return hints
 
-    def try_band(lo: float, hi: float) -> float | None:
-        lo_bits, hi_bits = native.float_bits(lo), native.float_bits(hi)
-        counts, chunk_band = kern.band_pass(table, lo_bits, hi_bits, scratch, threads)
-        above, in_band = (int(x) for x in counts.sum(0))
-        missing = kept - above
-        if missing <= 0 or in_band < missing:
-            return None
-        where = kern.band_collect(table, lo_bits, hi_bits, chunk_band, scratch, in_band, threads)
-        sizes = counts[:, 1].tolist()
-        positions = where.split(sizes)
-        values = torch.cat([s[p] for s, p in zip(scores, positions)]).abs_()
-        chosen, threshold = _best_of_band(values, missing)
-        for g, (w, m, p, c) in enumerate(zip(weights, masks, positions, chosen.split(sizes))):
-            if p.numel():
-                picked = p[c]
-                m[picked] = True
-                if effective is not None:
-                    effective[g][picked] = w[picked]
-        return threshold
 
-    if kept == total:
-        kern.band_pass(table, 0, 0, scratch, threads)  # |s| >= 0 everywhere: keep all
-        return hint
-    return _band_search(
-        try_band, lambda: _kth_largest_exact([s.abs() for s in scores], kept), hint, torch.float32, scratch
-    )
+def _native_band(group: NativeGroup, tries: int) -> tuple[float, float, int]:
+    """The band of a group's try number ``tries``: the hint's band, 16x wider, then ``[T, next float)``."""
+    hint = group.hint
+    if hint is None or tries >= 2:
+        threshold = _kth_largest_exact([s.abs() for s in group.scores], group.kept)
+        return threshold, _next_float(threshold, torch.float32), 2
+    half = hint.half_width * (16.0 if tries else 1.0)
+    lo = _representable(hint.threshold - half, torch.float32)
+    return lo, _representable(hint.threshold + half, torch.float32), tries
+
+
+def _float32_of(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 def _band_search(try_band, exact_threshold, hint: BandHint | None, dtype: torch.dtype, scratch) -> BandHint:

@@ -245,11 +245,16 @@ def test_global_scope_and_layer_overrides():
 
 def test_masks_recomputed_once_per_step_never_in_eval(monkeypatch):
     calls = []
-    for name in ("select_topk", "select_topk_native"):  # the pure-PyTorch and the compiled path
-        real = getattr(topk_module, name)
-        monkeypatch.setattr(
-            f"supermask_fx.methods.edge_popup.{name}", lambda *a, real=real, **k: calls.append(1) or real(*a, **k)
-        )
+    # Count layers whose mask is selected: one per call of the pure-PyTorch path, one per group of the compiled
+    # path (which selects every stale layer of the model in one call).
+    real_one, real_many = topk_module.select_topk, topk_module.select_topk_native_many
+    monkeypatch.setattr(
+        "supermask_fx.methods.edge_popup.select_topk", lambda *a, **k: calls.append(1) or real_one(*a, **k)
+    )
+    monkeypatch.setattr(
+        "supermask_fx.methods.edge_popup.select_topk_native_many",
+        lambda groups, *a, **k: calls.extend([1] * len(groups)) or real_many(groups, *a, **k),
+    )
     model = popupify(SmallNet(), k=0.5)
     opt = torch.optim.SGD(supermask_parameters(model), lr=0.1)
     x = torch.randn(4, 3, 4, 4)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gate import version_key
-from ..topk import BandHint, select_topk, select_topk_native
+from ..topk import BandHint, NativeGroup, select_topk, select_topk_native_many
 from .base import Method
 
 
@@ -60,13 +60,16 @@ class TopKSelector:
 
     ``refresh()`` is called on every read of a member's weight; it recomputes only when some member's scores or
     weight changed, and then fills every member's cache: ``mask``, ``effective_buffer = w * mask`` and, when
-    the scores train, ``signed_buffer = w * sign(s)``.
+    the scores train, ``signed_buffer = w * sign(s)``. ``peers`` are the selectors of the same ``popupify``
+    call: on the compiled CPU path, the first stale selector refreshes every stale peer in the same kernel
+    call (an optimizer step changes all scores at once), so a step's masks cost one pass over all the scores.
     """
 
     def __init__(self, kept: int, strategy: str = "auto") -> None:
         self.kept = kept
         self.strategy = strategy
         self.members: list[tuple[nn.Module, object]] = []
+        self.peers: list[TopKSelector] = [self]
         self.key = None
         self.hint: BandHint | None = None
 
@@ -76,23 +79,38 @@ class TopKSelector:
     def invalidate(self) -> None:
         self.key = None
 
-    def refresh(self) -> None:
-        key = tuple(
+    def current_key(self) -> tuple:
+        """What the cache was computed from: the version keys of every member's scores and weight."""
+        return tuple(
             (version_key(s), s.requires_grad, version_key(m._parameters[g.param]))
             for m, g in self.members
             for s in (m._parameters[g.scores],)
         )
+
+    def refresh(self) -> None:
+        key = self.current_key()
         if key == self.key:
             return
         with torch.inference_mode(False), torch.no_grad():
-            for module, gate in self.members:
-                scores, weight = module._parameters[gate.scores], module._parameters[gate.param]
-                gate.ensure_buffers(weight, signed=scores.requires_grad)
+            self._ensure_buffers()
             if self._native_ok():
-                self._refresh_native()
-            else:
-                self._refresh_torch()
+                batch = [(self, key)]
+                for peer in self.peers:
+                    if peer is not self:
+                        peer_key = peer.current_key()
+                        if peer_key != peer.key and peer._native_ok(as_peer=True):
+                            batch.append((peer, peer_key))
+                _refresh_native([selector for selector, _ in batch])
+                for selector, selector_key in batch:
+                    selector.key = selector_key
+                return
+            self._refresh_torch()
         self.key = key
+
+    def _ensure_buffers(self) -> None:
+        for module, gate in self.members:
+            scores, weight = module._parameters[gate.scores], module._parameters[gate.param]
+            gate.ensure_buffers(weight, signed=scores.requires_grad)
 
     def _tensors(self):
         """Per member: (scores, weight, mask, effective buffer, signed buffer or None), detached."""
@@ -101,10 +119,16 @@ class TopKSelector:
             signed = gate.signed_buffer if module._parameters[gate.scores].requires_grad else None
             yield scores, module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer, signed
 
-    def _native_ok(self) -> bool:
-        """Whether the compiled CPU pass applies: strategy ``auto`` or ``native``, float32 contiguous CPU tensors."""
+    def _native_ok(self, as_peer: bool = False) -> bool:
+        """Whether the compiled CPU pass applies: strategy ``auto`` or ``native``, float32 contiguous CPU tensors.
+        ``as_peer``: refreshed ahead of its own read: allocate the caches first, and never raise (its own read
+        will, for ``strategy="native"``)."""
         if self.strategy not in ("auto", "native"):
             return False
+        if as_peer:
+            if any(m._buffers.get(g.mask_buffer) is not None for m, g in self.members):
+                return False  # a fixed mask: its gate reads the buffer (and may alias it as ``gate.mask``)
+            self._ensure_buffers()
         fits = all(
             t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
             for group in self._tensors()
@@ -115,16 +139,16 @@ class TopKSelector:
 
         if fits and native.kernel() is not None:
             return True
-        if self.strategy == "native":
+        if self.strategy == "native" and not as_peer:
             why = native.unavailable_reason() or "it needs contiguous float32 scores and weights on the CPU"
             raise RuntimeError(f"strategy='native' cannot be used: {why}; use strategy='auto'")
         return False
 
-    def _refresh_native(self) -> None:
-        scores, weights, masks, effective, signed = zip(*self._tensors())
-        flat = [[t.view(-1) for t in group] for group in (scores, weights, masks, effective)]
-        signed = [None if t is None else t.view(-1) for t in signed]
-        self.hint = select_topk_native(*flat[:2], self.kept, *flat[2:], signed, self.hint)
+    def _native_group(self) -> NativeGroup:
+        scores, weights, masks, effective, signed = (
+            [None if t is None else t.view(-1) for t in part] for part in zip(*self._tensors())
+        )
+        return NativeGroup(scores, weights, masks, effective, signed, self.kept, self.hint)
 
     def _refresh_torch(self) -> None:
         parts, masks = [], []
@@ -143,3 +167,10 @@ class TopKSelector:
             torch.mul(weight, gate.mask, out=gate.effective_buffer)
             if scores.requires_grad:
                 torch.sign(scores.detach(), out=gate.signed_buffer).mul_(weight)
+
+
+def _refresh_native(selectors: list[TopKSelector]) -> None:
+    """Refresh ``selectors`` (fitting the compiled path, caches allocated) in one call of the CPU kernel."""
+    hints = select_topk_native_many([selector._native_group() for selector in selectors])
+    for selector, hint in zip(selectors, hints):
+        selector.hint = hint

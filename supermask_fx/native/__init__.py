@@ -1,8 +1,11 @@
 """Compiled passes of the CPU top-k (``band.c``), built on first use with the system C compiler.
 
-Nothing here changes a result: ``band.c`` computes the same comparisons as the pure-PyTorch ``band``
-strategy, fused into one pass that also writes the cached ``w * mask`` and ``w * sign(s)`` (three to five
-elementwise passes become about one). Where no compiler is found, the build fails, or
+Nothing here changes a result: ``band.c`` computes the same mask as the pure-PyTorch ``band`` strategy (the
+top-``kept`` of ``|s|``, ties in flat order). One call serves every stale layer of a model: a first pass,
+threaded over chunks of all the layers, writes the mask, ``w * mask`` and ``w * sign(s)`` and gathers the
+scores inside each layer's band; then each layer's threshold is found by a radix select over its band alone
+(three to five elementwise passes per layer, plus Python overhead per layer, become about one pass over the
+model). Where no compiler is found, the build fails, or
 ``SUPERMASK_FX_NATIVE=0`` is set, ``kernel()`` returns ``None`` and the selector uses the pure-PyTorch path;
 ``unavailable_reason()`` says why.
 
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["BandKernel", "kernel", "unavailable_reason", "float_bits"]
+__all__ = ["TopKKernel", "kernel", "unavailable_reason", "float_bits"]
 
 _SOURCE = Path(__file__).with_name("band.c")
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing")
@@ -36,73 +39,21 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-class BandKernel:
-    """ctypes wrappers of ``band.c``. Segment tables hold raw pointers: keep the tensors alive during calls."""
+class TopKKernel:
+    """ctypes wrapper of ``band.c``'s ``sfx_topk``. The tables hold raw pointers: keep the tensors alive."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        p, i64, u32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int
-        for name in ("sfx_chunk_count", "sfx_band_capacity"):
-            getattr(lib, name).argtypes = [p, i64]
-            getattr(lib, name).restype = i64
-        lib.sfx_band_pass.argtypes = [p, i64, u32, u32, p, p, p, c_int]
-        lib.sfx_band_pass.restype = None
-        lib.sfx_band_collect.argtypes = [p, i64, u32, u32, p, p, p, p, c_int]
-        lib.sfx_band_collect.restype = None
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.sfx_topk.argtypes = [p, i64, p, i64, ctypes.c_int]
+        lib.sfx_topk.restype = ctypes.c_int
         self.lib = lib
 
-    def scratch(self, table: Tensor, previous: Tensor | None = None) -> Tensor:
-        """The int64 scratch ``band_pass`` needs for ``table`` (about one slot per 8 scores); ``previous`` if
-        it is one and large enough."""
-        need = int(self.lib.sfx_band_capacity(table.data_ptr(), table.shape[0]))
-        if previous is not None and previous.dtype == torch.int64 and previous.numel() >= need:
-            return previous
-        return torch.empty(need, dtype=torch.int64)
-
-    @staticmethod
-    def table(scores: list[Tensor], weights: list[Tensor], masks: list[Tensor], effective, signed) -> Tensor:
-        """The (segments, 6) int64 table of ``band.c``: pointers to scores, weight, mask, effective, signed and
-        the length. ``effective`` / ``signed``: lists with ``None`` entries, or ``None``: not written (signed
-        only where effective is written). Tensors: contiguous CPU float32 (masks bool), equal sizes per row."""
-
-        def pointer(group, g):
-            return 0 if group is None or group[g] is None else group[g].data_ptr()
-
-        rows = [
-            [s.data_ptr(), w.data_ptr(), m.data_ptr(), pointer(effective, g), pointer(signed, g), s.numel()]
-            for g, (s, w, m) in enumerate(zip(scores, weights, masks))
-        ]
-        return torch.tensor(rows, dtype=torch.int64)
-
-    def band_pass(self, table: Tensor, lo: int, hi: int, scratch: Tensor, threads: int) -> tuple[Tensor, Tensor]:
-        """One fused pass; returns per-segment counts (segments, 2: ``>= hi``, in ``[lo, hi)``) and the
-        per-chunk band counts that ``band_collect`` needs (the band indices wait in ``scratch``)."""
-        nseg = table.shape[0]
-        counts = torch.empty(nseg, 2, dtype=torch.int64)
-        chunk_band = torch.empty(int(self.lib.sfx_chunk_count(table.data_ptr(), nseg)), dtype=torch.int64)
-        self.lib.sfx_band_pass(
-            table.data_ptr(), nseg, lo, hi, counts.data_ptr(), chunk_band.data_ptr(), scratch.data_ptr(), threads
-        )
-        return counts, chunk_band
-
-    def band_collect(
-        self, table: Tensor, lo: int, hi: int, chunk_band: Tensor, scratch: Tensor, total: int, threads: int
-    ) -> Tensor:
-        """Flat indices (within each segment) of the entries in ``[lo, hi)``, segment after segment, after
-        ``band_pass`` with the same arguments."""
-        out = torch.empty(total, dtype=torch.int64)
-        chunk_out = torch.empty_like(chunk_band)
-        self.lib.sfx_band_collect(
-            table.data_ptr(),
-            table.shape[0],
-            lo,
-            hi,
-            chunk_band.data_ptr(),
-            scratch.data_ptr(),
-            chunk_out.data_ptr(),
-            out.data_ptr(),
-            threads,
-        )
-        return out
+    def topk(self, segments: Tensor, groups: Tensor, threads: int) -> None:
+        """One call of ``sfx_topk`` (see ``band.c``): ``segments`` (nseg, 7) and ``groups`` (ngroups, 7) int64
+        tables, contiguous on the CPU; the kernel writes the masks and caches and ``groups[:, 3:]``."""
+        status = self.lib.sfx_topk(segments.data_ptr(), segments.shape[0], groups.data_ptr(), groups.shape[0], threads)
+        if status != 0:
+            raise MemoryError("supermask_fx.native: cannot allocate the top-k pass's scratch memory")
 
 
 def float_bits(value: float) -> int:
@@ -113,7 +64,7 @@ def float_bits(value: float) -> int:
     return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
 
 
-def kernel() -> BandKernel | None:
+def kernel() -> TopKKernel | None:
     """The compiled kernel, building it on first use; ``None`` if it cannot be had (see ``unavailable_reason``)."""
     if "kernel" not in _state:
         with _lock:
@@ -135,7 +86,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _load() -> tuple[BandKernel | None, str | None]:
+def _load() -> tuple[TopKKernel | None, str | None]:
     if os.environ.get("SUPERMASK_FX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "disabled by SUPERMASK_FX_NATIVE=0"
     if platform.system() == "Windows":
@@ -153,7 +104,7 @@ def _load() -> tuple[BandKernel | None, str | None]:
     ).hexdigest()[:16]
     try:
         path = _build(cc, digest)
-        return BandKernel(ctypes.CDLL(str(path))), None
+        return TopKKernel(ctypes.CDLL(str(path))), None
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"building {_SOURCE.name} failed: {exc}"
 

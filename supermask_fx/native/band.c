@@ -1,30 +1,40 @@
-/* Fused passes of the CPU "band" top-k strategy (supermask_fx/topk.py), for float32 scores and weights.
+/* The CPU "band" top-k (supermask_fx/topk.py) for float32 scores and weights, in one call for many selectors.
  *
- * The scores of one selector are a list of segments (one per layer; several under scope="global"), each given
- * by a row of a table of int64: [scores, weight, mask, effective, signed, n] (pointers as integers; effective
- * and signed may be 0: not written; signed only with effective). Magnitudes are compared as integer bit
- * patterns, |s| = bits & 0x7fffffff, which order like the non-negative floats they encode.
+ * Inputs are two int64 tables.
+ *   segments (nseg x 7): [scores, weight, mask, effective, signed, n, group]. Pointers as integers; effective
+ *       and signed may be 0 (not written; signed only with effective). A group's segments are consecutive rows
+ *       in flat order (one per layer; several for one globally ranked selector).
+ *   groups (ngroups x 7): in: [lo, hi, kept]; out: [status, threshold, above, band]. lo and hi are float32 bit
+ *       patterns of the band [lo, hi) around last step's threshold.
+ * Magnitudes are compared as integer bit patterns, |s| = bits & 0x7fffffff, which order like the non-negative
+ * floats they encode.
  *
- * Segments are cut into chunks of SFX_CHUNK entries, numbered segment by segment; chunk c owns a region of
- * cap(c) = ceil(len(c) / 8) slots in a caller-owned int64 scratch (sfx_band_capacity slots in all).
+ * sfx_topk, per group (segment after segment, in flat order):
+ *   1. one read of the scores (threads over chunks of SFX_CHUNK entries of every segment):
+ *      mask = |s| >= hi, effective = mask ? w : 0, signed = w * sign(s) (0 where s = +-0); per chunk the counts
+ *      of |s| >= hi and of lo <= |s| < hi, and the band entries' offsets in a per-chunk region (when they fit:
+ *      a band over 1/32 of a chunk is rare; such chunks are scanned again in step 2);
+ *   2. (threads over groups) above = #(|s| >= hi), band = #(lo <= |s| < hi). If above < kept <= above + band,
+ *      the kept-th largest |s|, T, lies in the band: T is found by a radix select over the band's values, and
+ *      the band entries above T, then those equal to T in flat order until kept are set in mask (and
+ *      effective): status 1, threshold T. Otherwise status 0 (a miss: the caller retries with a wider band or
+ *      the exact T; the mask then holds |s| >= hi only).
+ *   kept = n (keep everything) is a call with lo = hi = 0; its status is 0 and the mask is all ones.
  *
- * sfx_band_pass     one read of the scores: mask = |s| >= hi, effective = mask ? w : 0, signed = w * sign(s)
- *                   (0 where s = +-0); counts per segment of |s| >= hi and of lo <= |s| < hi; per chunk, the
- *                   band count, and the band entries' flat indices (within the segment) in its scratch region
- *                   when they fit (a band over 1/8 of a chunk is rare: early steps, a far-off hint).
- * sfx_band_collect  gathers the band indices, segment after segment in index order, into one array: copies
- *                   the regions, and scans again only the chunks whose band did not fit.
- *
- * Threads: plain pthreads (no second OpenMP runtime next to PyTorch's); chunks are handed out by an atomic
- * counter. Inner loops are branch-free integer code over blocks of 64 entries, so the compiler vectorises them;
- * band entries are then found a 64-bit word at a time. target_clones adds an AVX2 copy chosen at load time.
+ * Threads: plain pthreads (no second OpenMP runtime next to PyTorch's); work is handed out by an atomic counter.
+ * The pass's inner loops are branch-free integer code over blocks of 64 entries, so the compiler vectorises
+ * them; band entries are then found a 64-bit word at a time. target_clones adds an AVX2 copy chosen at load time.
+ * Returns 0, or -1 when memory for the per-call scratch cannot be allocated (nothing is then written).
  */
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define SFX_CHUNK ((int64_t)1 << 18)
 #define SFX_MAX_THREADS 256
+#define SEG_COLS 7
+#define GROUP_COLS 7
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SFX_CLONES __attribute__((target_clones("avx2", "default")))
@@ -32,19 +42,8 @@
 #define SFX_CLONES
 #endif
 
-static int64_t chunks_of(int64_t n) { return (n + SFX_CHUNK - 1) / SFX_CHUNK; }
-
-int64_t sfx_chunk_count(const int64_t *table, int64_t nseg) {
-  int64_t total = 0;
-  for (int64_t g = 0; g < nseg; g++) total += chunks_of(table[6 * g + 5]);
-  return total;
-}
-
-int64_t sfx_band_capacity(const int64_t *table, int64_t nseg) {
-  int64_t total = 0;
-  for (int64_t g = 0; g < nseg; g++) total += (table[6 * g + 5] + 7) / 8 + chunks_of(table[6 * g + 5]);
-  return total;
-}
+/* Band offsets a chunk of len entries can keep without a second scan. */
+static int64_t region_cap(int64_t len) { return (len >> 5) + 64; }
 
 /* 64 flag bytes (0/1) -> a word with bit j = flag j. */
 static uint64_t pack_flags(const uint8_t *flags) {
@@ -57,12 +56,12 @@ static uint64_t pack_flags(const uint8_t *flags) {
   return word;
 }
 
-/* One chunk: mask (+ effective, signed) for entries [0, n), band indices (offset by first) into out up to cap.
+/* Step 1 on one chunk of n entries: mask (+ effective, signed); band offsets into out (up to cap).
  * Returns the band count (which may exceed cap: then out holds only the first cap). */
 SFX_CLONES
 static int64_t pass_range(const uint32_t *restrict s, const uint32_t *restrict w, int64_t n, uint32_t lo,
                           uint32_t hi, uint8_t *restrict mask, uint32_t *restrict eff, uint32_t *restrict sgn,
-                          int64_t first, int64_t *restrict out, int64_t cap, int64_t *above) {
+                          uint32_t *restrict out, int64_t cap, int64_t *above) {
   uint8_t flags[64];
   int64_t up_total = 0, band = 0;
   for (int64_t base = 0; base < n; base += 64) {
@@ -105,7 +104,7 @@ static int64_t pass_range(const uint32_t *restrict s, const uint32_t *restrict w
     }
     up_total += ups;
     for (uint64_t word = pack_flags(flags); word; word &= word - 1) {
-      if (band < cap) out[band] = first + base + __builtin_ctzll(word);
+      if (band < cap) out[band] = (uint32_t)(base + __builtin_ctzll(word));
       band++;
     }
   }
@@ -113,10 +112,9 @@ static int64_t pass_range(const uint32_t *restrict s, const uint32_t *restrict w
   return band;
 }
 
-/* The band indices of entries [0, n) (offset by first), for chunks whose band did not fit their region. */
+/* The band offsets of a chunk whose band did not fit its region: scan it again. */
 SFX_CLONES
-static void collect_range(const uint32_t *restrict s, int64_t n, uint32_t lo, uint32_t hi, int64_t first,
-                          int64_t *restrict out) {
+static void collect_range(const uint32_t *restrict s, int64_t n, uint32_t lo, uint32_t hi, uint32_t *restrict out) {
   uint8_t flags[64];
   for (int64_t base = 0; base < n; base += 64) {
     int width = n - base < 64 ? (int)(n - base) : 64;
@@ -125,83 +123,137 @@ static void collect_range(const uint32_t *restrict s, int64_t n, uint32_t lo, ui
       uint32_t m = s[base + j] & 0x7fffffffu;
       flags[j] = (uint8_t)((m >= lo) & (m < hi));
     }
-    for (uint64_t word = pack_flags(flags); word; word &= word - 1) *out++ = first + base + __builtin_ctzll(word);
+    for (uint64_t word = pack_flags(flags); word; word &= word - 1)
+      *out++ = (uint32_t)(base + __builtin_ctzll(word));
   }
+}
+
+/* The count-th largest of vals[0, n) (1 <= count <= n): radix select, 8 bits at a time, from the top. */
+static uint32_t kth_largest(const uint32_t *vals, int64_t n, int64_t count) {
+  uint32_t prefix = 0, known = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    int64_t hist[256] = {0};
+    for (int64_t i = 0; i < n; i++)
+      if ((vals[i] & known) == prefix) hist[(vals[i] >> shift) & 255u]++;
+    int b = 255;
+    while (hist[b] < count) count -= hist[b--];
+    prefix |= (uint32_t)b << shift;
+    known |= 255u << shift;
+  }
+  return prefix;
 }
 
 typedef struct {
-  const int64_t *table;
-  int64_t nchunks;
-  uint32_t lo, hi;
-  int64_t *seg_counts; /* nseg x 2: above, band */
-  int64_t *chunk_band; /* nchunks */
-  int64_t *scratch;    /* sfx_band_capacity */
-  int64_t *out;        /* collect only: sum of the band counts */
-  int64_t *chunk_out;  /* collect only: nchunks, where each chunk's indices go in out */
-  int64_t next;        /* atomic chunk counter */
-  int collect;
+  const int64_t *seg;
+  int64_t nseg, nchunks, ngroups;
+  int64_t *groups;
+  int64_t *chunk_seg, *chunk_start, *chunk_len; /* nchunks each */
+  int64_t *chunk_region, *chunk_above, *chunk_band;
+  int64_t *group_first_chunk;                   /* ngroups + 1 */
+  uint32_t *regions;
+  int64_t next; /* atomic work counter */
+  int phase;    /* 1: pass over chunks, 2: rank the bands of the groups */
 } job_t;
 
-/* Chunk c -> segment, start, length, and its scratch region. Chunks are numbered segment by segment. */
-static void locate(const job_t *job, int64_t c, int64_t *seg, int64_t *start, int64_t *len, int64_t *region,
-                   int64_t *cap) {
-  int64_t g = 0, offset = 0;
-  for (;;) {
-    int64_t n = job->table[6 * g + 5], k = chunks_of(n);
-    if (c < k) {
-      *seg = g;
-      *start = c * SFX_CHUNK;
-      *len = n - *start < SFX_CHUNK ? n - *start : SFX_CHUNK;
-      *region = offset + c * (SFX_CHUNK / 8 + 1);
-      *cap = (*len + 7) / 8;
-      return;
-    }
-    offset += (n + 7) / 8 + k;
-    c -= k;
-    g++;
-  }
-}
-
 static void run_chunk(job_t *job, int64_t c) {
-  int64_t g, start, len, region, cap;
-  locate(job, c, &g, &start, &len, &region, &cap);
-  const int64_t *row = job->table + 6 * g;
-  const uint32_t *s = (const uint32_t *)(intptr_t)row[0];
-  if (job->collect) {
-    int64_t count = job->chunk_band[c];
-    if (count == 0) return;
-    int64_t *out = job->out + job->chunk_out[c];
-    if (count <= cap)
-      memcpy(out, job->scratch + region, (size_t)count * sizeof(int64_t));
-    else
-      collect_range(s + start, len, job->lo, job->hi, start, out);
-    return;
-  }
-  const uint32_t *w = (const uint32_t *)(intptr_t)row[1];
+  const int64_t *row = job->seg + SEG_COLS * job->chunk_seg[c];
+  const int64_t *grp = job->groups + GROUP_COLS * row[6];
+  int64_t start = job->chunk_start[c];
+  const uint32_t *s = (const uint32_t *)(intptr_t)row[0] + start;
+  const uint32_t *w = (const uint32_t *)(intptr_t)row[1] + start;
   uint8_t *mask = (uint8_t *)(intptr_t)row[2] + start;
   uint32_t *eff = row[3] ? (uint32_t *)(intptr_t)row[3] + start : NULL;
   uint32_t *sgn = row[3] && row[4] ? (uint32_t *)(intptr_t)row[4] + start : NULL;
-  int64_t above;
-  int64_t band = pass_range(s + start, w + start, len, job->lo, job->hi, mask, eff, sgn, start,
-                            job->scratch + region, cap, &above);
-  job->chunk_band[c] = band;
-  __atomic_fetch_add(&job->seg_counts[2 * g], above, __ATOMIC_RELAXED);
-  __atomic_fetch_add(&job->seg_counts[2 * g + 1], band, __ATOMIC_RELAXED);
+  job->chunk_band[c] = pass_range(s, w, job->chunk_len[c], (uint32_t)grp[0], (uint32_t)grp[1], mask, eff, sgn,
+                                  job->regions + job->chunk_region[c], region_cap(job->chunk_len[c]),
+                                  &job->chunk_above[c]);
+}
+
+/* The band offsets of chunk c into out (its region, or a second scan if the band did not fit). */
+static void band_of_chunk(const job_t *job, int64_t c, uint32_t lo, uint32_t hi, uint32_t *out) {
+  int64_t count = job->chunk_band[c];
+  if (count <= region_cap(job->chunk_len[c])) {
+    memcpy(out, job->regions + job->chunk_region[c], (size_t)count * sizeof(uint32_t));
+  } else {
+    const int64_t *row = job->seg + SEG_COLS * job->chunk_seg[c];
+    collect_range((const uint32_t *)(intptr_t)row[0] + job->chunk_start[c], job->chunk_len[c], lo, hi, out);
+  }
+}
+
+static void run_group(job_t *job, int64_t g) {
+  int64_t *grp = job->groups + GROUP_COLS * g;
+  uint32_t lo = (uint32_t)grp[0], hi = (uint32_t)grp[1];
+  int64_t kept = grp[2], above = 0, band = 0;
+  int64_t first = job->group_first_chunk[g], last = job->group_first_chunk[g + 1];
+  for (int64_t c = first; c < last; c++) {
+    above += job->chunk_above[c];
+    band += job->chunk_band[c];
+  }
+  grp[3] = 0;
+  grp[5] = above;
+  grp[6] = band;
+  int64_t missing = kept - above;
+  if (missing <= 0 || band < missing) return; /* T is not in [lo, hi) */
+  uint32_t *offsets = malloc((size_t)band * sizeof(uint32_t));
+  uint32_t *vals = malloc((size_t)band * sizeof(uint32_t));
+  if (!offsets || !vals) {
+    free(offsets);
+    free(vals);
+    grp[3] = -1;
+    return;
+  }
+  int64_t j = 0;
+  for (int64_t c = first; c < last; c++) {
+    const int64_t *row = job->seg + SEG_COLS * job->chunk_seg[c];
+    const uint32_t *s = (const uint32_t *)(intptr_t)row[0] + job->chunk_start[c];
+    band_of_chunk(job, c, lo, hi, offsets + j);
+    for (int64_t i = j; i < j + job->chunk_band[c]; i++) vals[i] = s[offsets[i]] & 0x7fffffffu;
+    j += job->chunk_band[c];
+  }
+  uint32_t t = kth_largest(vals, band, missing);
+  int64_t ties = missing; /* how many entries equal to T are kept: missing minus those above T */
+  for (int64_t i = 0; i < band; i++) ties -= vals[i] > t;
+  j = 0;
+  for (int64_t c = first; c < last; c++) {
+    const int64_t *row = job->seg + SEG_COLS * job->chunk_seg[c];
+    int64_t start = job->chunk_start[c];
+    uint8_t *mask = (uint8_t *)(intptr_t)row[2] + start;
+    const uint32_t *w = (const uint32_t *)(intptr_t)row[1] + start;
+    uint32_t *eff = row[3] ? (uint32_t *)(intptr_t)row[3] + start : NULL;
+    for (int64_t end = j + job->chunk_band[c]; j < end; j++) {
+      int keep = vals[j] > t || (vals[j] == t && ties-- > 0);
+      if (keep) {
+        mask[offsets[j]] = 1;
+        if (eff) eff[offsets[j]] = w[offsets[j]];
+      }
+    }
+  }
+  free(offsets);
+  free(vals);
+  grp[3] = 1;
+  grp[4] = t;
 }
 
 static void *worker(void *arg) {
   job_t *job = (job_t *)arg;
+  int64_t total = job->phase == 1 ? job->nchunks : job->ngroups;
   for (;;) {
-    int64_t c = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
-    if (c >= job->nchunks) return NULL;
-    run_chunk(job, c);
+    int64_t i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+    if (i >= total) return NULL;
+    if (job->phase == 1)
+      run_chunk(job, i);
+    else
+      run_group(job, i);
   }
 }
 
-static void run_job(job_t *job, int threads) {
+static void run_phase(job_t *job, int phase, int threads) {
   pthread_t ids[SFX_MAX_THREADS];
   int started = 0;
-  if (threads > job->nchunks) threads = (int)job->nchunks;
+  int64_t total = phase == 1 ? job->nchunks : job->ngroups;
+  job->phase = phase;
+  job->next = 0;
+  if (threads > total) threads = (int)total;
   if (threads > SFX_MAX_THREADS) threads = SFX_MAX_THREADS;
   for (int t = 1; t < threads; t++) {
     if (pthread_create(&ids[started], NULL, worker, job) != 0) break; /* fewer threads: still correct */
@@ -211,41 +263,46 @@ static void run_job(job_t *job, int threads) {
   for (int t = 0; t < started; t++) pthread_join(ids[t], NULL);
 }
 
-/* seg_counts (nseg x 2), chunk_band (sfx_chunk_count) and scratch (sfx_band_capacity) are overwritten. */
-void sfx_band_pass(const int64_t *table, int64_t nseg, uint32_t lo, uint32_t hi, int64_t *seg_counts,
-                   int64_t *chunk_band, int64_t *scratch, int threads) {
+int sfx_topk(const int64_t *seg, int64_t nseg, int64_t *groups, int64_t ngroups, int threads) {
   job_t job;
   memset(&job, 0, sizeof job);
-  memset(seg_counts, 0, (size_t)nseg * 2 * sizeof(int64_t));
-  job.table = table;
-  job.nchunks = sfx_chunk_count(table, nseg);
-  job.lo = lo;
-  job.hi = hi;
-  job.seg_counts = seg_counts;
-  job.chunk_band = chunk_band;
-  job.scratch = scratch;
-  run_job(&job, threads);
-}
-
-/* After sfx_band_pass with the same table, lo, hi: out (the sum of the band counts) receives the indices;
- * chunk_out (sfx_chunk_count entries) is scratch. */
-void sfx_band_collect(const int64_t *table, int64_t nseg, uint32_t lo, uint32_t hi, const int64_t *chunk_band,
-                      const int64_t *scratch, int64_t *chunk_out, int64_t *out, int threads) {
-  job_t job;
-  memset(&job, 0, sizeof job);
-  job.table = table;
-  job.nchunks = sfx_chunk_count(table, nseg);
-  job.lo = lo;
-  job.hi = hi;
-  job.chunk_band = (int64_t *)chunk_band;
-  job.scratch = (int64_t *)scratch;
-  job.chunk_out = chunk_out;
-  job.out = out;
-  job.collect = 1;
-  int64_t offset = 0;
-  for (int64_t c = 0; c < job.nchunks; c++) {
-    chunk_out[c] = offset;
-    offset += chunk_band[c];
+  job.seg = seg;
+  job.nseg = nseg;
+  job.groups = groups;
+  job.ngroups = ngroups;
+  for (int64_t r = 0; r < nseg; r++) job.nchunks += (seg[SEG_COLS * r + 5] + SFX_CHUNK - 1) / SFX_CHUNK;
+  int64_t *table = malloc((size_t)(6 * job.nchunks + ngroups + 1) * sizeof(int64_t));
+  if (!table) return -1;
+  job.chunk_seg = table;
+  job.chunk_start = table + job.nchunks;
+  job.chunk_len = table + 2 * job.nchunks;
+  job.chunk_region = table + 3 * job.nchunks;
+  job.chunk_above = table + 4 * job.nchunks;
+  job.chunk_band = table + 5 * job.nchunks;
+  job.group_first_chunk = table + 6 * job.nchunks;
+  int64_t c = 0, region = 0, group = -1;
+  for (int64_t r = 0; r < nseg; r++) {
+    int64_t n = seg[SEG_COLS * r + 5];
+    while (group < seg[SEG_COLS * r + 6]) job.group_first_chunk[++group] = c;
+    for (int64_t start = 0; start < n; start += SFX_CHUNK, c++) {
+      job.chunk_seg[c] = r;
+      job.chunk_start[c] = start;
+      job.chunk_len[c] = n - start < SFX_CHUNK ? n - start : SFX_CHUNK;
+      job.chunk_region[c] = region;
+      region += region_cap(job.chunk_len[c]);
+    }
   }
-  run_job(&job, threads);
+  while (group < ngroups) job.group_first_chunk[++group] = c;
+  job.regions = malloc((size_t)(region ? region : 1) * sizeof(uint32_t));
+  if (!job.regions) {
+    free(table);
+    return -1;
+  }
+  run_phase(&job, 1, threads);
+  run_phase(&job, 2, threads);
+  free(job.regions);
+  free(table);
+  int failed = 0;
+  for (int64_t g = 0; g < ngroups; g++) failed |= groups[GROUP_COLS * g + 3] < 0;
+  return failed ? -1 : 0;
 }
