@@ -19,7 +19,7 @@ What is measured (every figure goes to ``--json``; each target is printed as mea
   variant runs alone in a subprocess that reads its ``ru_maxrss``; on CUDA ``torch.cuda.max_memory_allocated``.
 * ResNet-50's masks alone (on CPU by the compiled ``select_topk_native_many``, all layers in one call as the
   library does after an optimizer step; also the pure-PyTorch ``band`` for comparison), the whole refresh
-  (masks plus the cached ``w * mask`` and ``w * sign(s)``), against one elementwise pass
+  (masks plus the cached ``w * mask``), against one elementwise pass
   ``torch.abs(scores, out=buf)`` over all scores, per-layer ``kthvalue`` and full ``sort``. Between timed calls
   the scores take an SGD momentum step along a real gradient, so the threshold moves as in training.
 * the compact subnetwork file (``save_subnetwork``) in bits per gated weight, at k = 0.3 (the paper's ImageNet
@@ -390,7 +390,7 @@ def bench_masks(setting: Setting, repeats: int, warmup: int) -> dict:
         for i, (a, m) in enumerate(zip(magnitudes, masks)):
             band_hints[i] = select_topk([a], kept[i], [m], band_hints[i])
 
-    def refresh() -> None:  # the library's whole refresh: masks plus the cached w * mask and w * sign(s)
+    def refresh() -> None:  # the library's whole refresh: masks plus the cached w * mask
         for selector in selectors:
             selector.refresh()
 

@@ -67,12 +67,11 @@ class Gate:
     def clear_cache(self) -> None:
         self.key = None  # what the cached tensors were computed from
         self.effective_buffer: Tensor | None = None  # weight * mask
-        self.signed_buffer: Tensor | None = None  # weight * sign(scores): the straight-through gradient factor
         self.mask: Tensor | None = None  # bool
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(key=None, effective_buffer=None, signed_buffer=None, mask=None)
+        state.update(key=None, effective_buffer=None, mask=None)
         return state
 
     def effective(self, module: nn.Module) -> Tensor:
@@ -86,7 +85,7 @@ class Gate:
         key = (version_key(weight), version_key(fixed))
         if key != self.key:
             with torch.inference_mode(False), torch.no_grad():
-                self.ensure_buffers(weight, signed=False)
+                self.ensure_buffers(weight)
                 torch.mul(weight.detach(), fixed, out=self.effective_buffer)
                 self.mask = fixed
             self.key = key
@@ -99,7 +98,7 @@ class Gate:
             return fixed
         return self.method.eval_mask(self, module)
 
-    def ensure_buffers(self, weight: Tensor, signed: bool) -> None:
+    def ensure_buffers(self, weight: Tensor) -> None:
         """Allocate the cache tensors once (again after a device or dtype change)."""
         buf = self.effective_buffer
         if (
@@ -111,9 +110,6 @@ class Gate:
         ):
             self.effective_buffer = torch.empty_like(weight)  # same memory format (channels-last convs stay fast)
             self.mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-            self.signed_buffer = None
-        if signed and self.signed_buffer is None:
-            self.signed_buffer = torch.empty_like(self.effective_buffer)
 
 
 def version_key(t: Tensor) -> tuple[int, int]:

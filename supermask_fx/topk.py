@@ -122,14 +122,12 @@ def select_topk(
 class NativeGroup:
     """One selector's work for ``select_topk_native_many``: the parts ranked together (one layer, or several
     under global scope) and where to write. Every tensor is 1-D, contiguous, on the CPU, float32 (masks bool),
-    equal in size part by part; ``effective`` / ``signed``: lists or ``None`` (not written; ``signed`` only
-    together with ``effective``; entries of ``signed`` may be ``None``)."""
+    equal in size part by part; ``effective``: a list, or ``None`` (not written)."""
 
     scores: list[Tensor]
     weights: list[Tensor]
     masks: list[Tensor]
     effective: list[Tensor] | None
-    signed: list[Tensor | None] | None
     kept: int
     hint: BandHint | None = None
 
@@ -140,18 +138,17 @@ def select_topk_native(
     kept: int,
     masks: list[Tensor],
     effective: list[Tensor] | None,
-    signed: list[Tensor | None] | None,
     hint: BandHint | None = None,
 ) -> BandHint | None:
     """The ``band`` strategy in C (``supermask_fx.native``) for one selector; see ``select_topk_native_many``."""
-    return select_topk_native_many([NativeGroup(scores, weights, masks, effective, signed, kept, hint)])[0]
+    return select_topk_native_many([NativeGroup(scores, weights, masks, effective, kept, hint)])[0]
 
 
 def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
     """The ``band`` strategy for many selectors at once, each pass one call of the compiled kernel.
 
     Same rule and same result per group as ``select_topk`` on ``[s.abs() for s in group.scores]``; in the same
-    pass it writes, if given, ``effective[i] = weights[i] * masks[i]`` and ``signed[i] = weights[i] * sign(s)``.
+    pass it writes, if given, ``effective[i] = weights[i] * masks[i]``.
     The kernel reads every score once (threads over chunks of all the groups' layers) and ranks each group's
     band in C; a group whose threshold left its band is tried again with a 16x wider band, then with the exact
     ``T`` (``kthvalue``), in further calls for those groups only. Returns the hint for each group's next call.
@@ -184,10 +181,7 @@ def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
             group, (lo, hi, _) = groups[i], bands[i]
             for p, (s, w, m) in enumerate(zip(group.scores, group.weights, group.masks)):
                 eff = 0 if group.effective is None else group.effective[p].data_ptr()
-                sgn = group.signed[p] if eff and group.signed is not None else None
-                table.append(
-                    [s.data_ptr(), w.data_ptr(), m.data_ptr(), eff, 0 if sgn is None else sgn.data_ptr(), s.numel(), g]
-                )
+                table.append([s.data_ptr(), w.data_ptr(), m.data_ptr(), eff, s.numel(), g])
             rows.append([native.float_bits(lo), native.float_bits(hi), group.kept, 0, 0, 0, 0])
         out = torch.tensor(rows, dtype=torch.int64)
         kern.topk(torch.tensor(table, dtype=torch.int64), out, threads)

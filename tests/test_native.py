@@ -10,6 +10,7 @@ from torch import nn
 from supermask_fx import native, popupify, supermask_parameters
 from supermask_fx.masks import gated_layers
 from supermask_fx.methods import edge_popup
+from supermask_fx.methods.edge_popup import straight_through_grad
 from supermask_fx.topk import BandHint, NativeGroup, select_topk_native, select_topk_native_many, topk_mask_reference
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason=f"no compiled kernel: {native.unavailable_reason()}")
@@ -17,17 +18,17 @@ pytestmark = pytest.mark.skipif(native.kernel() is None, reason=f"no compiled ke
 CHUNK = 1 << 18  # band.c's SFX_CHUNK: sizes around it exercise chunk boundaries and several threads
 
 
-def _run(scores, kept, hint=None, signed=True):
+def _run(scores, kept, hint=None, effective=True):
     weights = [torch.randn(s.numel(), generator=torch.Generator().manual_seed(s.numel())) for s in scores]
     masks = [torch.empty(s.numel(), dtype=torch.bool) for s in scores]
     eff = [torch.full((s.numel(),), 7.0) for s in scores]
-    sgn = [torch.full((s.numel(),), 7.0) for s in scores] if signed else None
-    new_hint = select_topk_native(scores, weights, kept, masks, eff, sgn, hint)
+    new_hint = select_topk_native(scores, weights, kept, masks, eff if effective else None, hint)
     expected = topk_mask_reference(torch.cat(scores).abs(), kept)
     assert torch.equal(torch.cat(masks), expected)
-    assert torch.equal(torch.cat(eff), torch.cat(weights) * expected)
-    if signed:
-        assert torch.equal(torch.cat(sgn), torch.cat(weights) * torch.sign(torch.cat(scores)))
+    assert torch.equal(
+        torch.cat(eff),
+        torch.cat(weights) * expected if effective else torch.full((sum(s.numel() for s in scores),), 7.0),
+    )
     return new_hint, masks
 
 
@@ -38,7 +39,7 @@ def test_many_ties_any_sizes_and_global_groups():
         levels = int(torch.randint(1, 7, (1,), generator=g))  # few distinct values: many ties, signs mixed
         scores = [(torch.randint(0, levels, (n,), generator=g) - levels // 2).float() for n in sizes]
         kept = int(torch.randint(1, sum(sizes) + 1, (1,), generator=g))
-        _run(scores, kept, signed=trial % 2 == 0)
+        _run(scores, kept, effective=trial % 2 == 0)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -91,7 +92,7 @@ def test_many_groups_in_one_call():
         weights = [torch.randn(p.numel(), generator=g) for p in parts]
         masks = [torch.empty(p.numel(), dtype=torch.bool) for p in parts]
         eff = [torch.full((p.numel(),), 7.0) for p in parts]
-        groups.append(NativeGroup(parts, weights, masks, eff, [None] * len(parts), kept, hint))
+        groups.append(NativeGroup(parts, weights, masks, eff, kept, hint))
         expected.append(topk_mask_reference(torch.cat(parts).abs(), kept))
     hints = select_topk_native_many(groups)
     for group, want, hint in zip(groups, expected, hints):
@@ -149,6 +150,41 @@ def test_training_uses_it_and_matches_the_pure_pytorch_path():
             assert torch.equal(ga.current_mask(ma), gb.current_mask(mb))  # current: the cache may be ahead
             assert torch.equal(ma.weight, mb.weight)
             assert torch.equal(ma.scores.grad, mb.scores.grad)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_straight_through_gradient_equals_pytorch(threads):
+    """The compiled score gradient g * w * sign(s) against PyTorch's ops: zeros of both signs, NaN (sign 0, as
+    in torch.sign), infinities, sizes across chunk boundaries."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        n = 2 * CHUNK + 77
+        s, w, grad = (torch.randn(n, generator=g) for _ in range(3))
+        s[::7], s[1::11], s[2::13] = 0.0, -0.0, float("nan")
+        w[::17], grad[::19], grad[3::23] = 0.0, float("inf"), -0.0
+        out = straight_through_grad(grad, s, w)
+        expected = torch.sign(s) * w * grad
+        assert torch.equal(out.isnan(), expected.isnan())
+        keep = ~expected.isnan()
+        assert torch.equal(out[keep], expected[keep])  # -0.0 == 0.0: only the sign of zero results may differ
+        small = torch.randn(5, 4, 3, 3, generator=g)
+        assert torch.equal(
+            straight_through_grad(small, small.neg(), small.exp()), torch.sign(-small) * small.exp() * small
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_step_between_forward_and_backward_is_caught():
+    model = popupify(nn.Linear(8, 4), k=0.5)
+    opt = torch.optim.SGD(supermask_parameters(model), lr=0.1)
+    loss = model(torch.randn(2, 8)).sum()
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()  # the first forward's scores are gone: its gradient would be for other scores
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_native_strategy_refuses_what_it_cannot_do():

@@ -63,10 +63,11 @@ def test_kept_count_is_algorithm1s(k):
         assert abs(kept - k * n) < 1 or kept == 1
 
 
-def test_linear_mask_and_score_gradient_equal_algorithm1():
-    layer = popupify(nn.Linear(40, 30, bias=False), k=0.3, init="kaiming_normal", seed=4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the compiled CPU backward, and PyTorch's
+def test_linear_mask_and_score_gradient_equal_algorithm1(dtype):
+    layer = popupify(nn.Linear(40, 30, bias=False), k=0.3, init="kaiming_normal", seed=4).to(dtype)
     weight, scores = layer._parameters["weight"], layer.scores
-    x = torch.randn(8, 40)
+    x = torch.randn(8, 40, dtype=dtype)
     out = layer(x)
     (out**2).sum().backward()
     ref_scores = scores.detach().clone().requires_grad_(True)

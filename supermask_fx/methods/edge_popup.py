@@ -3,7 +3,9 @@
 Forward: ``w_eff = w * h(|s|)`` with ``h`` the exact top-k indicator of ``supermask_fx.topk``.
 Backward: straight through ``h``, so ``dL/ds = sign(s) * w * dL/dw_eff`` (``abs``'s derivative times the
 gradient a dense weight would get times the weight), which is Algorithm 1 of the paper (Appendix B.2).
-``dL/dw = h(|s|) * dL/dw_eff`` when the weights are trainable too.
+``dL/dw = h(|s|) * dL/dw_eff`` when the weights are trainable too. The score gradient is computed in the
+backward from the scores and weights themselves (one compiled pass on the CPU), so nothing the size of the
+weights is cached for it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class EdgePopup(Method):
         scores = module._parameters[gate.scores]
         gate.selector.refresh()
         if torch.is_grad_enabled() and (scores.requires_grad or weight.requires_grad):
-            return StraightThrough.apply(scores, weight, gate.effective_buffer, gate.signed_buffer, gate.mask)
+            return StraightThrough.apply(scores, weight, gate.effective_buffer, gate.mask)
         return gate.effective_buffer
 
     def eval_mask(self, gate, module: nn.Module) -> Tensor:
@@ -40,29 +42,50 @@ class RandomSubnetwork(EdgePopup):
 
 
 class StraightThrough(torch.autograd.Function):
-    """Returns the cached ``w * mask``; sends ``grad * w * sign(s)`` to the scores and ``grad * mask`` to w."""
+    """Returns the cached ``w * mask``; sends ``grad * w * sign(s)`` to the scores and ``grad * mask`` to w.
+
+    The scores and weight are saved as they are (parameters: no copy); an optimizer step between a forward and
+    its backward is then caught by autograd's version check instead of giving a gradient for other scores."""
 
     @staticmethod
-    def forward(ctx, scores, weight, effective, signed, mask):
-        ctx.save_for_backward(signed if scores.requires_grad else None, mask if weight.requires_grad else None)
+    def forward(ctx, scores, weight, effective, mask):
+        ctx.save_for_backward(scores, weight, mask if weight.requires_grad else None)
         return effective.view_as(effective)
 
     @staticmethod
     def backward(ctx, grad):
-        signed, mask = ctx.saved_tensors
-        grad_scores = grad * signed if ctx.needs_input_grad[0] else None
+        scores, weight, mask = ctx.saved_tensors
+        grad_scores = straight_through_grad(grad, scores, weight) if ctx.needs_input_grad[0] else None
         grad_weight = grad * mask if ctx.needs_input_grad[1] else None
-        return grad_scores, grad_weight, None, None, None
+        return grad_scores, grad_weight, None, None
+
+
+def straight_through_grad(grad: Tensor, scores: Tensor, weight: Tensor) -> Tensor:
+    """``grad * w * sign(s)``, shaped like ``scores``: one compiled pass for contiguous float32 CPU tensors,
+    three PyTorch ops otherwise (the same values: ``w * sign(s)`` is exact, so each entry is one product)."""
+    from .. import native
+
+    if (
+        grad.device.type == "cpu"
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (grad, scores, weight))
+        and grad.shape == scores.shape == weight.shape
+    ):
+        kern = native.kernel()
+        if kern is not None:
+            out = torch.empty_like(scores)
+            kern.straight_through(grad, scores, weight, out, torch.get_num_threads())
+            return out
+    return torch.sign(scores).mul_(weight).mul_(grad)
 
 
 class TopKSelector:
     """Computes the masks of the layers ranked together: one layer (``scope="layer"``) or all (``"global"``).
 
     ``refresh()`` is called on every read of a member's weight; it recomputes only when some member's scores or
-    weight changed, and then fills every member's cache: ``mask``, ``effective_buffer = w * mask`` and, when
-    the scores train, ``signed_buffer = w * sign(s)``. ``peers`` are the selectors of the same ``popupify``
-    call: on the compiled CPU path, the first stale selector refreshes every stale peer in the same kernel
-    call (an optimizer step changes all scores at once), so a step's masks cost one pass over all the scores.
+    weight changed, and then fills every member's cache: ``mask`` and ``effective_buffer = w * mask``.
+    ``peers`` are the selectors of the same ``popupify`` call: on the compiled CPU path, the first stale
+    selector refreshes every stale peer in the same kernel call (an optimizer step changes all scores at once),
+    so a step's masks cost one pass over all the scores.
     """
 
     def __init__(self, kept: int, strategy: str = "auto") -> None:
@@ -109,15 +132,13 @@ class TopKSelector:
 
     def _ensure_buffers(self) -> None:
         for module, gate in self.members:
-            scores, weight = module._parameters[gate.scores], module._parameters[gate.param]
-            gate.ensure_buffers(weight, signed=scores.requires_grad)
+            gate.ensure_buffers(module._parameters[gate.param])
 
     def _tensors(self):
-        """Per member: (scores, weight, mask, effective buffer, signed buffer or None), detached."""
+        """Per member: (scores, weight, mask, effective buffer), detached."""
         for module, gate in self.members:
             scores = module._parameters[gate.scores].detach()
-            signed = gate.signed_buffer if module._parameters[gate.scores].requires_grad else None
-            yield scores, module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer, signed
+            yield scores, module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer
 
     def _native_ok(self, as_peer: bool = False) -> bool:
         """Whether the compiled CPU pass applies: strategy ``auto`` or ``native``, float32 contiguous CPU tensors.
@@ -131,9 +152,8 @@ class TopKSelector:
             self._ensure_buffers()
         fits = all(
             t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
-            for group in self._tensors()
-            for t in (group[0], group[1], group[3], group[4])
-            if t is not None
+            for scores, weight, _, effective in self._tensors()
+            for t in (scores, weight, effective)
         )
         from .. import native
 
@@ -145,10 +165,8 @@ class TopKSelector:
         return False
 
     def _native_group(self) -> NativeGroup:
-        scores, weights, masks, effective, signed = (
-            [None if t is None else t.view(-1) for t in part] for part in zip(*self._tensors())
-        )
-        return NativeGroup(scores, weights, masks, effective, signed, self.kept, self.hint)
+        scores, weights, masks, effective = ([t.view(-1) for t in part] for part in zip(*self._tensors()))
+        return NativeGroup(scores, weights, masks, effective, self.kept, self.hint)
 
     def _refresh_torch(self) -> None:
         parts, masks = [], []
@@ -163,10 +181,7 @@ class TopKSelector:
             masks.append(gate.mask.view(-1))
         self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
         for module, gate in self.members:
-            scores, weight = module._parameters[gate.scores], module._parameters[gate.param].detach()
-            torch.mul(weight, gate.mask, out=gate.effective_buffer)
-            if scores.requires_grad:
-                torch.sign(scores.detach(), out=gate.signed_buffer).mul_(weight)
+            torch.mul(module._parameters[gate.param].detach(), gate.mask, out=gate.effective_buffer)
 
 
 def _refresh_native(selectors: list[TopKSelector]) -> None:

@@ -40,7 +40,7 @@ class Sampled(Method):
         if key == gate.key:
             return
         with torch.inference_mode(False), torch.no_grad():
-            gate.ensure_buffers(weight, signed=False)
+            gate.ensure_buffers(weight)
             torch.ge(scores.detach(), 0, out=gate.mask)
             torch.mul(weight.detach(), gate.mask, out=gate.effective_buffer)
         gate.key = key

@@ -1,9 +1,11 @@
-"""Compiled passes of the CPU top-k (``band.c``), built on first use with the system C compiler.
+"""Compiled CPU passes of edge-popup (``band.c``): the top-k and the score gradient, built on first use with the
+system C compiler.
 
 Nothing here changes a result: ``band.c`` computes the same mask as the pure-PyTorch ``band`` strategy (the
-top-``kept`` of ``|s|``, ties in flat order). One call serves every stale layer of a model: a first pass,
-threaded over chunks of all the layers, writes the mask, ``w * mask`` and ``w * sign(s)`` and gathers the
-scores inside each layer's band; then each layer's threshold is found by a radix select over its band alone
+top-``kept`` of ``|s|``, ties in flat order), and the same score gradient ``g * w * sign(s)`` as PyTorch's
+elementwise ops, in one pass instead of three. One top-k call serves every stale layer of a model: a first
+pass, threaded over chunks of all the layers, writes the mask and ``w * mask`` and gathers the scores inside
+each layer's band; then each layer's threshold is found by a radix select over its band alone
 (three to five elementwise passes per layer, plus Python overhead per layer, become about one pass over the
 model). Where no compiler is found, the build fails, or
 ``SUPERMASK_FX_NATIVE=0`` is set, ``kernel()`` returns ``None`` and the selector uses the pure-PyTorch path;
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["TopKKernel", "kernel", "unavailable_reason", "float_bits"]
+__all__ = ["NativeKernel", "kernel", "unavailable_reason", "float_bits"]
 
 _SOURCE = Path(__file__).with_name("band.c")
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing")
@@ -39,21 +41,29 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-class TopKKernel:
-    """ctypes wrapper of ``band.c``'s ``sfx_topk``. The tables hold raw pointers: keep the tensors alive."""
+class NativeKernel:
+    """ctypes wrapper of ``band.c``. The tables hold raw pointers: keep the tensors alive during a call."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.sfx_topk.argtypes = [p, i64, p, i64, ctypes.c_int]
         lib.sfx_topk.restype = ctypes.c_int
+        lib.sfx_straight_through.argtypes = [p, p, p, p, i64, ctypes.c_int]
+        lib.sfx_straight_through.restype = None
         self.lib = lib
 
     def topk(self, segments: Tensor, groups: Tensor, threads: int) -> None:
-        """One call of ``sfx_topk`` (see ``band.c``): ``segments`` (nseg, 7) and ``groups`` (ngroups, 7) int64
+        """One call of ``sfx_topk`` (see ``band.c``): ``segments`` (nseg, 6) and ``groups`` (ngroups, 7) int64
         tables, contiguous on the CPU; the kernel writes the masks and caches and ``groups[:, 3:]``."""
         status = self.lib.sfx_topk(segments.data_ptr(), segments.shape[0], groups.data_ptr(), groups.shape[0], threads)
         if status != 0:
             raise MemoryError("supermask_fx.native: cannot allocate the top-k pass's scratch memory")
+
+    def straight_through(self, grad: Tensor, scores: Tensor, weight: Tensor, out: Tensor, threads: int) -> None:
+        """``out = grad * weight * sign(scores)``: contiguous float32 CPU tensors of one size (``band.c``)."""
+        self.lib.sfx_straight_through(
+            grad.data_ptr(), scores.data_ptr(), weight.data_ptr(), out.data_ptr(), out.numel(), threads
+        )
 
 
 def float_bits(value: float) -> int:
@@ -64,7 +74,7 @@ def float_bits(value: float) -> int:
     return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
 
 
-def kernel() -> TopKKernel | None:
+def kernel() -> NativeKernel | None:
     """The compiled kernel, building it on first use; ``None`` if it cannot be had (see ``unavailable_reason``)."""
     if "kernel" not in _state:
         with _lock:
@@ -86,7 +96,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _load() -> tuple[TopKKernel | None, str | None]:
+def _load() -> tuple[NativeKernel | None, str | None]:
     if os.environ.get("SUPERMASK_FX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "disabled by SUPERMASK_FX_NATIVE=0"
     if platform.system() == "Windows":
@@ -104,7 +114,7 @@ def _load() -> tuple[TopKKernel | None, str | None]:
     ).hexdigest()[:16]
     try:
         path = _build(cc, digest)
-        return TopKKernel(ctypes.CDLL(str(path))), None
+        return NativeKernel(ctypes.CDLL(str(path))), None
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"building {_SOURCE.name} failed: {exc}"
 

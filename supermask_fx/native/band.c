@@ -1,9 +1,11 @@
-/* The CPU "band" top-k (supermask_fx/topk.py) for float32 scores and weights, in one call for many selectors.
+/* The compiled CPU passes of edge-popup for float32 scores and weights (loaded by supermask_fx/native):
+ * sfx_topk, the "band" top-k (supermask_fx/topk.py) in one call for many selectors, and sfx_straight_through,
+ * the score gradient.
  *
- * Inputs are two int64 tables.
- *   segments (nseg x 7): [scores, weight, mask, effective, signed, n, group]. Pointers as integers; effective
- *       and signed may be 0 (not written; signed only with effective). A group's segments are consecutive rows
- *       in flat order (one per layer; several for one globally ranked selector).
+ * sfx_topk's inputs are two int64 tables.
+ *   segments (nseg x 6): [scores, weight, mask, effective, n, group]. Pointers as integers; effective may be 0
+ *       (not written). A group's segments are consecutive rows in flat order (one per layer; several for one
+ *       globally ranked selector).
  *   groups (ngroups x 7): in: [lo, hi, kept]; out: [status, threshold, above, band]. lo and hi are float32 bit
  *       patterns of the band [lo, hi) around last step's threshold.
  * Magnitudes are compared as integer bit patterns, |s| = bits & 0x7fffffff, which order like the non-negative
@@ -11,7 +13,7 @@
  *
  * sfx_topk, per group (segment after segment, in flat order):
  *   1. one read of the scores (threads over chunks of SFX_CHUNK entries of every segment):
- *      mask = |s| >= hi, effective = mask ? w : 0, signed = w * sign(s) (0 where s = +-0); per chunk the counts
+ *      mask = |s| >= hi, effective = mask ? w : 0; per chunk the counts
  *      of |s| >= hi and of lo <= |s| < hi, and the band entries' offsets in a per-chunk region (when they fit:
  *      a band over 1/32 of a chunk is rare; such chunks are scanned again in step 2);
  *   2. (threads over groups) above = #(|s| >= hi), band = #(lo <= |s| < hi). If above < kept <= above + band,
@@ -33,7 +35,7 @@
 
 #define SFX_CHUNK ((int64_t)1 << 18)
 #define SFX_MAX_THREADS 256
-#define SEG_COLS 7
+#define SEG_COLS 6
 #define GROUP_COLS 7
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -60,8 +62,8 @@ static uint64_t pack_flags(const uint8_t *flags) {
  * Returns the band count (which may exceed cap: then out holds only the first cap). */
 SFX_CLONES
 static int64_t pass_range(const uint32_t *restrict s, const uint32_t *restrict w, int64_t n, uint32_t lo,
-                          uint32_t hi, uint8_t *restrict mask, uint32_t *restrict eff, uint32_t *restrict sgn,
-                          uint32_t *restrict out, int64_t cap, int64_t *above) {
+                          uint32_t hi, uint8_t *restrict mask, uint32_t *restrict eff, uint32_t *restrict out,
+                          int64_t cap, int64_t *above) {
   uint8_t flags[64];
   int64_t up_total = 0, band = 0;
   for (int64_t base = 0; base < n; base += 64) {
@@ -70,19 +72,7 @@ static int64_t pass_range(const uint32_t *restrict s, const uint32_t *restrict w
     uint8_t *mb = mask + base;
     uint32_t ups = 0;
     if (width < 64) memset(flags, 0, sizeof flags);
-    if (eff && sgn) {
-      const uint32_t *wb = w + base;
-      uint32_t *eb = eff + base, *gb = sgn + base;
-      for (int j = 0; j < width; j++) {
-        uint32_t x = sb[j], m = x & 0x7fffffffu, wi = wb[j];
-        uint32_t up = m >= hi;
-        ups += up;
-        flags[j] = (uint8_t)((m >= lo) ^ up);
-        mb[j] = (uint8_t)up;
-        eb[j] = wi & (0u - up);
-        gb[j] = (wi ^ (x & 0x80000000u)) & (0u - (uint32_t)(m != 0));
-      }
-    } else if (eff) {
+    if (eff) {
       const uint32_t *wb = w + base;
       uint32_t *eb = eff + base;
       for (int j = 0; j < width; j++) {
@@ -151,20 +141,17 @@ typedef struct {
   int64_t *chunk_region, *chunk_above, *chunk_band;
   int64_t *group_first_chunk;                   /* ngroups + 1 */
   uint32_t *regions;
-  int64_t next; /* atomic work counter */
-  int phase;    /* 1: pass over chunks, 2: rank the bands of the groups */
 } job_t;
 
 static void run_chunk(job_t *job, int64_t c) {
   const int64_t *row = job->seg + SEG_COLS * job->chunk_seg[c];
-  const int64_t *grp = job->groups + GROUP_COLS * row[6];
+  const int64_t *grp = job->groups + GROUP_COLS * row[5];
   int64_t start = job->chunk_start[c];
   const uint32_t *s = (const uint32_t *)(intptr_t)row[0] + start;
   const uint32_t *w = (const uint32_t *)(intptr_t)row[1] + start;
   uint8_t *mask = (uint8_t *)(intptr_t)row[2] + start;
   uint32_t *eff = row[3] ? (uint32_t *)(intptr_t)row[3] + start : NULL;
-  uint32_t *sgn = row[3] && row[4] ? (uint32_t *)(intptr_t)row[4] + start : NULL;
-  job->chunk_band[c] = pass_range(s, w, job->chunk_len[c], (uint32_t)grp[0], (uint32_t)grp[1], mask, eff, sgn,
+  job->chunk_band[c] = pass_range(s, w, job->chunk_len[c], (uint32_t)grp[0], (uint32_t)grp[1], mask, eff,
                                   job->regions + job->chunk_region[c], region_cap(job->chunk_len[c]),
                                   &job->chunk_above[c]);
 }
@@ -234,34 +221,38 @@ static void run_group(job_t *job, int64_t g) {
   grp[4] = t;
 }
 
-static void *worker(void *arg) {
-  job_t *job = (job_t *)arg;
-  int64_t total = job->phase == 1 ? job->nchunks : job->ngroups;
+/* parallel_for: run(ctx, i) for i in [0, total) on up to `threads` threads (the caller's among them). */
+typedef struct {
+  void (*run)(void *, int64_t);
+  void *ctx;
+  int64_t total, next; /* next: atomic work counter */
+} loop_t;
+
+static void *loop_worker(void *arg) {
+  loop_t *loop = (loop_t *)arg;
   for (;;) {
-    int64_t i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
-    if (i >= total) return NULL;
-    if (job->phase == 1)
-      run_chunk(job, i);
-    else
-      run_group(job, i);
+    int64_t i = __atomic_fetch_add(&loop->next, 1, __ATOMIC_RELAXED);
+    if (i >= loop->total) return NULL;
+    loop->run(loop->ctx, i);
   }
 }
 
-static void run_phase(job_t *job, int phase, int threads) {
+static void parallel_for(int64_t total, void (*run)(void *, int64_t), void *ctx, int threads) {
+  loop_t loop = {run, ctx, total, 0};
   pthread_t ids[SFX_MAX_THREADS];
   int started = 0;
-  int64_t total = phase == 1 ? job->nchunks : job->ngroups;
-  job->phase = phase;
-  job->next = 0;
   if (threads > total) threads = (int)total;
   if (threads > SFX_MAX_THREADS) threads = SFX_MAX_THREADS;
   for (int t = 1; t < threads; t++) {
-    if (pthread_create(&ids[started], NULL, worker, job) != 0) break; /* fewer threads: still correct */
+    if (pthread_create(&ids[started], NULL, loop_worker, &loop) != 0) break; /* fewer threads: still correct */
     started++;
   }
-  worker(job);
+  loop_worker(&loop);
   for (int t = 0; t < started; t++) pthread_join(ids[t], NULL);
 }
+
+static void run_chunk_of(void *job, int64_t c) { run_chunk((job_t *)job, c); }
+static void run_group_of(void *job, int64_t g) { run_group((job_t *)job, g); }
 
 int sfx_topk(const int64_t *seg, int64_t nseg, int64_t *groups, int64_t ngroups, int threads) {
   job_t job;
@@ -270,7 +261,7 @@ int sfx_topk(const int64_t *seg, int64_t nseg, int64_t *groups, int64_t ngroups,
   job.nseg = nseg;
   job.groups = groups;
   job.ngroups = ngroups;
-  for (int64_t r = 0; r < nseg; r++) job.nchunks += (seg[SEG_COLS * r + 5] + SFX_CHUNK - 1) / SFX_CHUNK;
+  for (int64_t r = 0; r < nseg; r++) job.nchunks += (seg[SEG_COLS * r + 4] + SFX_CHUNK - 1) / SFX_CHUNK;
   int64_t *table = malloc((size_t)(6 * job.nchunks + ngroups + 1) * sizeof(int64_t));
   if (!table) return -1;
   job.chunk_seg = table;
@@ -282,8 +273,8 @@ int sfx_topk(const int64_t *seg, int64_t nseg, int64_t *groups, int64_t ngroups,
   job.group_first_chunk = table + 6 * job.nchunks;
   int64_t c = 0, region = 0, group = -1;
   for (int64_t r = 0; r < nseg; r++) {
-    int64_t n = seg[SEG_COLS * r + 5];
-    while (group < seg[SEG_COLS * r + 6]) job.group_first_chunk[++group] = c;
+    int64_t n = seg[SEG_COLS * r + 4];
+    while (group < seg[SEG_COLS * r + 5]) job.group_first_chunk[++group] = c;
     for (int64_t start = 0; start < n; start += SFX_CHUNK, c++) {
       job.chunk_seg[c] = r;
       job.chunk_start[c] = start;
@@ -298,11 +289,45 @@ int sfx_topk(const int64_t *seg, int64_t nseg, int64_t *groups, int64_t ngroups,
     free(table);
     return -1;
   }
-  run_phase(&job, 1, threads);
-  run_phase(&job, 2, threads);
+  parallel_for(job.nchunks, run_chunk_of, &job, threads);
+  parallel_for(job.ngroups, run_group_of, &job, threads);
   free(job.regions);
   free(table);
   int failed = 0;
   for (int64_t g = 0; g < ngroups; g++) failed |= groups[GROUP_COLS * g + 3] < 0;
   return failed ? -1 : 0;
+}
+
+/* sfx_straight_through: the score gradient of edge-popup, out = g * w * sign(s), for n float32 entries.
+ * w * sign(s) is exact (w with s's sign bit, or 0 where s = +-0), so out[i] is the single rounding of a product,
+ * bit for bit what torch.sign(s) * w * g gives, up to the sign of zero results (and like torch.sign, a NaN
+ * score counts as 0). */
+typedef struct {
+  const float *g;
+  const uint32_t *s, *w;
+  float *out;
+  int64_t n;
+} grad_job_t;
+
+SFX_CLONES
+static void straight_through_range(const float *restrict g, const uint32_t *restrict s, const uint32_t *restrict w,
+                                   float *restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t x = s[i], m = x & 0x7fffffffu;
+    uint32_t ws = (w[i] ^ (x & 0x80000000u)) & (0u - (uint32_t)((m != 0) & (m <= 0x7f800000u)));
+    float f;
+    memcpy(&f, &ws, sizeof f);
+    out[i] = g[i] * f;
+  }
+}
+
+static void grad_chunk(void *arg, int64_t c) {
+  const grad_job_t *job = (const grad_job_t *)arg;
+  int64_t start = c * SFX_CHUNK, len = job->n - start < SFX_CHUNK ? job->n - start : SFX_CHUNK;
+  straight_through_range(job->g + start, job->s + start, job->w + start, job->out + start, len);
+}
+
+void sfx_straight_through(const float *g, const float *s, const float *w, float *out, int64_t n, int threads) {
+  grad_job_t job = {g, (const uint32_t *)s, (const uint32_t *)w, out, n};
+  parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, grad_chunk, &job, threads);
 }
