@@ -16,7 +16,8 @@ What is measured (every figure goes to ``--json``; each target is printed as mea
   torchvision ResNet-50 at 224x224 (batch 32 on CPU). On CUDA: batch 256, bf16 autocast, channels-last, cudnn.benchmark.
 * inference (eval mode, ``no_grad``) of the dense model, the popupified model and ``materialize(model)``.
 * peak training memory of each variant, above what the process held before the model was built: on CPU each
-  variant runs alone in a subprocess that reads its ``ru_maxrss``; on CUDA ``torch.cuda.max_memory_allocated``.
+  variant runs alone in a subprocess (glibc told to return freed blocks at once) that reads its high-water mark
+  ``VmHWM``; on CUDA ``torch.cuda.max_memory_allocated``.
 * ResNet-50's masks alone (on CPU by the compiled ``select_topk_native_many``, all layers in one call as the
   library does after an optimizer step; also the pure-PyTorch ``band`` for comparison), the whole refresh
   (masks plus the cached ``w * mask``), against one elementwise pass
@@ -310,7 +311,11 @@ def peak_training_memory(case: Case, variant: str, setting: Setting, steps: int 
         "--threads",
         str(torch.get_num_threads()),
     ]
-    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    # glibc's dynamic mmap threshold keeps freed large blocks in the heap, so the high-water mark would count
+    # memory already released (run to run: +-20 MiB on ResNet-18). A fixed threshold returns every block over
+    # 128 KiB to the kernel on free: the mark is then the live peak, the same in every run.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -380,7 +385,7 @@ def bench_masks(setting: Setting, repeats: int, warmup: int) -> dict:
 
     def native_masks() -> None:  # the compiled pass, masks only, every layer in one call
         groups = [
-            NativeGroup([s], [w], [m], None, None, n, h)
+            NativeGroup([s], [w], [m], None, n, h)
             for s, w, m, n, h in zip(native_scores, weights, masks, kept, native_hints)
         ]
         native_hints[:] = select_topk_native_many(groups)

@@ -98,10 +98,15 @@ class Gate:
             return fixed
         return self.method.eval_mask(self, module)
 
-    def ensure_buffers(self, weight: Tensor) -> None:
-        """Allocate the cache tensors once (again after a device or dtype change)."""
+    def ensure_buffers(self, weight: Tensor, effective: bool = True) -> None:
+        """Allocate the cache tensors once (again after a device, dtype or layout change): the bool ``mask``,
+        and with ``effective`` the ``w * mask`` buffer (in the weight's memory format)."""
+        mask = self.mask
+        if mask is None or mask.shape != weight.shape or mask.device != weight.device:
+            self.mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+            self.effective_buffer = None
         buf = self.effective_buffer
-        if (
+        if effective and (
             buf is None
             or buf.shape != weight.shape
             or buf.stride() != weight.stride()  # memory format, e.g. after .to(memory_format=channels_last)
@@ -109,7 +114,6 @@ class Gate:
             or buf.device != weight.device
         ):
             self.effective_buffer = torch.empty_like(weight)  # same memory format (channels-last convs stay fast)
-            self.mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
 
 
 def version_key(t: Tensor) -> tuple[int, int]:

@@ -355,6 +355,39 @@ def test_channels_last_keeps_the_weight_format_and_the_same_masks():
     assert torch.allclose(model(x.to(memory_format=torch.channels_last)), expected, atol=1e-6)
 
 
+def test_channels_last_in_training_keeps_the_weight_format():
+    model = popupify(SmallNet(), k=0.3).to(memory_format=torch.channels_last)
+    with torch.enable_grad():
+        weight = model.conv.weight
+    assert weight.requires_grad and weight.is_contiguous(memory_format=torch.channels_last)
+    mask = model.conv._supermask_gates["weight"].mask
+    assert torch.equal(weight, model.conv._parameters["weight"] * mask)
+    assert int(mask.sum()) == kept_count(mask.numel(), 0.3)
+
+
+def test_training_holds_no_copy_of_the_weights_and_evaluation_keeps_one():
+    """A training forward builds w * mask for its graph only (freed with it); evaluation caches it; going back
+    to training drops the cache. Masks are not recomputed by any of these switches."""
+    model = popupify(SmallNet(), k=0.5)
+    gates = [gate for _, gate in gated_layers(model)]
+    x = torch.randn(4, 3, 4, 4)
+    model(x).sum().backward()
+    assert all(g.effective_buffer is None and g.mask is not None for g in gates)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        weights = [model.conv.weight.clone(), model.fc.weight.clone()]
+    assert all(g.effective_buffer is not None for g in gates)
+    masks = [g.mask.clone() for g in gates]
+    model.train()
+    model(x).sum().backward()  # same scores: the masks stay, the cached copies go
+    assert all(g.effective_buffer is None for g in gates)
+    assert all(torch.equal(g.mask, m) for g, m in zip(gates, masks))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.conv.weight, weights[0]) and torch.equal(model.fc.weight, weights[1])
+
+
 def test_scores_switched_to_trainable_get_gradients():
     model = popupify(SmallNet(), k=0.5, method="random")
     model(torch.randn(2, 3, 4, 4))  # masks cached while the scores are frozen

@@ -24,13 +24,15 @@ class EdgePopup(Method):
 
     def effective_weight(self, gate, module: nn.Module, weight: Tensor) -> Tensor:
         scores = module._parameters[gate.scores]
-        gate.selector.refresh()
         if torch.is_grad_enabled() and (scores.requires_grad or weight.requires_grad):
-            return StraightThrough.apply(scores, weight, gate.effective_buffer, gate.mask)
+            # Training: a fresh w * mask per forward, freed with the graph; no cached copy held across steps.
+            gate.selector.refresh(effective=False)
+            return StraightThrough.apply(scores, weight, gate.mask)
+        gate.selector.refresh(effective=True)
         return gate.effective_buffer
 
     def eval_mask(self, gate, module: nn.Module) -> Tensor:
-        gate.selector.refresh()
+        gate.selector.refresh(effective=False)
         return gate.mask
 
 
@@ -42,22 +44,23 @@ class RandomSubnetwork(EdgePopup):
 
 
 class StraightThrough(torch.autograd.Function):
-    """Returns the cached ``w * mask``; sends ``grad * w * sign(s)`` to the scores and ``grad * mask`` to w.
+    """Returns ``w * mask`` (a new tensor in the weight's memory format); sends ``grad * w * sign(s)`` to the
+    scores and ``grad * mask`` to w.
 
     The scores and weight are saved as they are (parameters: no copy); an optimizer step between a forward and
     its backward is then caught by autograd's version check instead of giving a gradient for other scores."""
 
     @staticmethod
-    def forward(ctx, scores, weight, effective, mask):
+    def forward(ctx, scores, weight, mask):
         ctx.save_for_backward(scores, weight, mask if weight.requires_grad else None)
-        return effective.view_as(effective)
+        return torch.mul(weight, mask, out=torch.empty_like(weight))
 
     @staticmethod
     def backward(ctx, grad):
         scores, weight, mask = ctx.saved_tensors
         grad_scores = straight_through_grad(grad, scores, weight) if ctx.needs_input_grad[0] else None
         grad_weight = grad * mask if ctx.needs_input_grad[1] else None
-        return grad_scores, grad_weight, None, None
+        return grad_scores, grad_weight, None
 
 
 def straight_through_grad(grad: Tensor, scores: Tensor, weight: Tensor) -> Tensor:
@@ -81,11 +84,13 @@ def straight_through_grad(grad: Tensor, scores: Tensor, weight: Tensor) -> Tenso
 class TopKSelector:
     """Computes the masks of the layers ranked together: one layer (``scope="layer"``) or all (``"global"``).
 
-    ``refresh()`` is called on every read of a member's weight; it recomputes only when some member's scores or
-    weight changed, and then fills every member's cache: ``mask`` and ``effective_buffer = w * mask``.
-    ``peers`` are the selectors of the same ``popupify`` call: on the compiled CPU path, the first stale
-    selector refreshes every stale peer in the same kernel call (an optimizer step changes all scores at once),
-    so a step's masks cost one pass over all the scores.
+    ``refresh(effective)`` is called on every read of a member's weight; it recomputes only when some member's
+    scores or weight changed. It fills every member's ``mask`` and, with ``effective=True`` (reads without
+    autograd: evaluation, inference), the cached ``effective_buffer = w * mask``. A training read
+    (``effective=False``) releases that buffer: training builds ``w * mask`` per forward and holds no copy of the
+    weights between steps. ``peers`` are the selectors of the same ``popupify`` call: on the compiled CPU path,
+    the first stale selector refreshes every stale peer in the same kernel call (an optimizer step changes all
+    scores at once), so a step's masks cost one pass over all the scores.
     """
 
     def __init__(self, kept: int, strategy: str = "auto") -> None:
@@ -93,14 +98,15 @@ class TopKSelector:
         self.strategy = strategy
         self.members: list[tuple[nn.Module, object]] = []
         self.peers: list[TopKSelector] = [self]
-        self.key = None
+        self.key = None  # what the masks were computed from
+        self.effective_key = None  # what the effective buffers were computed from (None: not filled)
         self.hint: BandHint | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "key": None, "hint": None}
+        return {**self.__dict__, "key": None, "effective_key": None, "hint": None}
 
     def invalidate(self) -> None:
-        self.key = None
+        self.key = self.effective_key = None
 
     def current_key(self) -> tuple:
         """What the cache was computed from: the version keys of every member's scores and weight."""
@@ -110,37 +116,54 @@ class TopKSelector:
             for s in (m._parameters[g.scores],)
         )
 
-    def refresh(self) -> None:
+    def refresh(self, effective: bool = True) -> None:
         key = self.current_key()
-        if key == self.key:
+        if key == self.key and (not effective or key == self.effective_key):
+            if not effective and self.effective_key is not None:
+                self._ensure_buffers(effective=False)  # a training read after an evaluation: drop the copy
+                self.effective_key = None
             return
         with torch.inference_mode(False), torch.no_grad():
-            self._ensure_buffers()
-            if self._native_ok():
-                batch = [(self, key)]
-                for peer in self.peers:
-                    if peer is not self:
-                        peer_key = peer.current_key()
-                        if peer_key != peer.key and peer._native_ok(as_peer=True):
-                            batch.append((peer, peer_key))
-                _refresh_native([selector for selector, _ in batch])
-                for selector, selector_key in batch:
-                    selector.key = selector_key
+            if key != self.key:
+                self._select(key, effective)
                 return
-            self._refresh_torch()
-        self.key = key
+            self._ensure_buffers(effective=True)  # masks are current; only the effective buffers are missing
+            for module, gate in self.members:
+                torch.mul(module._parameters[gate.param].detach(), gate.mask, out=gate.effective_buffer)
+            self.effective_key = key
 
-    def _ensure_buffers(self) -> None:
+    def _select(self, key: tuple, effective: bool) -> None:
+        self._ensure_buffers(effective)
+        if self._native_ok(effective):
+            batch = [(self, key)]
+            for peer in self.peers:
+                if peer is not self:
+                    peer_key = peer.current_key()
+                    if peer_key != peer.key and peer._native_ok(effective, as_peer=True):
+                        batch.append((peer, peer_key))
+            _refresh_native([selector for selector, _ in batch], effective)
+            for selector, selector_key in batch:
+                selector.key = selector_key
+                selector.effective_key = selector_key if effective else None
+            return
+        self._refresh_torch(effective)
+        self.key = key
+        self.effective_key = key if effective else None
+
+    def _ensure_buffers(self, effective: bool) -> None:
+        """Allocate the masks and, with ``effective``, the ``w * mask`` buffers; without it, release those."""
         for module, gate in self.members:
-            gate.ensure_buffers(module._parameters[gate.param])
+            gate.ensure_buffers(module._parameters[gate.param], effective)
+            if not effective:
+                gate.effective_buffer = None
 
     def _tensors(self):
-        """Per member: (scores, weight, mask, effective buffer), detached."""
+        """Per member: (scores, weight, mask, effective buffer or None), detached."""
         for module, gate in self.members:
             scores = module._parameters[gate.scores].detach()
             yield scores, module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer
 
-    def _native_ok(self, as_peer: bool = False) -> bool:
+    def _native_ok(self, effective: bool, as_peer: bool = False) -> bool:
         """Whether the compiled CPU pass applies: strategy ``auto`` or ``native``, float32 contiguous CPU tensors.
         ``as_peer``: refreshed ahead of its own read: allocate the caches first, and never raise (its own read
         will, for ``strategy="native"``)."""
@@ -149,11 +172,11 @@ class TopKSelector:
         if as_peer:
             if any(m._buffers.get(g.mask_buffer) is not None for m, g in self.members):
                 return False  # a fixed mask: its gate reads the buffer (and may alias it as ``gate.mask``)
-            self._ensure_buffers()
+            self._ensure_buffers(effective)
         fits = all(
             t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
-            for scores, weight, _, effective in self._tensors()
-            for t in (scores, weight, effective)
+            for scores, weight, _, buffer in self._tensors()
+            for t in (scores, weight, buffer if effective else scores)
         )
         from .. import native
 
@@ -164,28 +187,35 @@ class TopKSelector:
             raise RuntimeError(f"strategy='native' cannot be used: {why}; use strategy='auto'")
         return False
 
-    def _native_group(self) -> NativeGroup:
-        scores, weights, masks, effective = ([t.view(-1) for t in part] for part in zip(*self._tensors()))
-        return NativeGroup(scores, weights, masks, effective, self.kept, self.hint)
+    def _native_group(self, effective: bool) -> NativeGroup:
+        scores, weights, masks, buffers = zip(*self._tensors())
+        flat = [[t.view(-1) for t in part] for part in (scores, weights, masks)]
+        return NativeGroup(*flat, [b.view(-1) for b in buffers] if effective else None, self.kept, self.hint)
 
-    def _refresh_torch(self) -> None:
+    def _refresh_torch(self, effective: bool) -> None:
         parts, masks = [], []
         for module, gate in self.members:
             scores = module._parameters[gate.scores].detach()
-            buffer = gate.effective_buffer
-            if scores.dtype == buffer.dtype and scores.is_contiguous() and buffer.is_contiguous():
+            buffer = gate.effective_buffer if effective else None
+            if (
+                buffer is not None
+                and scores.dtype == buffer.dtype
+                and scores.is_contiguous()
+                and buffer.is_contiguous()
+            ):
                 magnitudes = torch.abs(scores, out=buffer)  # the effective-weight buffer as scratch for |s|
-            else:  # channels-last or mixed dtypes: rank in row-major order all the same
+            else:  # no buffer, channels-last or mixed dtypes: rank in row-major order all the same
                 magnitudes = scores.abs().contiguous()
             parts.append(magnitudes.view(-1))
             masks.append(gate.mask.view(-1))
         self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
-        for module, gate in self.members:
-            torch.mul(module._parameters[gate.param].detach(), gate.mask, out=gate.effective_buffer)
+        if effective:
+            for module, gate in self.members:
+                torch.mul(module._parameters[gate.param].detach(), gate.mask, out=gate.effective_buffer)
 
 
-def _refresh_native(selectors: list[TopKSelector]) -> None:
+def _refresh_native(selectors: list[TopKSelector], effective: bool) -> None:
     """Refresh ``selectors`` (fitting the compiled path, caches allocated) in one call of the CPU kernel."""
-    hints = select_topk_native_many([selector._native_group() for selector in selectors])
+    hints = select_topk_native_many([selector._native_group(effective) for selector in selectors])
     for selector, hint in zip(selectors, hints):
         selector.hint = hint
