@@ -10,7 +10,7 @@ SGD with momentum 0.875, lr 0.256 per 256 images (scaled linearly with the globa
 3.0517578125e-05 on the scores, label smoothing 0.1, 5 warm-up epochs then cosine, batch 256, 100 epochs,
 random-resized crops and flips. Here also: bf16 on GPUs that support it, channels-last, per-epoch checkpoints
 (rerun with ``--resume`` after an interruption). At the end the found subnetwork is written as a compact file
-(``subnetwork.safetensors``: about 1 bit per weight; reload with ``supermask_fx.load_subnetwork``).
+(``subnetwork.safetensors``: about 0.9 bits per weight at k = 0.3; reload with ``supermask_fx.load_subnetwork``).
 
 Data comes through Hugging Face ``datasets``: ``--data-dir`` is an image folder (``train/<class>/*.JPEG`` and
 ``val/<class>/*.JPEG``, loaded with ``load_dataset("imagefolder", data_dir=...)``) or ``--dataset`` a Hub id.
