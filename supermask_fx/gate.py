@@ -6,7 +6,8 @@ otherwise). Its class is swapped for a small subclass (``SupermaskConv2d`` for `
 still holds) in which reading the attribute returns the **effective** weight ``weight * mask`` that the
 method defines. Every way a forward reads the weight sees it: ``nn.Conv2d.forward``, ``F.linear(x, self.w)``,
 ``nn.MultiheadAttention``'s fused kernels, torchvision's ``shifted_window_attention(..., self.qkv.weight)``.
-This is ``torch.nn.utils.parametrize``'s idea with the original names kept.
+This is ``torch.nn.utils.parametrize``'s idea with the original names kept. Gated ``nn.Linear`` and
+``nn.Conv{1,2,3}d`` also rebuild ``weight * mask`` in the backward instead of saving it (``supermask_fx.recompute``).
 
 The effective weight is cached and recomputed only when the scores, the weight or a fixed mask change (their
 autograd version counters, bumped by every optimizer step and ``load_state_dict``), so evaluation and gradient
@@ -20,6 +21,8 @@ import copyreg
 
 import torch
 from torch import Tensor, nn
+
+from . import recompute
 
 __all__ = ["Gate", "gated_class", "is_gated", "gates_of", "scores_name", "mask_name"]
 
@@ -141,6 +144,8 @@ def gated_class(base: type, names: tuple[str, ...]) -> type:
             __module__=__name__,
             __doc__=f"{base.__name__} whose {', '.join(names)} read as weight * mask (see supermask_fx.gate).",
         )
+        if recompute.supports(base):
+            namespace["forward"] = recompute.gated_forward(base)
         cls = type(f"Supermask{base.__name__}", (base,), namespace)
         _GATED_CLASSES[key] = cls
     return cls

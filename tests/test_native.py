@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from supermask_fx import native, popupify, supermask_parameters
+from supermask_fx.kernels import masked_weight, straight_through_grad
 from supermask_fx.masks import gated_layers
 from supermask_fx.methods import edge_popup
-from supermask_fx.methods.edge_popup import straight_through_grad
 from supermask_fx.topk import BandHint, NativeGroup, select_topk_native, select_topk_native_many, topk_mask_reference
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason=f"no compiled kernel: {native.unavailable_reason()}")
@@ -173,6 +173,26 @@ def test_straight_through_gradient_equals_pytorch(threads):
         assert torch.equal(
             straight_through_grad(small, small.neg(), small.exp()), torch.sign(-small) * small.exp() * small
         )
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_masked_weight_equals_pytorch(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        w = torch.randn(2 * CHUNK + 77, generator=g)
+        w[::5] = float("nan")
+        mask = torch.rand(w.shape, generator=g) < 0.3
+        out = masked_weight(w, mask)
+        assert torch.equal(out.isnan(), w.isnan() & mask)  # a dropped NaN is gone: w where kept, else 0
+        assert torch.equal(out.nan_to_num(), torch.where(mask, w, 0.0).nan_to_num())
+        conv = torch.randn(8, 4, 3, 3, generator=g).to(memory_format=torch.channels_last)  # the PyTorch path
+        mask = torch.rand(conv.shape, generator=g) < 0.5
+        out = masked_weight(conv, mask)
+        assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, conv * mask)
     finally:
         torch.set_num_threads(before)
 

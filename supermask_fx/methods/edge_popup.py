@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gate import version_key
+from ..kernels import masked_weight, straight_through_grad
 from ..topk import BandHint, NativeGroup, select_topk, select_topk_native_many
 from .base import Method
 
@@ -27,7 +28,11 @@ class EdgePopup(Method):
         if torch.is_grad_enabled() and (scores.requires_grad or weight.requires_grad):
             # Training: a fresh w * mask per forward, freed with the graph; no cached copy held across steps.
             gate.selector.refresh(effective=False)
-            return StraightThrough.apply(scores, weight, gate.mask)
+            effective = StraightThrough.apply(scores, weight, gate.mask)
+            context = module.__dict__.get("_supermask_recompute")
+            if context is not None:  # the backward rebuilds it instead of keeping it (supermask_fx.recompute)
+                context.register(effective, weight, gate)
+            return effective
         gate.selector.refresh(effective=True)
         return gate.effective_buffer
 
@@ -53,7 +58,7 @@ class StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, weight, mask):
         ctx.save_for_backward(scores, weight, mask if weight.requires_grad else None)
-        return torch.mul(weight, mask, out=torch.empty_like(weight))
+        return masked_weight(weight, mask)
 
     @staticmethod
     def backward(ctx, grad):
@@ -61,24 +66,6 @@ class StraightThrough(torch.autograd.Function):
         grad_scores = straight_through_grad(grad, scores, weight) if ctx.needs_input_grad[0] else None
         grad_weight = grad * mask if ctx.needs_input_grad[1] else None
         return grad_scores, grad_weight, None
-
-
-def straight_through_grad(grad: Tensor, scores: Tensor, weight: Tensor) -> Tensor:
-    """``grad * w * sign(s)``, shaped like ``scores``: one compiled pass for contiguous float32 CPU tensors,
-    three PyTorch ops otherwise (the same values: ``w * sign(s)`` is exact, so each entry is one product)."""
-    from .. import native
-
-    if (
-        grad.device.type == "cpu"
-        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (grad, scores, weight))
-        and grad.shape == scores.shape == weight.shape
-    ):
-        kern = native.kernel()
-        if kern is not None:
-            out = torch.empty_like(scores)
-            kern.straight_through(grad, scores, weight, out, torch.get_num_threads())
-            return out
-    return torch.sign(scores).mul_(weight).mul_(grad)
 
 
 class TopKSelector:
@@ -129,7 +116,7 @@ class TopKSelector:
                 return
             self._ensure_buffers(effective=True)  # masks are current; only the effective buffers are missing
             for module, gate in self.members:
-                torch.mul(module._parameters[gate.param].detach(), gate.mask, out=gate.effective_buffer)
+                masked_weight(module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer)
             self.effective_key = key
 
     def _select(self, key: tuple, effective: bool) -> None:
@@ -211,7 +198,7 @@ class TopKSelector:
         self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
         if effective:
             for module, gate in self.members:
-                torch.mul(module._parameters[gate.param].detach(), gate.mask, out=gate.effective_buffer)
+                masked_weight(module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer)
 
 
 def _refresh_native(selectors: list[TopKSelector], effective: bool) -> None:

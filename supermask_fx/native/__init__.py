@@ -50,6 +50,8 @@ class NativeKernel:
         lib.sfx_topk.restype = ctypes.c_int
         lib.sfx_straight_through.argtypes = [p, p, p, p, i64, ctypes.c_int]
         lib.sfx_straight_through.restype = None
+        lib.sfx_apply_mask.argtypes = [p, p, p, i64, ctypes.c_int]
+        lib.sfx_apply_mask.restype = None
         self.lib = lib
 
     def topk(self, segments: Tensor, groups: Tensor, threads: int) -> None:
@@ -64,6 +66,11 @@ class NativeKernel:
         self.lib.sfx_straight_through(
             grad.data_ptr(), scores.data_ptr(), weight.data_ptr(), out.data_ptr(), out.numel(), threads
         )
+
+    def apply_mask(self, weight: Tensor, mask: Tensor, out: Tensor, threads: int) -> None:
+        """``out = weight * mask``: float32 ``weight`` and ``out``, bool ``mask``, one size, on the CPU, each
+        dense in the same memory layout (``band.c``)."""
+        self.lib.sfx_apply_mask(weight.data_ptr(), mask.data_ptr(), out.data_ptr(), out.numel(), threads)
 
 
 def float_bits(value: float) -> int:

@@ -1,6 +1,6 @@
 /* The compiled CPU passes of edge-popup for float32 scores and weights (loaded by supermask_fx/native):
- * sfx_topk, the "band" top-k (supermask_fx/topk.py) in one call for many selectors, and sfx_straight_through,
- * the score gradient.
+ * sfx_topk, the "band" top-k (supermask_fx/topk.py) in one call for many selectors; sfx_straight_through, the
+ * score gradient; sfx_apply_mask, w * mask (PyTorch's float-times-bool product is a slow mixed-type loop).
  *
  * sfx_topk's inputs are two int64 tables.
  *   segments (nseg x 6): [scores, weight, mask, effective, n, group]. Pointers as integers; effective may be 0
@@ -330,4 +330,30 @@ static void grad_chunk(void *arg, int64_t c) {
 void sfx_straight_through(const float *g, const float *s, const float *w, float *out, int64_t n, int threads) {
   grad_job_t job = {g, (const uint32_t *)s, (const uint32_t *)w, out, n};
   parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, grad_chunk, &job, threads);
+}
+
+/* sfx_apply_mask: out = mask ? w : 0 for n float32 weights and bool (0/1 byte) masks: w * mask, bit for bit
+ * (a product with 1 or 0, except that w * 0 keeps w's sign: -0.0 for negative w, here +0.0; equal as numbers). */
+typedef struct {
+  const uint32_t *w;
+  const uint8_t *mask;
+  uint32_t *out;
+  int64_t n;
+} mask_job_t;
+
+SFX_CLONES
+static void apply_mask_range(const uint32_t *restrict w, const uint8_t *restrict mask, uint32_t *restrict out,
+                             int64_t n) {
+  for (int64_t i = 0; i < n; i++) out[i] = w[i] & (0u - (uint32_t)(mask[i] != 0));
+}
+
+static void mask_chunk(void *arg, int64_t c) {
+  const mask_job_t *job = (const mask_job_t *)arg;
+  int64_t start = c * SFX_CHUNK, len = job->n - start < SFX_CHUNK ? job->n - start : SFX_CHUNK;
+  apply_mask_range(job->w + start, job->mask + start, job->out + start, len);
+}
+
+void sfx_apply_mask(const float *w, const uint8_t *mask, float *out, int64_t n, int threads) {
+  mask_job_t job = {(const uint32_t *)w, mask, (uint32_t *)out, n};
+  parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, mask_chunk, &job, threads);
 }

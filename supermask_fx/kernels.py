@@ -1,0 +1,43 @@
+"""The elementwise passes of edge-popup's training step: compiled on the CPU, PyTorch ops elsewhere.
+
+Both give the values PyTorch's ops give (tests/test_native.py); the compiled pass runs for contiguous float32
+CPU tensors when ``supermask_fx.native`` is available.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import native
+
+
+def _compiled(*tensors: Tensor):
+    """The compiled kernel if every tensor is a contiguous CPU tensor of the first one's shape, else ``None``."""
+    first = tensors[0]
+    if first.device.type != "cpu" or not all(t.is_contiguous() and t.shape == first.shape for t in tensors):
+        return None
+    return native.kernel()
+
+
+def masked_weight(weight: Tensor, mask: Tensor, out: Tensor | None = None) -> Tensor:
+    """``weight`` where ``mask`` (bool) is set, ``0`` elsewhere (a dropped weight is gone, even a NaN or
+    infinite one), into ``out`` or a new tensor in the weight's memory format."""
+    out = torch.empty_like(weight) if out is None else out
+    kern = _compiled(weight, mask, out) if weight.dtype == out.dtype == torch.float32 else None
+    if kern is not None:
+        kern.apply_mask(weight, mask, out, torch.get_num_threads())
+        return out
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device), out=out)
+
+
+def straight_through_grad(grad: Tensor, scores: Tensor, weight: Tensor) -> Tensor:
+    """``grad * w * sign(s)``, shaped like ``scores``: one compiled pass, or three PyTorch ops (the same values:
+    ``w * sign(s)`` is exact, so each entry is one rounded product)."""
+    same = all(t.dtype == torch.float32 for t in (grad, scores, weight))
+    kern = _compiled(grad, scores, weight) if same else None
+    if kern is not None:
+        out = torch.empty_like(scores)
+        kern.straight_through(grad, scores, weight, out, torch.get_num_threads())
+        return out
+    return torch.sign(scores).mul_(weight).mul_(grad)

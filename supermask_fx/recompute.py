@@ -1,0 +1,124 @@
+"""Rebuild the effective weight in the backward instead of keeping it from the forward.
+
+A training forward of a gated ``nn.Linear`` / ``nn.Conv{1,2,3}d`` builds ``w_eff = w * mask`` (as large as the
+weight) and the matmul or convolution saves it for its backward. Kept from every layer's forward until its
+backward, these copies make the backward's memory peak hold one more copy of all the model's weights. Inside
+such a forward a pair of saved-tensor hooks stores, for ``w_eff`` (or a view of it, ``w_eff.t()`` in
+``F.linear``), a recipe instead: the frozen weight and the gate, whose mask is already kept. The backward
+rebuilds ``w * mask`` (one elementwise pass) when it needs it. Values are identical, and ``w_eff`` is freed as
+soon as the forward returns.
+
+Saved-tensor hooks switch off autograd's check that a saved tensor was not modified in place; the hooks do that
+check themselves for every other tensor the forward saves (``x``, the scores), and the recipe checks that the
+masks did not change between the forward and the backward. They stay out of the way of any other saved-tensor
+hooks (``torch.utils.checkpoint``, CPU offloading: those see every tensor as before), of ``torch.compile``, and
+of every module whose forward is not exactly ``nn.Linear``'s or ``nn.Conv{1,2,3}d``'s (those save only their
+inputs, so holding them here makes no reference cycle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from .kernels import masked_weight
+
+# Forwards that save only their inputs (x, the weight, the bias): holding what they save makes no cycle.
+_FORWARDS = {cls.forward for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+
+
+def supports(base: type) -> bool:
+    """Whether gated modules of class ``base`` rebuild their effective weight in the backward."""
+    return base.forward in _FORWARDS
+
+
+@dataclass
+class _Recipe:
+    """How to rebuild a saved ``w_eff`` (or a view of it): ``weight * gate.mask`` as of ``key``."""
+
+    weight: Tensor
+    version: int
+    gate: object
+    key: object
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+class RecomputeEffective:
+    """Context of one training forward of a gated module (see the module docstring)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.sources: dict[int, tuple[Tensor, object]] = {}  # storage address of a w_eff -> (weight, gate)
+        self.hooks = saved_tensors_hooks(self.pack, self.unpack)
+
+    @staticmethod
+    def wanted() -> bool:
+        return (
+            torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        )
+
+    def __enter__(self) -> RecomputeEffective:
+        self.module.__dict__["_supermask_recompute"] = self
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
+        self.module.__dict__.pop("_supermask_recompute", None)
+
+    def register(self, effective: Tensor, weight: Tensor, gate) -> None:
+        """Called by the method that built ``effective = weight * gate.mask`` for this forward."""
+        self.sources[effective.untyped_storage().data_ptr()] = (weight, gate)
+
+    def pack(self, t: Tensor):
+        try:
+            source = self.sources.get(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # a tensor without plain storage (sparse, subclasses)
+            source = None
+        if source is None:
+            return t, t._version
+        weight, gate = source
+        key = gate.selector.key
+        return _Recipe(weight, weight._version, gate, key, t.size(), t.stride(), t.storage_offset())
+
+    @staticmethod
+    def unpack(packed) -> Tensor:
+        if isinstance(packed, _Recipe):
+            weight, gate = packed.weight, packed.gate
+            if gate.selector.key != packed.key or weight._version != packed.version:
+                raise RuntimeError(
+                    f"supermask_fx: the mask or weight of {gate.name} changed between a forward and its backward "
+                    "(an optimizer step or a load in between?): call backward before changing scores or weights"
+                )
+            with torch.no_grad():
+                rebuilt = masked_weight(weight, gate.mask)
+            return rebuilt.as_strided(packed.size, packed.stride, packed.offset)
+        t, version = packed
+        if t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"a {tuple(t.shape)} tensor saved by a gated layer is at version {t._version}, expected {version}"
+            )
+        return t
+
+
+def gated_forward(base: type):
+    """``base.forward`` run inside ``RecomputeEffective`` when training (see ``supports``)."""
+    forward = base.forward
+
+    def forward_recomputing(self, *args, **kwargs):
+        if not RecomputeEffective.wanted():
+            return forward(self, *args, **kwargs)
+        with RecomputeEffective(self):
+            return forward(self, *args, **kwargs)
+
+    forward_recomputing.__doc__ = forward.__doc__
+    forward_recomputing.__wrapped__ = forward
+    return forward_recomputing

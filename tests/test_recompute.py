@@ -1,0 +1,103 @@
+"""Gated Linear/Conv layers rebuild w * mask in the backward instead of keeping it (supermask_fx/recompute.py)."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+from torch.utils.checkpoint import checkpoint
+
+from supermask_fx import popupify, supermask_parameters
+from supermask_fx.recompute import RecomputeEffective
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 16, 5)  # F.linear saves w_eff.t(): a view of w_eff
+        self.tied = nn.Linear(5, 5, bias=False)  # called twice per forward
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.tied(torch.tanh(self.tied(self.fc(h))))
+
+
+def _pair(memory_format=torch.contiguous_format):
+    torch.manual_seed(0)
+    a = popupify(Net(), k=0.4).to(memory_format=memory_format)
+    torch.manual_seed(0)
+    b = popupify(Net(), k=0.4).to(memory_format=memory_format)
+    return a, b
+
+
+def _grads(model):
+    return [p.grad for p in supermask_parameters(model)]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_same_gradients_as_keeping_the_effective_weight(memory_format):
+    a, b = _pair(memory_format)
+    x = torch.randn(4, 3, 4, 4).to(memory_format=memory_format)
+    for _ in range(2):  # also after the masks' first refresh
+        a(x).square().sum().backward()
+        with saved_tensors_hooks(lambda t: t, lambda t: t):  # another pair of hooks: ours stand aside
+            b(x).square().sum().backward()
+        for ga, gb in zip(_grads(a), _grads(b)):
+            assert torch.equal(ga, gb)
+
+
+def test_effective_weights_are_rebuilt_not_kept(monkeypatch):
+    model, _ = _pair()
+    alive, recipes = [], []
+    real_register, real_pack = RecomputeEffective.register, RecomputeEffective.pack
+
+    def register(self, effective, weight, gate):
+        alive.append(weakref.ref(effective))
+        real_register(self, effective, weight, gate)
+
+    def pack(self, t):
+        packed = real_pack(self, t)
+        recipes.append(not isinstance(packed, tuple))
+        return packed
+
+    monkeypatch.setattr(RecomputeEffective, "register", register)
+    monkeypatch.setattr(RecomputeEffective, "pack", pack)
+    loss = model(torch.randn(4, 3, 4, 4)).sum()
+    gc.collect()
+    assert len(alive) == 4 and all(ref() is None for ref in alive)  # conv, fc, tied twice: all freed
+    assert sum(recipes) == 4  # each layer's saved weight is a recipe; x and the scores are kept as they are
+    loss.backward()
+    assert all(p.grad is not None for p in supermask_parameters(model))
+
+
+def test_an_input_modified_in_place_is_still_caught():
+    model, _ = _pair()
+    h = torch.randn(4, 96)
+    out = model.fc(h)
+    h.add_(1)  # the linear layer saved h for its weight gradient
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_masks_changed_before_the_backward_are_caught():
+    model, _ = _pair()
+    opt = torch.optim.SGD(supermask_parameters(model), lr=10.0)
+    x = torch.randn(4, 3, 4, 4)
+    stale = model(x).sum()
+    model(x).sum().backward()
+    opt.step()
+    model(x)  # new masks
+    with pytest.raises(RuntimeError, match="changed between a forward and its backward"):
+        stale.backward()
+
+
+def test_under_activation_checkpointing():
+    a, b = _pair()
+    x = torch.randn(4, 3, 4, 4, requires_grad=True)
+    checkpoint(a, x, use_reentrant=False).sum().backward()
+    b(x).sum().backward()
+    for ga, gb in zip(_grads(a), _grads(b)):
+        assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-7)
