@@ -584,7 +584,7 @@ def test_real_cifar10_jpeg_copy(request, monkeypatch):
     assert train.targets.bincount().tolist() == [5000] * 10
     assert test.targets.bincount().tolist() == [1000] * 10
     assert train.display_name == "CIFAR-10 (JPEG copy)" and not train.exact
-    z = train.normalize(train.images[::10])
+    z = train.normalize(train.images[::7])  # a stride coprime with 10: the loader interleaves the classes
     assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1
 
 
