@@ -58,11 +58,7 @@ class RecomputeEffective:
 
     @staticmethod
     def wanted() -> bool:
-        return (
-            torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-        )
+        return torch.is_grad_enabled() and not _compiling() and not _other_hooks()
 
     def __enter__(self) -> RecomputeEffective:
         self.module.__dict__["_supermask_recompute"] = self
@@ -107,6 +103,22 @@ class RecomputeEffective:
                 f"a {tuple(t.shape)} tensor saved by a gated layer is at version {t._version}, expected {version}"
             )
         return t
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def _other_hooks() -> bool:
+    """Whether another pair of saved-tensor hooks is active (they must see every tensor: stand aside)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True  # cannot tell on this torch version: keep w_eff as autograd would
+    try:
+        return top(False) is not None
+    except TypeError:  # older signature without ``ignore_is_tracing``
+        return top() is not None
 
 
 def gated_forward(base: type):
