@@ -10,8 +10,8 @@ What it does:
 2. builds a small convolutional network, draws its weights at random (signed constant) and freezes them, then
    learns which half of the weights to keep in every layer (edge-popup, k = 0.5): no weight ever changes;
 3. trains the same architecture the usual way (learned dense weights) as the reference;
-4. prints both test accuracies, saves the found subnetwork as a compact file (at most 1 bit per weight), checks that the
-   file reloads to the same accuracy, and draws accuracy per epoch into a PNG.
+4. prints both test accuracies, saves the found subnetwork as a compact file (masks at most 1 bit per weight),
+   checks that the file reloads to the same accuracy, and draws accuracy per epoch into a PNG.
 
 Every epoch is checkpointed: if the run is interrupted, the same command continues where it stopped.
 """
