@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import recompute
+from .kernels import masked_weight
 
 __all__ = ["Gate", "gated_class", "is_gated", "gates_of", "scores_name", "mask_name"]
 
@@ -89,7 +90,7 @@ class Gate:
         if key != self.key:
             with torch.inference_mode(False), torch.no_grad():
                 self.ensure_buffers(weight)
-                torch.mul(weight.detach(), fixed, out=self.effective_buffer)
+                masked_weight(weight.detach(), fixed, self.effective_buffer)
                 self.mask = fixed
             self.key = key
         return self.effective_buffer

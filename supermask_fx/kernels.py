@@ -24,6 +24,8 @@ def masked_weight(weight: Tensor, mask: Tensor, out: Tensor | None = None) -> Te
     """``weight`` where ``mask`` (bool) is set, ``0`` elsewhere (a dropped weight is gone, even a NaN or
     infinite one), into ``out`` or a new tensor in the weight's memory format."""
     out = torch.empty_like(weight) if out is None else out
+    if mask.dtype != torch.bool:  # e.g. a fixed mask buffer a user registered as float: multiply as before
+        return torch.mul(weight, mask, out=out)
     kern = _compiled(weight, mask, out) if weight.dtype == out.dtype == torch.float32 else None
     if kern is not None:
         kern.apply_mask(weight, mask, out, torch.get_num_threads())

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gate import version_key
+from ..kernels import masked_weight
 from .base import Method
 
 
@@ -42,7 +43,7 @@ class Sampled(Method):
         with torch.inference_mode(False), torch.no_grad():
             gate.ensure_buffers(weight)
             torch.ge(scores.detach(), 0, out=gate.mask)
-            torch.mul(weight.detach(), gate.mask, out=gate.effective_buffer)
+            masked_weight(weight.detach(), gate.mask, gate.effective_buffer)
         gate.key = key
 
 
