@@ -34,7 +34,6 @@ Both strategies write into caller-owned boolean buffers, so the hot path allocat
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -191,7 +190,7 @@ def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
                 continue  # keep-all: done, the hint stays
             if status == 1:
                 previous = None if groups[i].hint is None else groups[i].hint.threshold
-                hints[i] = _next_hint(_float32_of(threshold_bits), previous, torch.float32, None)
+                hints[i] = _next_hint(native.float_from_bits(threshold_bits), previous, torch.float32, None)
             else:
                 assert tries < 2, "a band [T, next float) always contains the threshold"
                 bands[i] = _native_band(groups[i], tries + 1)
@@ -207,10 +206,6 @@ def _native_band(group: NativeGroup, tries: int) -> tuple[float, float, int]:
     half = hint.half_width * (16.0 if tries else 1.0)
     lo = _representable(hint.threshold - half, torch.float32)
     return lo, _representable(hint.threshold + half, torch.float32), tries
-
-
-def _float32_of(bits: int) -> float:
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 def _band_search(try_band, exact_threshold, hint: BandHint | None, dtype: torch.dtype, scratch) -> BandHint:

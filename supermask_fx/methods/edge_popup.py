@@ -115,8 +115,7 @@ class TopKSelector:
                 self._select(key, effective)
                 return
             self._ensure_buffers(effective=True)  # masks are current; only the effective buffers are missing
-            for module, gate in self.members:
-                masked_weight(module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer)
+            self._fill_effective()
             self.effective_key = key
 
     def _select(self, key: tuple, effective: bool) -> None:
@@ -144,6 +143,10 @@ class TopKSelector:
             if not effective:
                 gate.effective_buffer = None
 
+    def _fill_effective(self) -> None:
+        for module, gate in self.members:
+            masked_weight(module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer)
+
     def _tensors(self):
         """Per member: (scores, weight, mask, effective buffer or None), detached."""
         for module, gate in self.members:
@@ -163,7 +166,7 @@ class TopKSelector:
         fits = all(
             t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
             for scores, weight, _, buffer in self._tensors()
-            for t in (scores, weight, buffer if effective else scores)
+            for t in ((scores, weight, buffer) if effective else (scores, weight))
         )
         from .. import native
 
@@ -197,8 +200,7 @@ class TopKSelector:
             masks.append(gate.mask.view(-1))
         self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
         if effective:
-            for module, gate in self.members:
-                masked_weight(module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer)
+            self._fill_effective()
 
 
 def _refresh_native(selectors: list[TopKSelector], effective: bool) -> None:

@@ -25,6 +25,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["NativeKernel", "kernel", "unavailable_reason", "float_bits"]
+__all__ = ["NativeKernel", "kernel", "unavailable_reason", "float_bits", "float_from_bits"]
 
 _SOURCE = Path(__file__).with_name("band.c")
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing")
@@ -79,6 +80,11 @@ def float_bits(value: float) -> int:
     if value <= 0.0:
         return 0
     return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+
+
+def float_from_bits(bits: int) -> float:
+    """The float32 whose bit pattern is ``bits`` (the inverse of ``float_bits`` for non-negative values)."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 def kernel() -> NativeKernel | None:

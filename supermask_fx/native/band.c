@@ -44,6 +44,9 @@
 #define SFX_CLONES
 #endif
 
+/* Length of the chunk that starts at `start` in n entries. */
+static int64_t chunk_len(int64_t n, int64_t start) { return n - start < SFX_CHUNK ? n - start : SFX_CHUNK; }
+
 /* Band offsets a chunk of len entries can keep without a second scan. */
 static int64_t region_cap(int64_t len) { return (len >> 5) + 64; }
 
@@ -58,7 +61,7 @@ static uint64_t pack_flags(const uint8_t *flags) {
   return word;
 }
 
-/* Step 1 on one chunk of n entries: mask (+ effective, signed); band offsets into out (up to cap).
+/* Step 1 on one chunk of n entries: mask (+ effective); band offsets into out (up to cap).
  * Returns the band count (which may exceed cap: then out holds only the first cap). */
 SFX_CLONES
 static int64_t pass_range(const uint32_t *restrict s, const uint32_t *restrict w, int64_t n, uint32_t lo,
@@ -278,7 +281,7 @@ int sfx_topk(const int64_t *seg, int64_t nseg, int64_t *groups, int64_t ngroups,
     for (int64_t start = 0; start < n; start += SFX_CHUNK, c++) {
       job.chunk_seg[c] = r;
       job.chunk_start[c] = start;
-      job.chunk_len[c] = n - start < SFX_CHUNK ? n - start : SFX_CHUNK;
+      job.chunk_len[c] = chunk_len(n, start);
       job.chunk_region[c] = region;
       region += region_cap(job.chunk_len[c]);
     }
@@ -323,7 +326,7 @@ static void straight_through_range(const float *restrict g, const uint32_t *rest
 
 static void grad_chunk(void *arg, int64_t c) {
   const grad_job_t *job = (const grad_job_t *)arg;
-  int64_t start = c * SFX_CHUNK, len = job->n - start < SFX_CHUNK ? job->n - start : SFX_CHUNK;
+  int64_t start = c * SFX_CHUNK, len = chunk_len(job->n, start);
   straight_through_range(job->g + start, job->s + start, job->w + start, job->out + start, len);
 }
 
@@ -349,7 +352,7 @@ static void apply_mask_range(const uint32_t *restrict w, const uint8_t *restrict
 
 static void mask_chunk(void *arg, int64_t c) {
   const mask_job_t *job = (const mask_job_t *)arg;
-  int64_t start = c * SFX_CHUNK, len = job->n - start < SFX_CHUNK ? job->n - start : SFX_CHUNK;
+  int64_t start = c * SFX_CHUNK, len = chunk_len(job->n, start);
   apply_mask_range(job->w + start, job->mask + start, job->out + start, len);
 }
 
