@@ -8,6 +8,8 @@ method defines. Every way a forward reads the weight sees it: ``nn.Conv2d.forwar
 ``nn.MultiheadAttention``'s fused kernels, torchvision's ``shifted_window_attention(..., self.qkv.weight)``.
 This is ``torch.nn.utils.parametrize``'s idea with the original names kept. Gated ``nn.Linear`` and
 ``nn.Conv{1,2,3}d`` also rebuild ``weight * mask`` in the backward instead of saving it (``supermask_fx.recompute``).
+Under ``torch.compile`` the read runs outside the graph (one graph break per gated parameter, no recompilation
+from step to step) and the graph receives the effective weight.
 
 The effective weight is cached and recomputed only when the scores, the weight or a fixed mask change (their
 autograd version counters, bumped by every optimizer step and ``load_state_dict``), so evaluation and gradient
@@ -154,9 +156,21 @@ def gated_class(base: type, names: tuple[str, ...]) -> type:
 
 def _gated_property(name: str) -> property:
     def effective(self):
-        return self._supermask_gates[name].effective(self)
+        gate = self._supermask_gates[name]
+        if recompute.compiling():
+            return _effective_outside_graph(gate, self)
+        return gate.effective(self)
 
     return property(effective, doc=f"The effective (masked) {name}; the frozen random one is _parameters[{name!r}].")
+
+
+@torch.compiler.disable
+def _effective_outside_graph(gate: Gate, module: nn.Module) -> Tensor:
+    """``gate.effective(module)`` run eagerly under ``torch.compile``: the mask cache is Python state (version
+    counters, a compiled CPU kernel called through ctypes, thresholds that change every step), which a graph could
+    only guard on and recompile for. The compiled graph takes the effective weight as an input; autograd carries
+    its gradient back through the same ``StraightThrough`` as in eager mode."""
+    return gate.effective(module)
 
 
 def _refuse_reset(self, *args, **kwargs):

@@ -58,7 +58,7 @@ class RecomputeEffective:
 
     @staticmethod
     def wanted() -> bool:
-        return torch.is_grad_enabled() and not _compiling() and not _other_hooks()
+        return torch.is_grad_enabled() and not compiling() and not _other_hooks()
 
     def __enter__(self) -> RecomputeEffective:
         self.module.__dict__["_supermask_recompute"] = self
@@ -105,7 +105,8 @@ class RecomputeEffective:
         return t
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """Whether ``torch.compile`` (dynamo) is tracing the calling code."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
     return bool(is_compiling()) if is_compiling is not None else False
 
