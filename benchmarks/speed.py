@@ -374,6 +374,7 @@ def bench_masks(setting: Setting, repeats: int, warmup: int) -> dict:
     kept = [g.selector.kept for _, g in pairs]
     magnitudes = [torch.empty(s.numel(), dtype=s.dtype, device=s.device) for s in scores]
     masks = [torch.empty(s.numel(), dtype=torch.bool, device=s.device) for s in scores]
+    bit_words = [torch.empty(-(-s.numel() // 64), dtype=torch.int64) for s in scores]  # the compiled path's masks
     native_scores, native_step = stepped_copy()
     band_scores, band_step = stepped_copy()
     native_hints: list = [None] * len(pairs)
@@ -385,8 +386,8 @@ def bench_masks(setting: Setting, repeats: int, warmup: int) -> dict:
 
     def native_masks() -> None:  # the compiled pass, masks only, every layer in one call
         groups = [
-            NativeGroup([s], [w], [m], None, n, h)
-            for s, w, m, n, h in zip(native_scores, weights, masks, kept, native_hints)
+            NativeGroup([s], [w], [b], None, n, h)
+            for s, w, b, n, h in zip(native_scores, weights, bit_words, kept, native_hints)
         ]
         native_hints[:] = select_topk_native_many(groups)
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import recompute
-from .kernels import masked_weight
+from .kernels import BitMask, masked_weight
 
 __all__ = ["Gate", "gated_class", "is_gated", "gates_of", "scores_name", "mask_name"]
 
@@ -73,12 +73,43 @@ class Gate:
     def clear_cache(self) -> None:
         self.key = None  # what the cached tensors were computed from
         self.effective_buffer: Tensor | None = None  # weight * mask
-        self.mask: Tensor | None = None  # bool
+        self.mask = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(key=None, effective_buffer=None, mask=None)
+        state.update(key=None, effective_buffer=None, _mask=None, bits=None, _unpacked=False)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({k: v for k, v in state.items() if k != "mask"})  # "mask": gates pickled before bits
+        self.mask = None
+
+    @property
+    def mask(self) -> Tensor | None:
+        """The current mask as a bool tensor shaped like the weight (``None`` before the first read). Where the
+        compiled CPU top-k wrote it as ``bits``, it is unpacked on the first read after each selection."""
+        if self.bits is not None and not self._unpacked:
+            if self._mask is None or self._mask.shape != self.bits.shape or self._mask.device.type != "cpu":
+                self._mask = torch.empty(self.bits.shape, dtype=torch.bool)
+            self.bits.to_bool(out=self._mask)
+            self._unpacked = True
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: Tensor | None) -> None:
+        self._mask, self.bits, self._unpacked = value, None, False
+
+    def forward_mask(self) -> Tensor | BitMask:
+        """The mask in the form the hot path reads: the ``BitMask`` where one is current, else the bool tensor."""
+        return self.bits if self.bits is not None else self._mask
+
+    def ensure_bits(self, weight: Tensor, effective: bool) -> None:
+        """Make ``bits`` the mask's form (the compiled top-k is about to write it) and drop the bool tensor; with
+        ``effective``, also allocate the ``w * mask`` buffer."""
+        if self.bits is None or self.bits.shape != weight.shape:
+            self.bits = BitMask.empty(weight.shape)
+        self._mask, self._unpacked = None, False
+        self.ensure_effective(weight, effective)
 
     def effective(self, module: nn.Module) -> Tensor:
         """The weight the forward pass uses."""
@@ -107,10 +138,14 @@ class Gate:
     def ensure_buffers(self, weight: Tensor, effective: bool = True) -> None:
         """Allocate the cache tensors once (again after a device, dtype or layout change): the bool ``mask``,
         and with ``effective`` the ``w * mask`` buffer (in the weight's memory format)."""
-        mask = self.mask
-        if mask is None or mask.shape != weight.shape or mask.device != weight.device:
+        mask = self.forward_mask()
+        if not isinstance(mask, Tensor) or mask.shape != weight.shape or mask.device != weight.device:
             self.mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
             self.effective_buffer = None
+        self.ensure_effective(weight, effective)
+
+    def ensure_effective(self, weight: Tensor, effective: bool = True) -> None:
+        """With ``effective``, allocate the ``w * mask`` buffer once (in the weight's memory format)."""
         buf = self.effective_buffer
         if effective and (
             buf is None

@@ -6,10 +6,38 @@ CPU tensors when ``supermask_fx.native`` is available.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from . import native
+
+
+@dataclass(eq=False)
+class BitMask:
+    """A bool mask stored one bit per entry, as the compiled CPU top-k writes it (1/8 of a bool tensor's memory).
+
+    Entry ``i`` (row-major over ``shape``) is bit ``i % 64`` of ``words[i // 64]``: ``ceil(numel / 64)`` int64
+    words on the CPU, the bits past ``numel`` zero.
+    """
+
+    words: Tensor
+    shape: torch.Size
+
+    @classmethod
+    def empty(cls, shape: torch.Size) -> BitMask:
+        return cls(torch.empty(-(-shape.numel() // 64), dtype=torch.int64), torch.Size(shape))
+
+    def to_bool(self, out: Tensor | None = None) -> Tensor:
+        """The bool tensor of ``shape`` (into ``out``, contiguous, if given)."""
+        out = torch.empty(self.shape, dtype=torch.bool) if out is None else out
+        kern = native.kernel()
+        if kern is not None:
+            kern.unpack_bits(self.words, out, torch.get_num_threads())
+            return out
+        bits = (self.words.unsqueeze(1) >> torch.arange(64)) & 1
+        return out.copy_(bits.view(-1)[: out.numel()].view(self.shape))
 
 
 def _compiled(*tensors: Tensor):
@@ -20,10 +48,16 @@ def _compiled(*tensors: Tensor):
     return native.kernel()
 
 
-def masked_weight(weight: Tensor, mask: Tensor, out: Tensor | None = None) -> Tensor:
-    """``weight`` where ``mask`` (bool) is set, ``0`` elsewhere (a dropped weight is gone, even a NaN or
-    infinite one), into ``out`` or a new tensor in the weight's memory format."""
+def masked_weight(weight: Tensor, mask: Tensor | BitMask, out: Tensor | None = None) -> Tensor:
+    """``weight`` where ``mask`` (bool, or a ``BitMask``) is set, ``0`` elsewhere (a dropped weight is gone, even a
+    NaN or infinite one), into ``out`` or a new tensor in the weight's memory format."""
     out = torch.empty_like(weight) if out is None else out
+    if isinstance(mask, BitMask):
+        kern = _compiled(weight, out) if weight.dtype == out.dtype == torch.float32 else None
+        if kern is not None:
+            kern.apply_bits(weight, mask.words, out, torch.get_num_threads())
+            return out
+        mask = mask.to_bool().to(weight.device)
     if mask.dtype != torch.bool:  # e.g. a fixed mask buffer a user registered as float: multiply as before
         return torch.mul(weight, mask, out=out)
     kern = _compiled(weight, mask, out) if weight.dtype == out.dtype == torch.float32 else None

@@ -4,7 +4,8 @@ A training forward of a gated ``nn.Linear`` / ``nn.Conv{1,2,3}d`` builds ``w_eff
 weight) and the matmul or convolution saves it for its backward. Kept from every layer's forward until its
 backward, these copies make the backward's memory peak hold one more copy of all the model's weights. Inside
 such a forward a pair of saved-tensor hooks stores, for ``w_eff`` (or a view of it, ``w_eff.t()`` in
-``F.linear``), a recipe instead: the frozen weight and the gate, whose mask is already kept. The backward
+``F.linear``), a recipe instead: the frozen weight and the gate, whose mask (one bit per weight on the compiled
+CPU path) is already kept. The backward
 rebuilds ``w * mask`` (one elementwise pass) when it needs it. Values are identical, and ``w_eff`` is freed as
 soon as the forward returns.
 
@@ -94,7 +95,7 @@ class RecomputeEffective:
                     "(an optimizer step or a load in between?): call backward before changing scores or weights"
                 )
             with torch.no_grad():
-                rebuilt = masked_weight(weight, gate.mask)
+                rebuilt = masked_weight(weight, gate.forward_mask())
             return rebuilt.as_strided(packed.size, packed.stride, packed.offset)
         t, version = packed
         if t._version != version:

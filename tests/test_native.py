@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from supermask_fx import native, popupify, supermask_parameters
-from supermask_fx.kernels import masked_weight, straight_through_grad
+from supermask_fx.kernels import BitMask, masked_weight, straight_through_grad
 from supermask_fx.masks import gated_layers
 from supermask_fx.methods import edge_popup
 from supermask_fx.topk import BandHint, NativeGroup, select_topk_native, select_topk_native_many, topk_mask_reference
@@ -20,16 +20,28 @@ CHUNK = 1 << 18  # band.c's SFX_CHUNK: sizes around it exercise chunk boundaries
 
 def _run(scores, kept, hint=None, effective=True):
     weights = [torch.randn(s.numel(), generator=torch.Generator().manual_seed(s.numel())) for s in scores]
-    masks = [torch.empty(s.numel(), dtype=torch.bool) for s in scores]
+    bits = [BitMask.empty(s.shape) for s in scores]
     eff = [torch.full((s.numel(),), 7.0) for s in scores]
-    new_hint = select_topk_native(scores, weights, kept, masks, eff if effective else None, hint)
+    new_hint = select_topk_native(scores, weights, kept, [b.words for b in bits], eff if effective else None, hint)
     expected = topk_mask_reference(torch.cat(scores).abs(), kept)
+    masks = [_unpacked(b) for b in bits]
     assert torch.equal(torch.cat(masks), expected)
     assert torch.equal(
         torch.cat(eff),
         torch.cat(weights) * expected if effective else torch.full((sum(s.numel() for s in scores),), 7.0),
     )
     return new_hint, masks
+
+
+def _unpacked(bits: BitMask) -> torch.Tensor:
+    """The bool mask of ``bits``, by the compiled unpack and by PyTorch's shifts (which must agree), after
+    checking that the bits past the end are zero."""
+    n = bits.shape.numel()
+    shifts = (bits.words.unsqueeze(1) >> torch.arange(64)) & 1
+    assert not shifts.view(-1)[n:].any()
+    mask = bits.to_bool()
+    assert torch.equal(mask, shifts.view(-1)[:n].bool().view(bits.shape))
+    return mask
 
 
 def test_many_ties_any_sizes_and_global_groups():
@@ -81,7 +93,7 @@ def test_many_groups_in_one_call():
     """Groups of any size, hint and tie pattern, keep-all among them, each get their own exact top-k; a group
     whose hint misses is retried alone without disturbing the others."""
     g = torch.Generator().manual_seed(5)
-    groups, expected = [], []
+    groups, expected, bits = [], [], []
     for i in range(12):
         parts = [torch.randn(int(torch.randint(1, 5000, (1,), generator=g)), generator=g) for _ in range(1 + i % 2)]
         if i % 3 == 0:
@@ -90,13 +102,13 @@ def test_many_groups_in_one_call():
         kept = total if i == 4 else int(torch.randint(1, total + 1, (1,), generator=g))
         hint = [None, BandHint(0.7, 1e-6), BandHint(5.0, 0.01), BandHint(0.5, 0.3)][i % 4]  # exact, miss, far, wide
         weights = [torch.randn(p.numel(), generator=g) for p in parts]
-        masks = [torch.empty(p.numel(), dtype=torch.bool) for p in parts]
+        bits.append([BitMask.empty(p.shape) for p in parts])
         eff = [torch.full((p.numel(),), 7.0) for p in parts]
-        groups.append(NativeGroup(parts, weights, masks, eff, kept, hint))
+        groups.append(NativeGroup(parts, weights, [b.words for b in bits[-1]], eff, kept, hint))
         expected.append(topk_mask_reference(torch.cat(parts).abs(), kept))
     hints = select_topk_native_many(groups)
-    for group, want, hint in zip(groups, expected, hints):
-        assert torch.equal(torch.cat(group.masks), want)
+    for group, want, hint, group_bits in zip(groups, expected, hints, bits):
+        assert torch.equal(torch.cat([_unpacked(b) for b in group_bits]), want)
         assert torch.equal(torch.cat(group.effective), torch.cat(group.weights) * want)
         if group.kept < want.numel():
             assert hint.threshold == float(torch.cat(group.scores).abs()[want].min())
@@ -223,3 +235,37 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("SUPERMASK_FX_NATIVE", "0")
     assert native.kernel() is None
     assert "SUPERMASK_FX_NATIVE" in native.unavailable_reason()
+
+
+def test_bit_masks_in_training_and_their_bool_view():
+    """Training on the compiled path keeps each mask as bits (1/8 of a bool tensor) and no bool copy;
+    ``gate.mask`` unpacks them on demand, equal to the rule; a pickled model, and a gate pickled before masks
+    could be bits, load and give the same outputs."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = popupify(nn.Sequential(nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 5)), k=0.3)
+    opt = torch.optim.SGD(supermask_parameters(model), lr=1.0)
+    x = torch.randn(4, 70)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    model(x)  # selects the masks of the stepped scores
+    gates = [gate for _, gate in gated_layers(model)]
+    assert all(g.bits is not None and g._mask is None for g in gates)
+    assert [g.bits.words.numel() for g in gates] == [-(-70 * 130 // 64), -(-130 * 5 // 64)]
+    for module, gate in gated_layers(model):
+        want = topk_mask_reference(module.scores.detach().abs(), gate.selector.kept)
+        assert torch.equal(gate.mask, want)
+        assert torch.equal(module.weight, module._parameters["weight"] * want)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        again = pickle.loads(pickle.dumps(model))
+        assert torch.equal(again(x), out)
+        old = gates[0].__getstate__()
+        old["mask"] = None  # what a gate pickled before bits held
+        gates[0].__setstate__(old)
+        gates[0].selector.invalidate()
+        assert torch.equal(model(x), out)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gate import version_key
-from ..kernels import masked_weight, straight_through_grad
+from ..kernels import BitMask, masked_weight, straight_through_grad
 from ..topk import BandHint, NativeGroup, select_topk, select_topk_native_many
 from .base import Method
 
@@ -28,7 +28,7 @@ class EdgePopup(Method):
         if torch.is_grad_enabled() and (scores.requires_grad or weight.requires_grad):
             # Training: a fresh w * mask per forward, freed with the graph; no cached copy held across steps.
             gate.selector.refresh(effective=False)
-            effective = StraightThrough.apply(scores, weight, gate.mask)
+            effective = StraightThrough.apply(scores, weight, gate.forward_mask())
             context = module.__dict__.get("_supermask_recompute")
             if context is not None:  # the backward rebuilds it instead of keeping it (supermask_fx.recompute)
                 context.register(effective, weight, gate)
@@ -49,15 +49,18 @@ class RandomSubnetwork(EdgePopup):
 
 
 class StraightThrough(torch.autograd.Function):
-    """Returns ``w * mask`` (a new tensor in the weight's memory format); sends ``grad * w * sign(s)`` to the
-    scores and ``grad * mask`` to w.
+    """Returns ``w * mask`` (a new tensor in the weight's memory format; ``mask`` bool or a ``BitMask``); sends
+    ``grad * w * sign(s)`` to the scores and ``grad * mask`` to w.
 
     The scores and weight are saved as they are (parameters: no copy); an optimizer step between a forward and
     its backward is then caught by autograd's version check instead of giving a gradient for other scores."""
 
     @staticmethod
     def forward(ctx, scores, weight, mask):
-        ctx.save_for_backward(scores, weight, mask if weight.requires_grad else None)
+        keep = None
+        if weight.requires_grad:
+            keep = mask.to_bool().to(weight.device) if isinstance(mask, BitMask) else mask
+        ctx.save_for_backward(scores, weight, keep)
         return masked_weight(weight, mask)
 
     @staticmethod
@@ -72,7 +75,8 @@ class TopKSelector:
     """Computes the masks of the layers ranked together: one layer (``scope="layer"``) or all (``"global"``).
 
     ``refresh(effective)`` is called on every read of a member's weight; it recomputes only when some member's
-    scores or weight changed. It fills every member's ``mask`` and, with ``effective=True`` (reads without
+    scores or weight changed. It fills every member's mask (on the compiled CPU path as ``gate.bits``, one bit per
+    weight, unpacked only when ``gate.mask`` is read) and, with ``effective=True`` (reads without
     autograd: evaluation, inference), the cached ``effective_buffer = w * mask``. A training read
     (``effective=False``) releases that buffer: training builds ``w * mask`` per forward and holds no copy of the
     weights between steps. ``peers`` are the selectors of the same ``popupify`` call: on the compiled CPU path,
@@ -107,20 +111,22 @@ class TopKSelector:
         key = self.current_key()
         if key == self.key and (not effective or key == self.effective_key):
             if not effective and self.effective_key is not None:
-                self._ensure_buffers(effective=False)  # a training read after an evaluation: drop the copy
+                for _, gate in self.members:  # a training read after an evaluation: drop the copy
+                    gate.effective_buffer = None
                 self.effective_key = None
             return
         with torch.inference_mode(False), torch.no_grad():
             if key != self.key:
                 self._select(key, effective)
                 return
-            self._ensure_buffers(effective=True)  # masks are current; only the effective buffers are missing
+            for module, gate in self.members:  # masks are current; only the effective buffers are missing
+                gate.ensure_effective(module._parameters[gate.param])
             self._fill_effective()
             self.effective_key = key
 
     def _select(self, key: tuple, effective: bool) -> None:
-        self._ensure_buffers(effective)
         if self._native_ok(effective):
+            self._ensure_buffers(effective, bits=True)
             batch = [(self, key)]
             for peer in self.peers:
                 if peer is not self:
@@ -132,26 +138,31 @@ class TopKSelector:
                 selector.key = selector_key
                 selector.effective_key = selector_key if effective else None
             return
+        self._ensure_buffers(effective)
         self._refresh_torch(effective)
         self.key = key
         self.effective_key = key if effective else None
 
-    def _ensure_buffers(self, effective: bool) -> None:
-        """Allocate the masks and, with ``effective``, the ``w * mask`` buffers; without it, release those."""
+    def _ensure_buffers(self, effective: bool, bits: bool = False) -> None:
+        """Allocate the masks (bool, or ``BitMask`` for the compiled path) and, with ``effective``, the
+        ``w * mask`` buffers; without it, release those."""
         for module, gate in self.members:
-            gate.ensure_buffers(module._parameters[gate.param], effective)
+            weight = module._parameters[gate.param]
+            if bits:
+                gate.ensure_bits(weight, effective)
+            else:
+                gate.ensure_buffers(weight, effective)
             if not effective:
                 gate.effective_buffer = None
 
     def _fill_effective(self) -> None:
         for module, gate in self.members:
-            masked_weight(module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer)
+            masked_weight(module._parameters[gate.param].detach(), gate.forward_mask(), gate.effective_buffer)
 
     def _tensors(self):
-        """Per member: (scores, weight, mask, effective buffer or None), detached."""
+        """Per member: (scores, weight, gate), the tensors detached."""
         for module, gate in self.members:
-            scores = module._parameters[gate.scores].detach()
-            yield scores, module._parameters[gate.param].detach(), gate.mask, gate.effective_buffer
+            yield module._parameters[gate.scores].detach(), module._parameters[gate.param].detach(), gate
 
     def _native_ok(self, effective: bool, as_peer: bool = False) -> bool:
         """Whether the compiled CPU pass applies: strategy ``auto`` or ``native``, float32 contiguous CPU tensors.
@@ -162,11 +173,11 @@ class TopKSelector:
         if as_peer:
             if any(m._buffers.get(g.mask_buffer) is not None for m, g in self.members):
                 return False  # a fixed mask: its gate reads the buffer (and may alias it as ``gate.mask``)
-            self._ensure_buffers(effective)
+            self._ensure_buffers(effective, bits=True)
         fits = all(
             t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
-            for scores, weight, _, buffer in self._tensors()
-            for t in ((scores, weight, buffer) if effective else (scores, weight))
+            for scores, weight, gate in self._tensors()
+            for t in (scores, weight)
         )
         from .. import native
 
@@ -178,9 +189,15 @@ class TopKSelector:
         return False
 
     def _native_group(self, effective: bool) -> NativeGroup:
-        scores, weights, masks, buffers = zip(*self._tensors())
-        flat = [[t.view(-1) for t in part] for part in (scores, weights, masks)]
-        return NativeGroup(*flat, [b.view(-1) for b in buffers] if effective else None, self.kept, self.hint)
+        scores, weights, gates = zip(*self._tensors())
+        return NativeGroup(
+            [s.view(-1) for s in scores],
+            [w.view(-1) for w in weights],
+            [g.bits.words for g in gates],
+            [g.effective_buffer.view(-1) for g in gates] if effective else None,
+            self.kept,
+            self.hint,
+        )
 
     def _refresh_torch(self, effective: bool) -> None:
         parts, masks = [], []

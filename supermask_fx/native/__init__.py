@@ -53,11 +53,15 @@ class NativeKernel:
         lib.sfx_straight_through.restype = None
         lib.sfx_apply_mask.argtypes = [p, p, p, i64, ctypes.c_int]
         lib.sfx_apply_mask.restype = None
+        lib.sfx_apply_bits.argtypes = [p, p, p, i64, ctypes.c_int]
+        lib.sfx_apply_bits.restype = None
+        lib.sfx_unpack_bits.argtypes = [p, p, i64, ctypes.c_int]
+        lib.sfx_unpack_bits.restype = None
         self.lib = lib
 
     def topk(self, segments: Tensor, groups: Tensor, threads: int) -> None:
         """One call of ``sfx_topk`` (see ``band.c``): ``segments`` (nseg, 6) and ``groups`` (ngroups, 7) int64
-        tables, contiguous on the CPU; the kernel writes the masks and caches and ``groups[:, 3:]``."""
+        tables, contiguous on the CPU; the kernel writes the bit masks and caches and ``groups[:, 3:]``."""
         status = self.lib.sfx_topk(segments.data_ptr(), segments.shape[0], groups.data_ptr(), groups.shape[0], threads)
         if status != 0:
             raise MemoryError("supermask_fx.native: cannot allocate the top-k pass's scratch memory")
@@ -72,6 +76,14 @@ class NativeKernel:
         """``out = weight * mask``: float32 ``weight`` and ``out``, bool ``mask``, one size, on the CPU, each
         dense in the same memory layout (``band.c``)."""
         self.lib.sfx_apply_mask(weight.data_ptr(), mask.data_ptr(), out.data_ptr(), out.numel(), threads)
+
+    def apply_bits(self, weight: Tensor, words: Tensor, out: Tensor, threads: int) -> None:
+        """``out = weight * mask`` for a bit mask: ``words`` int64, ``ceil(n / 64)`` of them (``band.c``)."""
+        self.lib.sfx_apply_bits(weight.data_ptr(), words.data_ptr(), out.data_ptr(), out.numel(), threads)
+
+    def unpack_bits(self, words: Tensor, out: Tensor, threads: int) -> None:
+        """``out`` (bool, contiguous) = the bit mask ``words``."""
+        self.lib.sfx_unpack_bits(words.data_ptr(), out.data_ptr(), out.numel(), threads)
 
 
 def float_bits(value: float) -> int:

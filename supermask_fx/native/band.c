@@ -1,9 +1,12 @@
 /* The compiled CPU passes of edge-popup for float32 scores and weights (loaded by supermask_fx/native):
  * sfx_topk, the "band" top-k (supermask_fx/topk.py) in one call for many selectors; sfx_straight_through, the
- * score gradient; sfx_apply_mask, w * mask (PyTorch's float-times-bool product is a slow mixed-type loop).
+ * score gradient; sfx_apply_mask, w * mask (PyTorch's float-times-bool product is a slow mixed-type loop);
+ * sfx_apply_bits and sfx_unpack_bits, the same for a mask stored as bits.
+ *
+ * Bit masks: entry i of a layer is bit (i % 64) of 64-bit word i / 64 (ceil(n / 64) words, the tail bits 0).
  *
  * sfx_topk's inputs are two int64 tables.
- *   segments (nseg x 6): [scores, weight, mask, effective, n, group]. Pointers as integers; effective may be 0
+ *   segments (nseg x 6): [scores, weight, mask bits, effective, n, group]. Pointers as integers; effective may be 0
  *       (not written). A group's segments are consecutive rows in flat order (one per layer; several for one
  *       globally ranked selector).
  *   groups (ngroups x 7): in: [lo, hi, kept]; out: [status, threshold, above, band]. lo and hi are float32 bit
@@ -13,7 +16,7 @@
  *
  * sfx_topk, per group (segment after segment, in flat order):
  *   1. one read of the scores (threads over chunks of SFX_CHUNK entries of every segment):
- *      mask = |s| >= hi, effective = mask ? w : 0; per chunk the counts
+ *      mask bit = |s| >= hi, effective = mask ? w : 0; per chunk the counts
  *      of |s| >= hi and of lo <= |s| < hi, and the band entries' offsets in a per-chunk region (when they fit:
  *      a band over 1/32 of a chunk is rare; such chunks are scanned again in step 2);
  *   2. (threads over groups) above = #(|s| >= hi), band = #(lo <= |s| < hi). If above < kept <= above + band,
@@ -21,7 +24,7 @@
  *      the band entries above T, then those equal to T in flat order until kept are set in mask (and
  *      effective): status 1, threshold T. Otherwise status 0 (a miss: the caller retries with a wider band or
  *      the exact T; the mask then holds |s| >= hi only).
- *   kept = n (keep everything) is a call with lo = hi = 0; its status is 0 and the mask is all ones.
+ *   kept = n (keep everything) is a call with lo = hi = 0; its status is 0 and every mask bit is set.
  *
  * Threads: plain pthreads (no second OpenMP runtime next to PyTorch's); work is handed out by an atomic counter.
  * The pass's inner loops are branch-free integer code over blocks of 64 entries, so the compiler vectorises
@@ -61,41 +64,44 @@ static uint64_t pack_flags(const uint8_t *flags) {
   return word;
 }
 
-/* Step 1 on one chunk of n entries: mask (+ effective); band offsets into out (up to cap).
- * Returns the band count (which may exceed cap: then out holds only the first cap). */
+/* Step 1 on one chunk of n entries (starting at a multiple of 64): mask bits (+ effective); band offsets into
+ * out (up to cap). Returns the band count (which may exceed cap: then out holds only the first cap). */
 SFX_CLONES
 static int64_t pass_range(const uint32_t *restrict s, const uint32_t *restrict w, int64_t n, uint32_t lo,
-                          uint32_t hi, uint8_t *restrict mask, uint32_t *restrict eff, uint32_t *restrict out,
+                          uint32_t hi, uint64_t *restrict mask, uint32_t *restrict eff, uint32_t *restrict out,
                           int64_t cap, int64_t *above) {
-  uint8_t flags[64];
+  uint8_t flags[64], ups[64];
   int64_t up_total = 0, band = 0;
   for (int64_t base = 0; base < n; base += 64) {
     int width = n - base < 64 ? (int)(n - base) : 64;
     const uint32_t *sb = s + base;
-    uint8_t *mb = mask + base;
-    uint32_t ups = 0;
-    if (width < 64) memset(flags, 0, sizeof flags);
+    uint32_t count = 0;
+    if (width < 64) {
+      memset(flags, 0, sizeof flags);
+      memset(ups, 0, sizeof ups);
+    }
     if (eff) {
       const uint32_t *wb = w + base;
       uint32_t *eb = eff + base;
       for (int j = 0; j < width; j++) {
         uint32_t m = sb[j] & 0x7fffffffu;
         uint32_t up = m >= hi;
-        ups += up;
+        count += up;
         flags[j] = (uint8_t)((m >= lo) ^ up);
-        mb[j] = (uint8_t)up;
+        ups[j] = (uint8_t)up;
         eb[j] = wb[j] & (0u - up);
       }
     } else {
       for (int j = 0; j < width; j++) {
         uint32_t m = sb[j] & 0x7fffffffu;
         uint32_t up = m >= hi;
-        ups += up;
+        count += up;
         flags[j] = (uint8_t)((m >= lo) ^ up);
-        mb[j] = (uint8_t)up;
+        ups[j] = (uint8_t)up;
       }
     }
-    up_total += ups;
+    up_total += count;
+    mask[base >> 6] = pack_flags(ups);
     for (uint64_t word = pack_flags(flags); word; word &= word - 1) {
       if (band < cap) out[band] = (uint32_t)(base + __builtin_ctzll(word));
       band++;
@@ -152,7 +158,7 @@ static void run_chunk(job_t *job, int64_t c) {
   int64_t start = job->chunk_start[c];
   const uint32_t *s = (const uint32_t *)(intptr_t)row[0] + start;
   const uint32_t *w = (const uint32_t *)(intptr_t)row[1] + start;
-  uint8_t *mask = (uint8_t *)(intptr_t)row[2] + start;
+  uint64_t *mask = (uint64_t *)(intptr_t)row[2] + (start >> 6);
   uint32_t *eff = row[3] ? (uint32_t *)(intptr_t)row[3] + start : NULL;
   job->chunk_band[c] = pass_range(s, w, job->chunk_len[c], (uint32_t)grp[0], (uint32_t)grp[1], mask, eff,
                                   job->regions + job->chunk_region[c], region_cap(job->chunk_len[c]),
@@ -207,13 +213,13 @@ static void run_group(job_t *job, int64_t g) {
   for (int64_t c = first; c < last; c++) {
     const int64_t *row = job->seg + SEG_COLS * job->chunk_seg[c];
     int64_t start = job->chunk_start[c];
-    uint8_t *mask = (uint8_t *)(intptr_t)row[2] + start;
+    uint64_t *mask = (uint64_t *)(intptr_t)row[2] + (start >> 6);
     const uint32_t *w = (const uint32_t *)(intptr_t)row[1] + start;
     uint32_t *eff = row[3] ? (uint32_t *)(intptr_t)row[3] + start : NULL;
     for (int64_t end = j + job->chunk_band[c]; j < end; j++) {
       int keep = vals[j] > t || (vals[j] == t && ties-- > 0);
       if (keep) {
-        mask[offsets[j]] = 1;
+        mask[offsets[j] >> 6] |= 1ull << (offsets[j] & 63);
         if (eff) eff[offsets[j]] = w[offsets[j]];
       }
     }
@@ -359,4 +365,42 @@ static void mask_chunk(void *arg, int64_t c) {
 void sfx_apply_mask(const float *w, const uint8_t *mask, float *out, int64_t n, int threads) {
   mask_job_t job = {(const uint32_t *)w, mask, (uint32_t *)out, n};
   parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, mask_chunk, &job, threads);
+}
+
+/* sfx_apply_bits: out = bit ? w : 0, as sfx_apply_mask for a bit mask. sfx_unpack_bits: out[i] = bit i (0/1
+ * bytes: a bool tensor). Chunks start at multiples of SFX_CHUNK, hence of 64: each thread owns whole words. */
+typedef struct {
+  const uint32_t *w;
+  const uint64_t *bits;
+  uint32_t *out;
+  uint8_t *out_bool;
+  int64_t n;
+} bits_job_t;
+
+SFX_CLONES
+static void apply_bits_range(const uint32_t *restrict w, const uint64_t *restrict bits, uint32_t *restrict out,
+                             int64_t n) {
+  for (int64_t i = 0; i < n; i++) out[i] = w[i] & (0u - (uint32_t)((bits[i >> 6] >> (i & 63)) & 1u));
+}
+
+SFX_CLONES
+static void unpack_bits_range(const uint64_t *restrict bits, uint8_t *restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)((bits[i >> 6] >> (i & 63)) & 1u);
+}
+
+static void bits_chunk(void *arg, int64_t c) {
+  const bits_job_t *job = (const bits_job_t *)arg;
+  int64_t start = c * SFX_CHUNK, len = chunk_len(job->n, start);
+  if (job->out) apply_bits_range(job->w + start, job->bits + (start >> 6), job->out + start, len);
+  else unpack_bits_range(job->bits + (start >> 6), job->out_bool + start, len);
+}
+
+void sfx_apply_bits(const float *w, const uint64_t *bits, float *out, int64_t n, int threads) {
+  bits_job_t job = {(const uint32_t *)w, bits, (uint32_t *)out, NULL, n};
+  parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, bits_chunk, &job, threads);
+}
+
+void sfx_unpack_bits(const uint64_t *bits, uint8_t *out, int64_t n, int threads) {
+  bits_job_t job = {NULL, bits, NULL, out, n};
+  parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, bits_chunk, &job, threads);
 }
