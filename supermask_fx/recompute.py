@@ -106,10 +106,12 @@ class RecomputeEffective:
         return t
 
 
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # torch >= 2.3 has it
+
+
 def compiling() -> bool:
-    """Whether ``torch.compile`` (dynamo) is tracing the calling code."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling()) if is_compiling is not None else False
+    """Whether ``torch.compile`` (dynamo) is tracing the calling code (checked on every gated weight read)."""
+    return _is_compiling()
 
 
 def _other_hooks() -> bool:
