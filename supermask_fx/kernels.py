@@ -27,6 +27,7 @@ class BitMask:
 
     @classmethod
     def empty(cls, shape: torch.Size) -> BitMask:
+        """Uninitialised words for a mask of ``shape`` (the compiled top-k writes every word)."""
         return cls(torch.empty(-(-shape.numel() // 64), dtype=torch.int64), torch.Size(shape))
 
     def to_bool(self, out: Tensor | None = None) -> Tensor:
@@ -53,6 +54,8 @@ def masked_weight(weight: Tensor, mask: Tensor | BitMask, out: Tensor | None = N
     NaN or infinite one), into ``out`` or a new tensor in the weight's memory format."""
     out = torch.empty_like(weight) if out is None else out
     if isinstance(mask, BitMask):
+        if mask.shape != weight.shape:
+            raise ValueError(f"a bit mask of shape {tuple(mask.shape)} cannot mask a weight of {tuple(weight.shape)}")
         kern = _compiled(weight, out) if weight.dtype == out.dtype == torch.float32 else None
         if kern is not None:
             kern.apply_bits(weight, mask.words, out, torch.get_num_threads())

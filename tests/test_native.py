@@ -269,3 +269,5 @@ def test_bit_masks_in_training_and_their_bool_view():
         gates[0].__setstate__(old)
         gates[0].selector.invalidate()
         assert torch.equal(model(x), out)
+    with pytest.raises(ValueError, match="cannot mask a weight"):
+        masked_weight(torch.randn(3, 4), BitMask.empty(torch.Size([4, 3])))
