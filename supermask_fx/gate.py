@@ -77,7 +77,7 @@ class Gate:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(key=None, effective_buffer=None, _mask=None, bits=None, _unpacked=False)
+        state.update(key=None, effective_buffer=None, _mask=None, bits=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -87,17 +87,15 @@ class Gate:
     @property
     def mask(self) -> Tensor | None:
         """The current mask as a bool tensor shaped like the weight (``None`` before the first read). Where the
-        compiled CPU top-k wrote it as ``bits``, it is unpacked on the first read after each selection."""
-        if self.bits is not None and not self._unpacked:
-            if self._mask is None or self._mask.shape != self.bits.shape or self._mask.device.type != "cpu":
-                self._mask = torch.empty(self.bits.shape, dtype=torch.bool)
-            self.bits.to_bool(out=self._mask)
-            self._unpacked = True
+        compiled CPU top-k wrote it as ``bits``, it is unpacked on the first read after each selection (which drops
+        the unpacked copy: ``ensure_bits``)."""
+        if self.bits is not None and self._mask is None:
+            self._mask = self.bits.to_bool()
         return self._mask
 
     @mask.setter
     def mask(self, value: Tensor | None) -> None:
-        self._mask, self.bits, self._unpacked = value, None, False
+        self._mask, self.bits = value, None
 
     def forward_mask(self) -> Tensor | BitMask:
         """The mask in the form the hot path reads: the ``BitMask`` where one is current, else the bool tensor."""
@@ -108,7 +106,7 @@ class Gate:
         ``effective``, also allocate the ``w * mask`` buffer."""
         if self.bits is None or self.bits.shape != weight.shape:
             self.bits = BitMask.empty(weight.shape)
-        self._mask, self._unpacked = None, False
+        self._mask = None
         self.ensure_effective(weight, effective)
 
     def effective(self, module: nn.Module) -> Tensor:

@@ -5,9 +5,8 @@ weight) and the matmul or convolution saves it for its backward. Kept from every
 backward, these copies make the backward's memory peak hold one more copy of all the model's weights. Inside
 such a forward a pair of saved-tensor hooks stores, for ``w_eff`` (or a view of it, ``w_eff.t()`` in
 ``F.linear``), a recipe instead: the frozen weight and the gate, whose mask (one bit per weight on the compiled
-CPU path) is already kept. The backward
-rebuilds ``w * mask`` (one elementwise pass) when it needs it. Values are identical, and ``w_eff`` is freed as
-soon as the forward returns.
+CPU path) is already kept. The backward rebuilds ``w * mask`` (one elementwise pass) when it needs it. Values are
+identical, and ``w_eff`` is freed as soon as the forward returns.
 
 Saved-tensor hooks switch off autograd's check that a saved tensor was not modified in place; the hooks do that
 check themselves for every other tensor the forward saves (``x``, the scores), and the recipe checks that the

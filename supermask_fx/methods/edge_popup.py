@@ -125,14 +125,15 @@ class TopKSelector:
             self.effective_key = key
 
     def _select(self, key: tuple, effective: bool) -> None:
-        if self._native_ok(effective):
-            self._ensure_buffers(effective, bits=True)
+        if self._native_ok():
             batch = [(self, key)]
             for peer in self.peers:
                 if peer is not self:
                     peer_key = peer.current_key()
-                    if peer_key != peer.key and peer._native_ok(effective, as_peer=True):
+                    if peer_key != peer.key and peer._native_ok(as_peer=True):
                         batch.append((peer, peer_key))
+            for selector, _ in batch:
+                selector._ensure_buffers(effective, bits=True)
             _refresh_native([selector for selector, _ in batch], effective)
             for selector, selector_key in batch:
                 selector.key = selector_key
@@ -164,16 +165,13 @@ class TopKSelector:
         for module, gate in self.members:
             yield module._parameters[gate.scores].detach(), module._parameters[gate.param].detach(), gate
 
-    def _native_ok(self, effective: bool, as_peer: bool = False) -> bool:
+    def _native_ok(self, as_peer: bool = False) -> bool:
         """Whether the compiled CPU pass applies: strategy ``auto`` or ``native``, float32 contiguous CPU tensors.
-        ``as_peer``: refreshed ahead of its own read: allocate the caches first, and never raise (its own read
-        will, for ``strategy="native"``)."""
+        ``as_peer``: refreshed ahead of its own read: never raise (its own read will, for ``strategy="native"``)."""
         if self.strategy not in ("auto", "native"):
             return False
-        if as_peer:
-            if any(m._buffers.get(g.mask_buffer) is not None for m, g in self.members):
-                return False  # a fixed mask: its gate reads the buffer (and may alias it as ``gate.mask``)
-            self._ensure_buffers(effective, bits=True)
+        if as_peer and any(m._buffers.get(g.mask_buffer) is not None for m, g in self.members):
+            return False  # a fixed mask: its gate reads the buffer (and may alias it as ``gate.mask``)
         fits = all(
             t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
             for scores, weight, gate in self._tensors()
