@@ -18,6 +18,19 @@ pytestmark = pytest.mark.skipif(native.kernel() is None, reason=f"no compiled ke
 CHUNK = 1 << 18  # band.c's SFX_CHUNK: sizes around it exercise chunk boundaries and several threads
 
 
+@pytest.fixture(params=["loaded", "pthreads"])
+def build(request, monkeypatch):
+    """Each threaded test runs on the build the library loaded (on PyTorch's OpenMP pool where it can) and on the
+    pthreads build (the fallback elsewhere)."""
+    if request.param == "pthreads":
+        kern, reason, pool = native._load(openmp=False)
+        if kern is None:
+            pytest.skip(f"no pthreads build: {reason}")
+        assert pool == "pthreads"
+        monkeypatch.setitem(native._state, "kernel", kern)
+    return request.param
+
+
 def _run(scores, kept, hint=None, effective=True):
     weights = [torch.randn(s.numel(), generator=torch.Generator().manual_seed(s.numel())) for s in scores]
     bits = [BitMask.empty(s.shape) for s in scores]
@@ -55,7 +68,7 @@ def test_many_ties_any_sizes_and_global_groups():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_across_chunks_and_threads_with_any_hint(threads):
+def test_across_chunks_and_threads_with_any_hint(threads, build):
     """Whatever the hint (none, tiny band, band over most of the layer: the overflow path, far off), the mask
     is the exact top-k, across chunk boundaries and with several threads."""
     before = torch.get_num_threads()
@@ -165,7 +178,7 @@ def test_training_uses_it_and_matches_the_pure_pytorch_path():
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_straight_through_gradient_equals_pytorch(threads):
+def test_straight_through_gradient_equals_pytorch(threads, build):
     """The compiled score gradient g * w * sign(s) against PyTorch's ops: zeros of both signs, NaN (sign 0, as
     in torch.sign), infinities, sizes across chunk boundaries."""
     before = torch.get_num_threads()
@@ -190,7 +203,7 @@ def test_straight_through_gradient_equals_pytorch(threads):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_masked_weight_equals_pytorch(threads):
+def test_masked_weight_equals_pytorch(threads, build):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -228,6 +241,29 @@ def test_native_strategy_refuses_what_it_cannot_do():
         model(torch.randn(2, 8, dtype=torch.float64))
     gate.selector.strategy = "auto"  # falls back to the pure-PyTorch path
     assert model(torch.randn(2, 8, dtype=torch.float64)).shape == (2, 4)
+
+
+def test_runs_on_pytorchs_openmp_pool():
+    """Where PyTorch runs on GNU OpenMP and the compiler is GCC, the kernel shares PyTorch's thread pool: it is
+    linked against the libgomp file already loaded, and the process still maps exactly one OpenMP runtime."""
+    runtime = native._torch_libgomp()
+    if runtime is None or not native._is_gcc(_compiler_version()):
+        pytest.skip("PyTorch's OpenMP runtime is not a libgomp this test can find, or the compiler is not GCC")
+    assert native.thread_pool() == f"openmp {runtime}"
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        s = torch.randn(3 * CHUNK)
+        _run([s], CHUNK)  # a threaded call, checked against the rule
+    finally:
+        torch.set_num_threads(before)
+    assert native._mapped_openmp_runtimes() == {runtime}
+
+
+def _compiler_version() -> str:
+    import subprocess
+
+    return subprocess.run([native._compiler(), "--version"], capture_output=True, text=True).stdout
 
 
 def test_disabled_by_environment(monkeypatch):
