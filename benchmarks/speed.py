@@ -14,7 +14,8 @@ What is measured (every figure goes to ``--json``; each target is printed as mea
   Cases: Conv4, CIFAR ResNet-18 (stride-1 stem: 0.56 GFLOPs per image) and torchvision's ResNet-18 (stride-2
   stem and max-pool: 0.04 GFLOPs per image; the model of the issue's figures) at 32x32 (batch 128 on CPU),
   torchvision ResNet-50 at 224x224 (batch 32 on CPU). On CUDA: batch 256, bf16 autocast, channels-last, cudnn.benchmark.
-* inference (eval mode, ``no_grad``) of the dense model, the popupified model and ``materialize(model)``.
+* inference (eval mode, ``no_grad``) of the dense model, the popupified model and ``materialize(model)``, timed
+  the same way over three times as many rounds (a forward is cheap; its ratios are the ones closest to 1).
 * peak training memory of each variant, above what the process held before the model was built: on CPU each
   variant runs alone in a subprocess (glibc told to return freed blocks at once) that reads its high-water mark
   ``VmHWM``; on CUDA ``torch.cuda.max_memory_allocated``.
@@ -64,6 +65,8 @@ from supermask_fx.topk import NativeGroup, select_topk, select_topk_native_many 
 
 K = 0.5  # fraction kept
 GPU_BATCH = 256
+INFERENCE_ROUNDS = 3  # inference is timed over this many times the step rounds
+MAX_ROUNDS_FACTOR = 10  # a time budget (--seconds) adds rounds up to this many times --repeats
 OPTIMIZER = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)  # the paper's CIFAR settings
 
 
@@ -144,6 +147,7 @@ class Setting:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "load_average_at_start": os.getloadavg(),
+            "native": native.thread_pool() or f"unavailable: {native.unavailable_reason()}",
         }
         if self.cuda:
             info.update(
@@ -226,11 +230,17 @@ class Task:
     prepare: Callable[[], object] = field(default=lambda: None)  # untimed, before every timed run
 
 
-def interleaved(tasks: dict[str, Task], repeats: int, warmup: int, setting: Setting) -> dict[str, dict]:
-    """Time the tasks round-robin (the order rotates every round); the first ``warmup`` rounds are dropped."""
+def interleaved(
+    tasks: dict[str, Task], repeats: int, warmup: int, setting: Setting, seconds: float = 0.0
+) -> dict[str, dict]:
+    """Time the tasks round-robin (the order rotates every round); the first ``warmup`` rounds are dropped.
+
+    At least ``repeats`` timed rounds; more while the timed rounds took under ``seconds`` in all (at most
+    ``MAX_ROUNDS_FACTOR * repeats``): cheap cases get the extra rounds that a noisy machine needs."""
     names = list(tasks)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(warmup + repeats):
+    round_, timed = 0, 0.0
+    while round_ < warmup + repeats or (timed < seconds and round_ < warmup + MAX_ROUNDS_FACTOR * repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             tasks[name].prepare()
@@ -240,6 +250,8 @@ def interleaved(tasks: dict[str, Task], repeats: int, warmup: int, setting: Sett
             setting.sync()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
+                timed += times[name][-1]
+        round_ += 1
     return {name: summary(t) for name, t in times.items()}
 
 
@@ -256,19 +268,26 @@ def ratio(figures: dict, a: str, b: str) -> float:
 # The figures
 
 
-def bench_case(case: Case, setting: Setting, repeats: int, warmup: int) -> dict:
+def bench_case(case: Case, setting: Setting, repeats: int, warmup: int, seconds: float = 0.0) -> dict:
     """Training steps of the three variants, then inference of dense, popupified and materialized models."""
     x, y = setting.inputs(case)
     models = {name: build(case, name, setting) for name in VARIANTS}
     steps = interleaved(
-        {name: Task(train_step(m, x, y, setting)) for name, m in models.items()}, repeats, warmup, setting
+        {name: Task(train_step(m, x, y, setting)) for name, m in models.items()}, repeats, warmup, setting, seconds
     )
     served = {
         "dense": models["dense"],
         "popupified": models["edge_popup"],
         "materialized": setting.place(materialize(models["edge_popup"])),
     }
-    infer = interleaved({name: Task(inference(m, x, setting)) for name, m in served.items()}, repeats, warmup, setting)
+    # A forward costs a quarter of a step: three times the rounds for about the same time, a steadier median.
+    infer = interleaved(
+        {name: Task(inference(m, x, setting)) for name, m in served.items()},
+        INFERENCE_ROUNDS * repeats,
+        warmup,
+        setting,
+        seconds / 2,
+    )
     return {
         "batch": setting.batch(case),
         "image_size": case.image_size,
@@ -489,6 +508,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (3; ResNet-50 on CPU: 2)")
     parser.add_argument("--repeats", type=int, help="timed rounds (default 5 on CPU, 10 on CUDA; --quick: 3)")
     parser.add_argument("--warmup", type=int, help="discarded rounds (default 1 on CPU, 3 on CUDA)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="time budget per case: training steps get more rounds while their timed rounds took less than this "
+        "(half of it for inference; at most 10x --repeats; default 60; 0: exactly --repeats)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["steps", "memory", "masks", "files"])
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -514,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
         "k": K,
         "optimizer": OPTIMIZER,
         "repeats": repeats,
+        "seconds_per_case": 0.0 if args.quick else args.seconds,
         "warmup": warmup,
         "cases": {},
         "memory": {},
@@ -535,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
         case = CASES[name]
         if "steps" not in args.skip:
             began = time.perf_counter()
-            figures = bench_case(case, setting, repeats_for[name], warmup)
+            figures = bench_case(case, setting, repeats_for[name], warmup, 0.0 if args.quick else args.seconds)
             results["cases"][name] = figures
             print_case(name, figures)
             if name.startswith("resnet18"):
