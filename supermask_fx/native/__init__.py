@@ -147,20 +147,23 @@ def _load(openmp: bool = True) -> tuple[NativeKernel | None, str | None, str | N
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"cannot run the C compiler {cc}: {exc}", None
-    runtime = _torch_libgomp() if openmp and _is_gcc(version) else None
+    # PyTorch's libgomp first where there is one; the pthreads build if that cannot be built or loaded cleanly.
+    gomp = _torch_libgomp() if openmp and _is_gcc(version) else None
     source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(
-        b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(), _id(runtime)])
-    ).hexdigest()[:16]
-    try:
-        lib = ctypes.CDLL(str(_build(cc, digest, runtime)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        if runtime is not None:  # e.g. a linker that refuses the runtime file: threads of our own still work
-            return _load(openmp=False)
-        return None, f"building {_SOURCE.name} failed: {exc}", None
-    if runtime is not None and _mapped_openmp_runtimes() != {runtime}:
-        return _load(openmp=False)  # it brought a second OpenMP runtime after all: never call into that one
-    return NativeKernel(lib), None, "pthreads" if runtime is None else f"openmp {runtime}"
+    failure = None
+    for runtime in [gomp, None] if gomp is not None else [None]:
+        digest = hashlib.sha256(
+            b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(), _id(runtime)])
+        ).hexdigest()[:16]
+        try:
+            lib = ctypes.CDLL(str(_build(cc, digest, runtime)))
+        except (OSError, subprocess.SubprocessError) as exc:  # e.g. a linker that refuses the runtime file
+            failure = f"building {_SOURCE.name} failed: {exc}"
+            continue
+        if runtime is not None and _mapped_openmp_runtimes() != {runtime}:
+            continue  # it brought a second OpenMP runtime after all: never call into that one
+        return NativeKernel(lib), None, "pthreads" if runtime is None else f"openmp {runtime}"
+    return None, failure, None
 
 
 def _is_gcc(version: str) -> bool:

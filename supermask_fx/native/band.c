@@ -250,34 +250,36 @@ static void *loop_worker(void *arg) {
 }
 
 #ifdef _OPENMP
-/* parallel_for: run(ctx, i) for i in [0, total) on up to `threads` threads of the OpenMP pool (the caller's among
- * them). Only GOMP_parallel is called: the runtime is the one PyTorch's own parallel loops use. */
-static void parallel_for(int64_t total, void (*run)(void *, int64_t), void *ctx, int threads) {
-  loop_t loop = {run, ctx, total, 0};
-  if (threads > total) threads = (int)total;
-  if (threads <= 1) {
-    loop_worker(&loop);
-    return;
-  }
+/* run_on_threads: loop_worker on `threads` threads of the OpenMP pool (the caller's among them). Only
+ * GOMP_parallel is called: the runtime is the one PyTorch's own parallel loops use. */
+static void run_on_threads(loop_t *loop, int threads) {
 #pragma omp parallel num_threads(threads)
-  loop_worker(&loop);
+  loop_worker(loop);
 }
 #else
-/* parallel_for: run(ctx, i) for i in [0, total) on up to `threads` threads (the caller's among them). */
-static void parallel_for(int64_t total, void (*run)(void *, int64_t), void *ctx, int threads) {
-  loop_t loop = {run, ctx, total, 0};
+/* run_on_threads: loop_worker on up to `threads` threads started here (the caller's among them). */
+static void run_on_threads(loop_t *loop, int threads) {
   pthread_t ids[SFX_MAX_THREADS];
   int started = 0;
-  if (threads > total) threads = (int)total;
   if (threads > SFX_MAX_THREADS) threads = SFX_MAX_THREADS;
   for (int t = 1; t < threads; t++) {
-    if (pthread_create(&ids[started], NULL, loop_worker, &loop) != 0) break; /* fewer threads: still correct */
+    if (pthread_create(&ids[started], NULL, loop_worker, loop) != 0) break; /* fewer threads: still correct */
     started++;
   }
-  loop_worker(&loop);
+  loop_worker(loop);
   for (int t = 0; t < started; t++) pthread_join(ids[t], NULL);
 }
 #endif
+
+/* parallel_for: run(ctx, i) for i in [0, total) on up to `threads` threads (the caller's among them). */
+static void parallel_for(int64_t total, void (*run)(void *, int64_t), void *ctx, int threads) {
+  loop_t loop = {run, ctx, total, 0};
+  if (threads > total) threads = (int)total;
+  if (threads <= 1)
+    loop_worker(&loop);
+  else
+    run_on_threads(&loop, threads);
+}
 
 static void run_chunk_of(void *job, int64_t c) { run_chunk((job_t *)job, c); }
 static void run_group_of(void *job, int64_t g) { run_group((job_t *)job, g); }
