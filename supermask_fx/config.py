@@ -37,6 +37,13 @@ class PopupConfig:
         nonlinearity: gain of the Kaiming standard deviation (``"relu"`` gives sqrt 2).
         bias: ``"zero"`` sets the biases of gated layers to 0 (the paper's networks have none); ``"keep"`` keeps
             the values the model was built with. Either way they are frozen.
+        include: ``fnmatch`` patterns of qualified parameter names (``"*.c_attn.weight"``) to gate in addition to
+            the weights ``popupify`` finds itself: weights of custom modules that reach the computation by other
+            means than ``F.linear``/``F.conv*`` (``x @ W``, ``torch.addmm``). The module must read the weight as
+            an attribute (``self.weight``). Each pattern must match a parameter of 2+ dimensions.
+        fan_in_fan_out: the ``include``d weights are stored ``(in, out, ...)``, like Hugging Face GPT-2's ``Conv1D``
+            (``x @ W``), so their fan-in (for the weight's and the scores' scale) is the first dimension. Weights
+            found by the built-in rules keep their known layout.
     """
 
     k: float
@@ -49,6 +56,8 @@ class PopupConfig:
     mode: str = "fan_in"
     nonlinearity: str = "relu"
     bias: str = "zero"
+    include: tuple[str, ...] = field(default=())
+    fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_k, dict):
@@ -68,6 +77,14 @@ class PopupConfig:
             raise ValueError(f"seed={self.seed!r} must be a non-negative integer")
         if not isinstance(self.scaled, bool):
             raise ValueError(f"scaled={self.scaled!r} must be True or False")
+        include = (self.include,) if isinstance(self.include, str) else self.include
+        if not isinstance(include, (list, tuple)) or not all(isinstance(p, str) and p for p in include):
+            raise ValueError(f"include={self.include!r} must be a list of fnmatch patterns of parameter names")
+        object.__setattr__(self, "include", tuple(include))
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r} must be True or False")
+        if self.fan_in_fan_out and not self.include:
+            raise ValueError("fan_in_fan_out=True applies to the include= weights, and include is empty")
 
     def k_for(self, layer: str) -> float | None:
         """The ``layer_k`` override for a layer's module name, or ``None``."""
@@ -79,6 +96,7 @@ class PopupConfig:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["layer_k"] = [list(item) for item in self.layer_k]
+        out["include"] = list(self.include)
         return out
 
     @classmethod

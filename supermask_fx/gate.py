@@ -53,12 +53,17 @@ class Gate:
         method: the ``Method`` that turns (weight, scores) into the effective weight.
         selector: the top-k selector shared by the layers ranked together, for top-k methods.
         config: the ``PopupConfig`` of the ``popupify`` call.
+        fan_in_fan_out: the weight is stored ``(in, out, ...)`` (an ``include``d GPT-2 ``Conv1D``); only its
+            initialization depends on it.
     """
 
-    def __init__(self, layer: str, param: str, method, k: float, selector=None, config=None) -> None:
+    def __init__(
+        self, layer: str, param: str, method, k: float, selector=None, config=None, fan_in_fan_out: bool = False
+    ) -> None:
         self.config = config  # the PopupConfig that made this gate
         self.layer = layer
         self.param = param
+        self.fan_in_fan_out = fan_in_fan_out
         self.scores = scores_name(param) if method.has_scores else None
         self.mask_buffer = mask_name(param)
         self.method = method
@@ -81,6 +86,7 @@ class Gate:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        self.fan_in_fan_out = False  # gates pickled before include=
         self.__dict__.update({k: v for k, v in state.items() if k != "mask"})  # "mask": gates pickled before bits
         self.mask = None
 

@@ -5,7 +5,8 @@ Every tensor is drawn on the CPU in float32 from its own ``torch.Generator``, se
 The same seed therefore gives the same tensors on any machine and device, whatever order layers are visited in.
 
 Standard deviations (``fan`` from ``torch.nn.init``'s rule: for a weight of shape (out, in, *kernel),
-fan_in = in * prod(kernel), fan_out = out * prod(kernel)):
+fan_in = in * prod(kernel), fan_out = out * prod(kernel); a weight stored (in, out, *kernel), such as GPT-2's
+``Conv1D`` gated with ``include=`` and ``fan_in_fan_out=True``, has its fans swapped accordingly):
 
 * Kaiming: ``std = gain / sqrt(fan)``, ``gain`` from ``nonlinearity`` (sqrt 2 for ReLU), ``fan`` from ``mode``.
 * Xavier: ``std = sqrt(2 / (fan_in + fan_out))`` (gain 1, as ``torch.nn.init.xavier_normal_``).
@@ -44,15 +45,27 @@ def generator_for(seed: int, name: str, role: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def fans(shape: tuple[int, ...]) -> tuple[int, int]:
+def fans(shape: tuple[int, ...], fan_in_fan_out: bool = False) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a weight stored ``(out, in, *kernel)``, or ``(in, out, *kernel)`` with
+    ``fan_in_fan_out`` (GPT-2's ``Conv1D``, ``x @ W``)."""
     if len(shape) < 2:
         raise ValueError(f"a gated weight needs at least 2 dimensions, got shape {tuple(shape)}")
     receptive = math.prod(shape[2:])
-    return shape[1] * receptive, shape[0] * receptive
+    fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
+    return (fan_out, fan_in) if fan_in_fan_out else (fan_in, fan_out)
 
 
-def weight_std(shape: tuple[int, ...], init: str, *, mode: str, nonlinearity: str, k: float, scaled: bool) -> float:
-    fan_in, fan_out = fans(shape)
+def weight_std(
+    shape: tuple[int, ...],
+    init: str,
+    *,
+    mode: str,
+    nonlinearity: str,
+    k: float,
+    scaled: bool,
+    fan_in_fan_out: bool = False,
+) -> float:
+    fan_in, fan_out = fans(shape, fan_in_fan_out)
     if INITIALIZERS[init][1] == "xavier":
         std = math.sqrt(2.0 / (fan_in + fan_out))
     else:
@@ -73,7 +86,7 @@ def draw_weight(shape: tuple[int, ...], init: str, *, std: float, generator: tor
     return torch.full(shape, std, dtype=torch.float32)  # unsigned_constant
 
 
-def draw_scores(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+def draw_scores(shape: tuple[int, ...], generator: torch.Generator, fan_in_fan_out: bool = False) -> Tensor:
     """Kaiming-uniform with ``a = sqrt(5)``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32 on the CPU."""
-    bound = 1.0 / math.sqrt(fans(shape)[0])
+    bound = 1.0 / math.sqrt(fans(shape, fan_in_fan_out)[0])
     return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound

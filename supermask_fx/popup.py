@@ -9,16 +9,11 @@ import torch
 from torch import nn
 
 from .config import PopupConfig
-from .discover import WeightRef, find_weights
+from .discover import NORM_TYPES, WeightRef, find_weights
 from .gate import Gate, gate_parameter, is_gated, scores_name
 from .initializers import draw_scores, draw_weight, generator_for, weight_std
 from .methods import METHODS, TopKSelector
 from .topk import kept_count
-
-# Normalization layers: affine values reset to scale 1 / shift 0 and frozen (BatchNorm keeps its running stats).
-NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
 
 # The bias that goes with a gated weight, for the ``bias`` rule.
 _BIAS_OF = {
@@ -44,13 +39,18 @@ def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
         model: any ``nn.Module``; it is modified in place.
         k: fraction of weights kept in each layer (0 < k <= 1), or a whole ``PopupConfig``.
         **options: the other ``PopupConfig`` fields (``method``, ``init``, ``scaled``, ``seed``, ``scope``,
-            ``layer_k``, ``mode``, ``nonlinearity``, ``bias``).
+            ``layer_k``, ``mode``, ``nonlinearity``, ``bias``, ``include``, ``fan_in_fan_out``).
 
     Returns:
         ``model`` itself. Train it with ``torch.optim.SGD(supermask_parameters(model), ...)``.
 
+    Warns:
+        UserWarning: once, when ``torch.fx`` cannot trace the model, or when parameters of 2+ dimensions feed matrix
+            products ungated; the message names them and how to gate them (``include=``).
+
     Raises:
-        ValueError: bad options, a model that is already popupified, or no weight to gate.
+        ValueError: bad options, a model that is already popupified, an ``include`` pattern that matches no
+            parameter (or one with fewer than 2 dimensions), or no weight to gate.
     """
     if isinstance(k, PopupConfig):
         if options:
@@ -63,12 +63,20 @@ def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
             f"{type(model).__name__} is already popupified; popupify a freshly built model instead "
             "(supermask_fx.materialize(model) gives a plain copy with the masks baked in)"
         )
-    refs, trace_error = find_weights(model)
-    if trace_error is not None:
+    found = find_weights(model, config.include, config.fan_in_fan_out)
+    refs = found.refs
+    if found.trace_error is not None:
         warnings.warn(
-            f"torch.fx could not trace {type(model).__name__} ({trace_error}); popupify falls back to gating the "
-            "weights of its Linear, Conv, ConvTranspose and MultiheadAttention modules in place. Weights that a "
-            "custom module passes to F.linear/F.conv* itself are not gated (they stay frozen).",
+            f"torch.fx could not trace {type(model).__name__} ({found.trace_error}); popupify falls back to gating "
+            "the weights of its Linear, Conv, ConvTranspose and MultiheadAttention modules in place (and those "
+            "matched by include=). Weights that a custom module passes to F.linear/F.conv* itself are not gated "
+            f"(they stay frozen).{_ungated_note(found.ungated)}",
+            stacklevel=2,
+        )
+    elif found.ungated:
+        warnings.warn(
+            f"{type(model).__name__} feeds parameters to matrix products that no rule gates."
+            + _ungated_note(found.ungated),
             stacklevel=2,
         )
     if not refs:
@@ -87,7 +95,7 @@ def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
                 bias = module._parameters.get(_BIAS_OF.get(ref.param, ""))
                 if bias is not None:
                     bias.zero_()
-            gate = Gate(ref.module, ref.param, method, k_layer, config=config)
+            gate = Gate(ref.module, ref.param, method, k_layer, config=config, fan_in_fan_out=ref.fan_in_fan_out)
             gate_parameter(module, gate)
             gates.append((module, gate))
         _reset_norms(model)
@@ -102,21 +110,42 @@ def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
     return model
 
 
-def draw_layer_weight(config: PopupConfig, name: str, shape: tuple[int, ...], k: float) -> torch.Tensor:
-    """The float32 CPU weight ``popupify`` gives the gated parameter ``name`` (``"<module>.<param>"``)."""
-    std = weight_std(shape, config.init, mode=config.mode, nonlinearity=config.nonlinearity, k=k, scaled=config.scaled)
+def draw_layer_weight(
+    config: PopupConfig, name: str, shape: tuple[int, ...], k: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """The float32 CPU weight ``popupify`` gives the gated parameter ``name`` (``"<module>.<param>"``); with
+    ``fan_in_fan_out`` the weight is stored ``(in, out, ...)`` and its fans are read accordingly."""
+    std = weight_std(
+        shape,
+        config.init,
+        mode=config.mode,
+        nonlinearity=config.nonlinearity,
+        k=k,
+        scaled=config.scaled,
+        fan_in_fan_out=fan_in_fan_out,
+    )
     return draw_weight(shape, config.init, std=std, generator=generator_for(config.seed, name, "weight"))
+
+
+def _ungated_note(names: list[str]) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return (
+        f" Not gated (frozen at their values): {shown}. To gate such weights, pass include=[fnmatch patterns of "
+        "their names], with fan_in_fan_out=True if they are stored (in, out) like GPT-2's Conv1D."
+    )
 
 
 def _redraw_weight(module: nn.Module, ref: WeightRef, config: PopupConfig, k: float, with_scores: bool) -> None:
     weight = module._parameters[ref.param]
     shape = tuple(weight.shape)
-    weight.copy_(draw_layer_weight(config, ref.name, shape, k))
+    weight.copy_(draw_layer_weight(config, ref.name, shape, k, ref.fan_in_fan_out))
     if with_scores:
         name = scores_name(ref.param)
         if name in module._parameters or hasattr(module, name):
             raise ValueError(f"{ref.module or 'the model'} already has an attribute {name!r}; cannot add scores")
-        scores = draw_scores(shape, generator_for(config.seed, ref.name, "scores"))
+        scores = draw_scores(shape, generator_for(config.seed, ref.name, "scores"), ref.fan_in_fan_out)
         module.register_parameter(name, nn.Parameter(scores.to(weight.device, weight.dtype)))
 
 

@@ -32,10 +32,11 @@ from torch import Tensor, nn
 
 from . import safetensors_io
 from .config import PopupConfig
+from .discover import NORM_TYPES
 from .gate import Gate, is_gated
 from .mask_codec import SubnetworkFileError, decode_mask, encode_mask, pack_bits, unpack_bits
 from .masks import fix_masks, gated_layers
-from .popup import _BIAS_OF, NORM_TYPES, draw_layer_weight, popupify
+from .popup import _BIAS_OF, draw_layer_weight, popupify
 
 FORMAT = "supermask_fx.subnetwork"
 VERSION = 2  # 2: masks as "bits" or "rice" (per layer); 1: every mask as bits, no "encoding" key
@@ -75,7 +76,7 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
     with torch.no_grad():
         for module, gate in pairs:
             weight = module._parameters[gate.param]
-            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k)
+            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k, gate.fan_in_fan_out)
             if not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
                 raise ValueError(
                     f"the weights of {gate.name} are not the ones seed {config.seed} gives (were they retrained?); "
@@ -149,7 +150,7 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for (module, gate), layer in zip(pairs, info["layers"]):
             weight = module._parameters[gate.param]
-            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k)
+            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k, gate.fan_in_fan_out)
             if _sha(regenerated) != layer["sha256"]:
                 raise SubnetworkFileError(
                     f"{path}: the weights regenerated for {gate.name} from seed {config.seed} differ from those the "

@@ -98,6 +98,7 @@ def test_untraceable_model_falls_back_with_one_warning():
         model = popupify(Untraceable(), k=0.5)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "could not trace Untraceable" in messages[0] and "falls back" in messages[0]
+    assert "Not gated (frozen at their values): custom.w." in messages[0]  # named; the 1-dim gamma is not
     assert trainable_names(model) == ["fc.scores"]  # F.linear weight inside `custom` is not found without fx
     model(torch.randn(2, 4)).sum().backward()
     assert model.fc.scores.grad is not None
@@ -336,7 +337,8 @@ def test_reset_parameters_is_refused_with_a_reason():
 def test_config_object_and_json_round_trip():
     config = PopupConfig(k=0.3, init="kaiming_normal", layer_k={"fc": 1.0}, seed=3)
     assert PopupConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match=r"unknown PopupConfig fields \['kk'\]; known fields: \['bias', 'init', 'k',"):
+    known = r"known fields: \['bias', 'fan_in_fan_out', 'include', 'init', 'k',"
+    with pytest.raises(ValueError, match=r"unknown PopupConfig fields \['kk'\]; " + known):
         PopupConfig.from_dict({"k": 0.5, "kk": 0.3})
     model = popupify(SmallNet(), config)
     assert {gate.config for _, gate in gated_layers(model)} == {config}

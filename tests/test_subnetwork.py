@@ -105,7 +105,7 @@ def test_k_0_3_file_is_smaller_than_k_0_5(saved, tmp_path):
 
 def as_version_1(source, target):
     """Rewrite a file in the layout supermask_fx wrote before format version 2: every mask bit-packed, no encoding
-    keys, version 1."""
+    keys, version 1, and a config without the fields added since (``include``, ``fan_in_fan_out``)."""
     tensors, metadata, _ = safetensors_io.read(source)
     info = json.loads(metadata["supermask_fx"])
     old_layers = []
@@ -113,7 +113,8 @@ def as_version_1(source, target):
         mask = decode_mask(tensors[f"mask/{layer['name']}"], layer)
         tensors[f"mask/{layer['name']}"] = pack_bits(mask)
         old_layers.append({key: layer[key] for key in ("name", "shape", "kept", "sha256")})
-    info = {**info, "version": 1, "layers": old_layers}
+    config = {key: value for key, value in info["config"].items() if key not in ("include", "fan_in_fan_out")}
+    info = {**info, "version": 1, "layers": old_layers, "config": config}
     safetensors_io.write(target, tensors, {"supermask_fx": json.dumps(info)}, checksum_key=CHECKSUM)
     return tensors, info
 
