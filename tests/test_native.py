@@ -3,6 +3,8 @@
 Skipped, with the reason, where no C compiler can build it (the library then uses the pure-PyTorch path).
 """
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,24 @@ from supermask_fx.topk import BandHint, NativeGroup, select_topk_native, select_
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason=f"no compiled kernel: {native.unavailable_reason()}")
 
 CHUNK = 1 << 18  # band.c's SFX_CHUNK: sizes around it exercise chunk boundaries and several threads
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """PyTorch's thread count set to ``n`` (the compiled passes follow it), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def threads(request):
+    """The thread count a parametrized test runs with (``indirect=True``)."""
+    with num_threads(request.param) as n:
+        yield n
 
 
 @pytest.fixture(params=["loaded", "pthreads"])
@@ -67,26 +87,21 @@ def test_many_ties_any_sizes_and_global_groups():
         _run(scores, kept, effective=trial % 2 == 0)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_across_chunks_and_threads_with_any_hint(threads, build):
     """Whatever the hint (none, tiny band, band over most of the layer: the overflow path, far off), the mask
     is the exact top-k, across chunk boundaries and with several threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(threads)
-        s = torch.randn(2 * CHUNK + 1234, generator=g)
-        s[::9] = 0.25  # a tie group straddling every chunk
-        s[5::9] = -0.25
-        s[::101] = 0.0
-        kept = int(0.6 * s.numel())
-        for hint in [None, BandHint(0.6, 1e-9), BandHint(0.5, 0.45), BandHint(0.25, 0.0), BandHint(9.0, 0.1)]:
-            new_hint, masks = _run([s], kept, hint)
-            assert new_hint.threshold == float(s[masks[0]].abs().min())
-        parts = [s[:1000], s[1000 : CHUNK + 7], s[CHUNK + 7 :]]  # global scope: one ranking over three parts
-        _run(parts, CHUNK, BandHint(0.3, 0.2))
-    finally:
-        torch.set_num_threads(before)
+    g = torch.Generator().manual_seed(threads)
+    s = torch.randn(2 * CHUNK + 1234, generator=g)
+    s[::9] = 0.25  # a tie group straddling every chunk
+    s[5::9] = -0.25
+    s[::101] = 0.0
+    kept = int(0.6 * s.numel())
+    for hint in [None, BandHint(0.6, 1e-9), BandHint(0.5, 0.45), BandHint(0.25, 0.0), BandHint(9.0, 0.1)]:
+        new_hint, masks = _run([s], kept, hint)
+        assert new_hint.threshold == float(s[masks[0]].abs().min())
+    parts = [s[:1000], s[1000 : CHUNK + 7], s[CHUNK + 7 :]]  # global scope: one ranking over three parts
+    _run(parts, CHUNK, BandHint(0.3, 0.2))
 
 
 def test_moving_threshold_and_edge_counts():
@@ -177,49 +192,37 @@ def test_training_uses_it_and_matches_the_pure_pytorch_path():
             assert torch.equal(ma.scores.grad, mb.scores.grad)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
 def test_straight_through_gradient_equals_pytorch(threads, build):
     """The compiled score gradient g * w * sign(s) against PyTorch's ops: zeros of both signs, NaN (sign 0, as
     in torch.sign), infinities, sizes across chunk boundaries."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(threads)
-        n = 2 * CHUNK + 77
-        s, w, grad = (torch.randn(n, generator=g) for _ in range(3))
-        s[::7], s[1::11], s[2::13] = 0.0, -0.0, float("nan")
-        w[::17], grad[::19], grad[3::23] = 0.0, float("inf"), -0.0
-        out = straight_through_grad(grad, s, w)
-        expected = torch.sign(s) * w * grad
-        assert torch.equal(out.isnan(), expected.isnan())
-        keep = ~expected.isnan()
-        assert torch.equal(out[keep], expected[keep])  # -0.0 == 0.0: only the sign of zero results may differ
-        small = torch.randn(5, 4, 3, 3, generator=g)
-        assert torch.equal(
-            straight_through_grad(small, small.neg(), small.exp()), torch.sign(-small) * small.exp() * small
-        )
-    finally:
-        torch.set_num_threads(before)
+    g = torch.Generator().manual_seed(threads)
+    n = 2 * CHUNK + 77
+    s, w, grad = (torch.randn(n, generator=g) for _ in range(3))
+    s[::7], s[1::11], s[2::13] = 0.0, -0.0, float("nan")
+    w[::17], grad[::19], grad[3::23] = 0.0, float("inf"), -0.0
+    out = straight_through_grad(grad, s, w)
+    expected = torch.sign(s) * w * grad
+    assert torch.equal(out.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert torch.equal(out[keep], expected[keep])  # -0.0 == 0.0: only the sign of zero results may differ
+    small = torch.randn(5, 4, 3, 3, generator=g)
+    assert torch.equal(straight_through_grad(small, small.neg(), small.exp()), torch.sign(-small) * small.exp() * small)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
 def test_masked_weight_equals_pytorch(threads, build):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(threads)
-        w = torch.randn(2 * CHUNK + 77, generator=g)
-        w[::5] = float("nan")
-        mask = torch.rand(w.shape, generator=g) < 0.3
-        out = masked_weight(w, mask)
-        assert torch.equal(out.isnan(), w.isnan() & mask)  # a dropped NaN is gone: w where kept, else 0
-        assert torch.equal(out.nan_to_num(), torch.where(mask, w, 0.0).nan_to_num())
-        conv = torch.randn(8, 4, 3, 3, generator=g).to(memory_format=torch.channels_last)  # the PyTorch path
-        mask = torch.rand(conv.shape, generator=g) < 0.5
-        out = masked_weight(conv, mask)
-        assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, conv * mask)
-    finally:
-        torch.set_num_threads(before)
+    g = torch.Generator().manual_seed(threads)
+    w = torch.randn(2 * CHUNK + 77, generator=g)
+    w[::5] = float("nan")
+    mask = torch.rand(w.shape, generator=g) < 0.3
+    out = masked_weight(w, mask)
+    assert torch.equal(out.isnan(), w.isnan() & mask)  # a dropped NaN is gone: w where kept, else 0
+    assert torch.equal(out.nan_to_num(), torch.where(mask, w, 0.0).nan_to_num())
+    conv = torch.randn(8, 4, 3, 3, generator=g).to(memory_format=torch.channels_last)  # the PyTorch path
+    mask = torch.rand(conv.shape, generator=g) < 0.5
+    out = masked_weight(conv, mask)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, conv * mask)
 
 
 def test_a_step_between_forward_and_backward_is_caught():
@@ -250,13 +253,9 @@ def test_runs_on_pytorchs_openmp_pool():
     if runtime is None or not native._is_gcc(_compiler_version()):
         pytest.skip("PyTorch's OpenMP runtime is not a libgomp this test can find, or the compiler is not GCC")
     assert native.thread_pool() == f"openmp {runtime}"
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with num_threads(3):
         s = torch.randn(3 * CHUNK)
         _run([s], CHUNK)  # a threaded call, checked against the rule
-    finally:
-        torch.set_num_threads(before)
     assert native._mapped_openmp_runtimes() == {runtime}
 
 
