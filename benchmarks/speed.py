@@ -11,6 +11,8 @@ What is measured (every figure goes to ``--json``; each target is printed as mea
   batch in three variants: ``dense`` (the weights train), ``edge_popup`` (``popupify``; the scores train) and
   ``algorithm1`` (the paper's sort-every-forward reference, ``benchmarks/algorithm1.py``). Variants are timed
   interleaved in one process (round-robin, rotating order, warm-up rounds discarded); medians and ratios.
+  Each case runs in a fresh subprocess, so that no case times its steps on the heap, caches and thread state
+  that the cases before it left (``--in-process`` runs them all in this process).
   Cases: Conv4, CIFAR ResNet-18 (stride-1 stem: 0.56 GFLOPs per image) and torchvision's ResNet-18 (stride-2
   stem and max-pool: 0.04 GFLOPs per image; the model of the issue's figures) at 32x32 (batch 128 on CPU),
   torchvision ResNet-50 at 224x224 (batch 32 on CPU). On CUDA: batch 256, bf16 autocast, channels-last, cudnn.benchmark.
@@ -305,6 +307,31 @@ def bench_case(case: Case, setting: Setting, repeats: int, warmup: int, seconds:
     }
 
 
+def case_in_subprocess(name: str, args: argparse.Namespace, repeats: int, warmup: int, seconds: float) -> dict:
+    """``bench_case`` for ``CASES[name]`` in a fresh interpreter (same device and threads); its figures."""
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.speed",
+        "--case-child",
+        name,
+        "--device",
+        args.device,
+        "--repeats",
+        str(repeats),
+        "--warmup",
+        str(warmup),
+        "--seconds",
+        str(seconds),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the benchmark of case {name} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def peak_training_memory(case: Case, variant: str, setting: Setting, steps: int = 3) -> dict:
     """Bytes the process holds at its peak over a few training steps, above what it held before the model."""
     if setting.cuda:
@@ -518,7 +545,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["steps", "memory", "masks", "files"])
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--in-process", action="store_true", help="time every case in this process (default: a fresh one each)"
+    )
     parser.add_argument("--peak-child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--case-child", choices=list(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -529,6 +560,9 @@ def main(argv: list[str] | None = None) -> dict:
     setting = Setting(torch.device(args.device))
     if setting.cuda:
         torch.backends.cudnn.benchmark = True
+    if args.case_child:
+        print(json.dumps(bench_case(CASES[args.case_child], setting, args.repeats, args.warmup, args.seconds)))
+        return {}
     repeats = args.repeats or (3 if args.quick else 10 if setting.cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if setting.cuda else 1)
     # A CPU ResNet-50 step takes seconds: half the rounds there.
@@ -541,6 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
         "optimizer": OPTIMIZER,
         "repeats": repeats,
         "seconds_per_case": 0.0 if args.quick else args.seconds,
+        "case_process": "this one" if args.in_process else "a fresh subprocess per case",
         "warmup": warmup,
         "cases": {},
         "memory": {},
@@ -562,7 +597,11 @@ def main(argv: list[str] | None = None) -> dict:
         case = CASES[name]
         if "steps" not in args.skip:
             began = time.perf_counter()
-            figures = bench_case(case, setting, repeats_for[name], warmup, 0.0 if args.quick else args.seconds)
+            seconds = 0.0 if args.quick else args.seconds
+            if args.in_process:
+                figures = bench_case(case, setting, repeats_for[name], warmup, seconds)
+            else:
+                figures = case_in_subprocess(name, args, repeats_for[name], warmup, seconds)
             results["cases"][name] = figures
             print_case(name, figures)
             if name.startswith("resnet18"):
