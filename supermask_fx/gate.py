@@ -11,6 +11,10 @@ This is ``torch.nn.utils.parametrize``'s idea with the original names kept. Gate
 Under ``torch.compile`` the read runs outside the graph (one graph break per gated parameter, no recompilation
 from step to step) and the graph receives the effective weight.
 
+A Parameter tied to other modules (a language model's token embedding and output layer) is gated in one module;
+the others get a subclass too, whose attribute reads the owner's effective weight (``alias_parameter``): one mask
+per weight, wherever it is used.
+
 The effective weight is cached and recomputed only when the scores, the weight or a fixed mask change (their
 autograd version counters, bumped by every optimizer step and ``load_state_dict``), so evaluation and gradient
 accumulation never recompute masks. Writing through ``tensor.data`` bypasses the counters: call
@@ -27,7 +31,7 @@ from torch import Tensor, nn
 from . import recompute
 from .kernels import BitMask, masked_weight
 
-__all__ = ["Gate", "gated_class", "is_gated", "gates_of", "scores_name", "mask_name"]
+__all__ = ["Gate", "gated_class", "is_gated", "gates_of", "aliases_of", "scores_name", "mask_name"]
 
 
 def scores_name(param: str) -> str:
@@ -170,23 +174,28 @@ def version_key(t: Tensor) -> tuple[int, int]:
 # The gated subclasses
 
 
-_GATED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+_GATED_CLASSES: dict[tuple[type, tuple[str, ...], tuple[str, ...]], type] = {}
 
 
-def gated_class(base: type, names: tuple[str, ...]) -> type:
-    """``Supermask<Base>``: ``base`` with ``names`` read through their gates. Cached per (base, names)."""
-    key = (base, names)
+def gated_class(base: type, names: tuple[str, ...], aliases: tuple[str, ...] = ()) -> type:
+    """``Supermask<Base>``: ``base`` with ``names`` read through their own gates and ``aliases`` (parameters tied
+    to a weight another module owns) through the owner's gate. Cached per (base, names, aliases)."""
+    key = (base, names, aliases)
     cls = _GATED_CLASSES.get(key)
     if cls is None:
         namespace = {name: _gated_property(name) for name in names}
+        namespace.update({name: _alias_property(name) for name in aliases})
         namespace.update(
             _supermask_base=base,
+            _supermask_names=names,
+            _supermask_alias_names=aliases,
             reset_parameters=_refuse_reset,
             __reduce_ex__=_reduce_ex,
             __module__=__name__,
-            __doc__=f"{base.__name__} whose {', '.join(names)} read as weight * mask (see supermask_fx.gate).",
+            __doc__=f"{base.__name__} whose {', '.join(names + aliases)} read as weight * mask "
+            "(see supermask_fx.gate).",
         )
-        if recompute.supports(base):
+        if names and recompute.supports(base):
             namespace["forward"] = recompute.gated_forward(base)
         cls = type(f"Supermask{base.__name__}", (base,), namespace)
         _GATED_CLASSES[key] = cls
@@ -201,6 +210,16 @@ def _gated_property(name: str) -> property:
         return gate.effective(self)
 
     return property(effective, doc=f"The effective (masked) {name}; the frozen random one is _parameters[{name!r}].")
+
+
+def _alias_property(name: str) -> property:
+    def effective(self):
+        owner, gate = self._supermask_aliases[name]
+        if recompute.compiling():
+            return _effective_outside_graph(gate, owner)
+        return gate.effective(owner)
+
+    return property(effective, doc=f"{name}, tied to a gated weight of another module: read as that weight * mask.")
 
 
 @torch.compiler.disable
@@ -222,12 +241,12 @@ def _refuse_reset(self, *args, **kwargs):
 def _reduce_ex(self, protocol):
     # Rebuild through the importable ``_new_gated`` so pickle and deepcopy work with the generated class.
     reduced = copyreg.__reduce_ex__(self, protocol) if protocol < 2 else object.__reduce_ex__(self, protocol)
-    base, names = type(self)._supermask_base, tuple(self._supermask_gates)
-    return (_new_gated, (base, names), *reduced[2:])
+    cls = type(self)
+    return (_new_gated, (cls._supermask_base, cls._supermask_names, cls._supermask_alias_names), *reduced[2:])
 
 
-def _new_gated(base: type, names: tuple[str, ...]):
-    cls = gated_class(base, names)
+def _new_gated(base: type, names: tuple[str, ...], aliases: tuple[str, ...] = ()):
+    cls = gated_class(base, names, aliases)
     return cls.__new__(cls)
 
 
@@ -239,16 +258,37 @@ def gates_of(module: nn.Module) -> dict[str, Gate]:
     return module.__dict__.get("_supermask_gates", {})
 
 
+def aliases_of(module: nn.Module) -> dict[str, tuple[nn.Module, Gate]]:
+    """``{parameter name: (owner module, gate)}`` for the parameters of ``module`` tied to a weight gated in
+    another module."""
+    return module.__dict__.get("_supermask_aliases", {})
+
+
 def gate_parameter(module: nn.Module, gate: Gate) -> None:
     """Swap ``module``'s class so that ``gate.param`` reads through ``gate``."""
     gates = dict(gates_of(module))
     gates[gate.param] = gate
-    base = getattr(type(module), "_supermask_base", type(module))
     module.__dict__["_supermask_gates"] = gates
-    module.__class__ = gated_class(base, tuple(gates))
+    _swap_class(module)
+
+
+def alias_parameter(module: nn.Module, name: str, owner: nn.Module, gate: Gate) -> None:
+    """Swap ``module``'s class so that its parameter ``name``, the very Parameter ``gate`` gates in ``owner``
+    (tied weights), reads as the owner's effective weight: one weight, one mask, in every module that uses it."""
+    aliases = dict(aliases_of(module))
+    aliases[name] = (owner, gate)
+    module.__dict__["_supermask_aliases"] = aliases
+    _swap_class(module)
+
+
+def _swap_class(module: nn.Module) -> None:
+    base = getattr(type(module), "_supermask_base", type(module))
+    module.__class__ = gated_class(base, tuple(gates_of(module)), tuple(aliases_of(module)))
 
 
 def ungate(module: nn.Module) -> None:
-    """Restore the original class; the caller deals with the parameters."""
+    """Restore the original class (of an owner of gates or of tied aliases); the caller deals with the
+    parameters."""
     module.__class__ = type(module)._supermask_base
-    del module.__dict__["_supermask_gates"]
+    module.__dict__.pop("_supermask_gates", None)
+    module.__dict__.pop("_supermask_aliases", None)

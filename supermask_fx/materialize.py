@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from .gate import gates_of, ungate
+from .gate import aliases_of, gates_of, ungate
 from .masks import gated_layers
 from .subnetwork import unwrap
 
@@ -30,12 +30,12 @@ def materialize(model: nn.Module) -> nn.Module:
             weight = module._parameters[gate.param]
             baked.append((weight * gate.current_mask(module)).detach().clone())
         for (module, gate), value in zip(pairs, baked):
-            module._parameters[gate.param] = nn.Parameter(value)
+            module._parameters[gate.param].copy_(value)  # in place: modules tied to this weight read it too
             if gate.scores is not None:
                 del module._parameters[gate.scores]
             module._buffers.pop(gate.mask_buffer, None)
-    for module in {id(m): m for m, _ in pairs}.values():
-        if gates_of(module):
+    for module in out.modules():
+        if gates_of(module) or aliases_of(module):
             ungate(module)
     for p in out.parameters():
         p.requires_grad_(True)

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import PopupConfig
 from .discover import NORM_TYPES, WeightRef, find_weights
-from .gate import Gate, gate_parameter, is_gated, scores_name
+from .gate import Gate, alias_parameter, gate_parameter, is_gated, scores_name
 from .initializers import draw_scores, draw_weight, generator_for, weight_std
 from .methods import METHODS, TopKSelector
 from .topk import kept_count
@@ -98,6 +98,7 @@ def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
             gate = Gate(ref.module, ref.param, method, k_layer, config=config, fan_in_fan_out=ref.fan_in_fan_out)
             gate_parameter(module, gate)
             gates.append((module, gate))
+        _alias_tied(model, gates)
         _reset_norms(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -147,6 +148,17 @@ def _redraw_weight(module: nn.Module, ref: WeightRef, config: PopupConfig, k: fl
             raise ValueError(f"{ref.module or 'the model'} already has an attribute {name!r}; cannot add scores")
         scores = draw_scores(shape, generator_for(config.seed, ref.name, "scores"), ref.fan_in_fan_out)
         module.register_parameter(name, nn.Parameter(scores.to(weight.device, weight.dtype)))
+
+
+def _alias_tied(model: nn.Module, gates: list[tuple[nn.Module, Gate]]) -> None:
+    """Every other module holding a gated Parameter (tied weights: a language model's token embedding and output
+    layer) reads it through the owner's gate, so the tied weight has one mask wherever it is used."""
+    owners = {id(module._parameters[gate.param]): (module, gate) for module, gate in gates}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            owner = owners.get(id(param)) if param is not None else None
+            if owner is not None and (owner[0] is not module or owner[1].param != name):
+                alias_parameter(module, name, *owner)
 
 
 def _reset_norms(model: nn.Module) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from . import safetensors_io
 from .config import PopupConfig
 from .discover import NORM_TYPES
-from .gate import Gate, is_gated
+from .gate import Gate, aliases_of, is_gated
 from .mask_codec import SubnetworkFileError, decode_mask, encode_mask, pack_bits, unpack_bits
 from .masks import fix_masks, gated_layers
 from .popup import _BIAS_OF, draw_layer_weight, popupify
@@ -196,6 +196,8 @@ def _stored_state(
         regenerated.update({p + gate.param, p + gate.mask_buffer} | ({p + gate.scores} if gate.scores else set()))
         if config.bias == "zero" and module._parameters.get(_BIAS_OF.get(gate.param, "")) is not None:
             constants[p + _BIAS_OF[gate.param]] = 0.0
+    for module in model.modules():  # tied to a gated weight: regenerated with it
+        regenerated.update(prefix[id(module)] + name for name in aliases_of(module) if id(module) in prefix)
     for module in model.modules():
         if isinstance(module, NORM_TYPES) and id(module) in prefix:
             for name, value in (("weight", 1.0), ("bias", 0.0)):
