@@ -124,11 +124,12 @@ def find_weights(model: nn.Module, include: tuple[str, ...] = (), fan_in_fan_out
     Raises:
         ValueError: an ``include`` pattern that matches no parameter, or matches one with fewer than 2 dimensions.
     """
+    params = dict(model.named_parameters(remove_duplicate=False))
     found: dict[str, WeightRef] = {}
     for name, module in model.named_modules():
         for param in module_weights(module):
             found[_join(name, param)] = WeightRef(name, param)
-    for name in _included(model, include):
+    for name in _included(params, include):
         if name not in found:
             module_name, _, param = name.rpartition(".")
             found[name] = WeightRef(module_name, param, fan_in_fan_out)
@@ -148,8 +149,7 @@ def find_weights(model: nn.Module, include: tuple[str, ...] = (), fan_in_fan_out
         elif any(user.op == "call_function" and user.target in PRODUCT_OPS for user in node.users):
             products.append(node.target)
     refs = _ordered(model, found)
-    seen = {id(model.get_submodule(r.module)._parameters[r.param]) for r in refs}
-    params = dict(model.named_parameters(remove_duplicate=False))
+    seen = _gated_ids(model, refs)
     ungated = []
     for name in products:
         p = params.get(name)
@@ -159,9 +159,9 @@ def find_weights(model: nn.Module, include: tuple[str, ...] = (), fan_in_fan_out
     return Discovery(refs, None, ungated)
 
 
-def _included(model: nn.Module, include: tuple[str, ...]) -> list[str]:
-    """Names of the parameters matched by the ``include`` patterns (checked: each matches, each has 2+ dims)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+def _included(params: dict[str, nn.Parameter], include: tuple[str, ...]) -> list[str]:
+    """Names of the parameters (``{qualified name: parameter}``) matched by the ``include`` patterns (checked: each
+    matches, each has 2+ dims)."""
     names: list[str] = []
     for pattern in include:
         matched = [name for name in params if fnmatch.fnmatchcase(name, pattern)]
@@ -184,7 +184,7 @@ def _included(model: nn.Module, include: tuple[str, ...]) -> list[str]:
 
 def _untraced_matrices(model: nn.Module, refs: list[WeightRef]) -> list[str]:
     """Without a trace: the parameters of 2+ dimensions that are not gated, outside embeddings and norms."""
-    seen = {id(model.get_submodule(r.module)._parameters[r.param]) for r in refs}
+    seen = _gated_ids(model, refs)
     names = []
     for module_name, module in model.named_modules():
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag) + NORM_TYPES):
@@ -194,6 +194,11 @@ def _untraced_matrices(model: nn.Module, refs: list[WeightRef]) -> list[str]:
                 seen.add(id(p))
                 names.append(_join(module_name, param_name))
     return names
+
+
+def _gated_ids(model: nn.Module, refs: list[WeightRef]) -> set[int]:
+    """``id`` of every Parameter the refs gate (a tied Parameter is one id under any of its names)."""
+    return {id(model.get_submodule(r.module)._parameters[r.param]) for r in refs}
 
 
 def _feeds_weight(node: fx.Node, user: fx.Node) -> bool:

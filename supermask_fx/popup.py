@@ -156,7 +156,7 @@ def _alias_tied(model: nn.Module, gates: list[tuple[nn.Module, Gate]]) -> None:
     owners = {id(module._parameters[gate.param]): (module, gate) for module, gate in gates}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
-            owner = owners.get(id(param)) if param is not None else None
+            owner = owners.get(id(param))
             if owner is not None and (owner[0] is not module or owner[1].param != name):
                 alias_parameter(module, name, *owner)
 

@@ -197,7 +197,7 @@ def _stored_state(
         if config.bias == "zero" and module._parameters.get(_BIAS_OF.get(gate.param, "")) is not None:
             constants[p + _BIAS_OF[gate.param]] = 0.0
     for module in model.modules():  # tied to a gated weight: regenerated with it
-        regenerated.update(prefix[id(module)] + name for name in aliases_of(module) if id(module) in prefix)
+        regenerated.update(prefix[id(module)] + name for name in aliases_of(module))
     for module in model.modules():
         if isinstance(module, NORM_TYPES) and id(module) in prefix:
             for name, value in (("weight", 1.0), ("bias", 0.0)):
