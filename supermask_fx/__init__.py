@@ -8,7 +8,16 @@ save_subnetwork(model, "wrn50-k30.safetensors")
 
 from .config import PopupConfig
 from .initializers import INITIALIZERS
-from .masks import MaskStats, fix_masks, gated_layers, mask_stats, refresh_masks, supermask_parameters
+from .masks import (
+    Coverage,
+    MaskStats,
+    coverage,
+    fix_masks,
+    gated_layers,
+    mask_stats,
+    refresh_masks,
+    supermask_parameters,
+)
 from .materialize import materialize
 from .popup import popupify
 from .subnetwork import SubnetworkFileError, load_subnetwork, save_subnetwork
@@ -22,6 +31,8 @@ __all__ = [
     "supermask_parameters",
     "mask_stats",
     "MaskStats",
+    "coverage",
+    "Coverage",
     "fix_masks",
     "refresh_masks",
     "gated_layers",

@@ -1,31 +1,43 @@
-"""Which parameters are weights to gate: the torch.fx pass.
+"""Which parameters are weights to gate: the pass that reads the model's graph.
 
-A parameter is a weight to gate when
+**The rule** (one rule, two ways of reading a graph). A parameter is a *weight* when the model's computation uses
+it, after views, casts, transposes and indexing, as the weight operand of a linear map (``linear``, ``conv*``,
+``conv_transpose*``, ``embedding``) or as an operand of a matrix product (``mm``, ``addmm``, ``bmm``, ``baddbmm``,
+``matmul``, ``einsum``, ``grouped_mm``). Normalization scales and shifts (found by the graph: ``LlamaRMSNorm`` and
+``T5LayerNorm`` count) go to 1 / 0; everything else (biases, position tables added to activations, class tokens,
+layer scales) is frozen at its value. Weights come back in ``named_modules()`` order, each Parameter once, so a
+weight tied to several modules is gated once (preferably in a module that is not an embedding: the output layer).
 
-* it is the weight of a module that computes a linear map: ``nn.Linear``, ``nn.Conv1d/2d/3d``,
-  ``nn.ConvTranspose1d/2d/3d`` (subclasses included) and the projections of ``nn.MultiheadAttention``; or
-* the model's traced graph feeds it (a ``get_attr`` node) as the ``weight`` argument of ``F.linear``,
-  ``F.conv*`` or ``F.conv_transpose*``: weights used functionally inside custom modules; or
-* its qualified name matches one of the user's ``include`` patterns (``fnmatch``): weights the rules above cannot
-  know, such as those of Hugging Face GPT-2's ``Conv1D`` (``torch.addmm(b, x, W)`` with ``W`` stored
-  ``(in, out)``).
+**Reading the graph.**
 
-The first and third rules need no trace; the second does. When ``torch.fx`` cannot trace the model (data-dependent
-control flow), the second rule is skipped and the reason is reported so that ``popupify`` can warn once, naming the
-parameters of 2+ dimensions left ungated. A traced parameter that feeds a matrix product (``@``, ``torch.matmul``,
-``mm``, ``addmm``, ``bmm``, ``einsum``, ...) and is not gated is reported too: it looks like a weight.
-Parameters are returned in ``named_modules()`` order, each once, so a weight shared by two modules is gated once.
+1. ``torch.fx.symbolic_trace`` (torchvision, most timm and custom models): the weights of ``nn.Linear``,
+   ``nn.Conv*``, ``nn.ConvTranspose*``, ``nn.Embedding`` and ``nn.MultiheadAttention`` modules, and every parameter
+   the traced graph feeds as the weight of ``F.linear`` / ``F.conv*`` / ``F.embedding``.
+2. ``torch.export`` (non-strict) when fx cannot trace the model, or when the fx graph feeds a parameter to a matrix
+   product that rule 1 cannot lay out: the ATen graph read by ``supermask_fx.graph_rule``, which also tells each
+   weight's layout (``(in, out)`` like GPT-2's ``Conv1D``; stacks of expert matrices). It needs example inputs:
+   ``example_inputs=`` or, for Hugging Face ``PreTrainedModel``s, built from the config
+   (``supermask_fx.example_inputs``). Discovery only: the model stays an eager module of its own class.
+3. Without a graph (no inputs, or export failed): the module types of rule 1, and a warning naming the parameters of
+   2+ dimensions left ungated, with the fix.
+
+``include=`` patterns (``fnmatch`` on qualified parameter names) add weights that no graph shows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import operator
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from .example_inputs import hf_example_inputs, is_hf_model
+from .graph_rule import GraphUse, read_graph
 
 LINEAR_MODULES = (
     nn.Linear,
@@ -35,6 +47,8 @@ LINEAR_MODULES = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
+    nn.Embedding,
+    nn.EmbeddingBag,
 )
 
 # Normalization layers: never gated; popupify resets their affine values to scale 1 / shift 0 and freezes them.
@@ -51,6 +65,7 @@ WEIGHT_OPS = {
     F.conv_transpose1d,
     F.conv_transpose2d,
     F.conv_transpose3d,
+    F.embedding,
     torch.conv1d,
     torch.conv2d,
     torch.conv3d,
@@ -59,7 +74,7 @@ WEIGHT_OPS = {
     torch.conv_transpose3d,
 }
 
-# matrix products: a parameter they read directly is probably a weight that no rule above gates
+# matrix products: a parameter they read in an fx graph is laid out by the ATen reading (path 2)
 PRODUCT_OPS = {
     operator.matmul,
     torch.matmul,
@@ -78,11 +93,16 @@ PRODUCT_OPS = {
 
 @dataclass(frozen=True)
 class WeightRef:
-    """``module`` (qualified name, ``""`` for the root) holds the weight as parameter ``param``."""
+    """``module`` (qualified name, ``""`` for the root) holds the weight as parameter ``param``.
+
+    ``fan_in_fan_out``: stored ``(..., in, out)`` (fan-in is the second-to-last dimension), like GPT-2's ``Conv1D``.
+    ``expert_dims``: leading dimensions that index separate matrices (experts), each drawn and ranked as a layer.
+    """
 
     module: str
     param: str
-    fan_in_fan_out: bool = False  # stored (in, out, ...): fan-in is dimension 0 (``include`` with ``fan_in_fan_out``)
+    fan_in_fan_out: bool = False
+    expert_dims: int = 0
 
     @property
     def name(self) -> str:
@@ -106,57 +126,192 @@ class Discovery:
 
     Attributes:
         refs: the weights to gate, in ``named_modules()`` order, each Parameter once.
+        path: how the graph was read: ``"fx"``, ``"export"`` or ``"modules"`` (no graph).
         trace_error: why ``torch.fx`` could not trace the model, ``None`` when it could.
-        ungated: names of parameters with 2+ dimensions that are not gated and look like weights: those fed to a
-            matrix product in the traced graph, or, when the trace failed, every such parameter outside
-            embeddings and normalization layers.
+        export_error: why ``torch.export`` could not capture it (path ``"modules"`` after a failed export).
+        ungated: names of parameters with 2+ dimensions that are not gated and look like weights (path
+            ``"modules"``: every such parameter outside embeddings and normalization layers; path ``"fx"``: those
+            fed to a matrix product).
+        norms: ``{parameter name: "norm_scale" | "norm_shift"}`` found by the ATen graph (normalization classes
+            other than ``NORM_TYPES``).
+        frozen: ``{parameter name: why it is not gated}`` for every other parameter.
+        seconds: time spent capturing the graph.
     """
 
     refs: list[WeightRef]
+    path: str = "fx"
     trace_error: str | None = None
+    export_error: str | None = None
     ungated: list[str] = field(default_factory=list)
+    norms: dict[str, str] = field(default_factory=dict)
+    frozen: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
-def find_weights(model: nn.Module, include: tuple[str, ...] = (), fan_in_fan_out: bool = False) -> Discovery:
-    """The weights to gate: the module rule, the traced ``F.linear``/``F.conv*`` rule and the ``include`` patterns
-    (whose parameters are stored ``(in, out, ...)`` when ``fan_in_fan_out``).
+def find_weights(
+    model: nn.Module,
+    include: tuple[str, ...] = (),
+    fan_in_fan_out: bool = False,
+    example_inputs=None,
+) -> Discovery:
+    """The weights to gate (see the module docstring for the rule and the three ways of reading the graph).
+
+    Args:
+        model: the model, unchanged.
+        include: ``fnmatch`` patterns of parameter names to gate as well, stored ``(in, out)`` when
+            ``fan_in_fan_out`` (unless the graph says otherwise).
+        example_inputs: ``(args, kwargs)``, a tuple of positional args, a dict of keyword args, or a single tensor:
+            inputs to capture the ATen graph with when fx cannot trace the model. ``None``: built for Hugging Face
+            models, else no ATen graph.
 
     Raises:
         ValueError: an ``include`` pattern that matches no parameter, or matches one with fewer than 2 dimensions.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
+    included = _included(params, include)
     found: dict[str, WeightRef] = {}
     for name, module in model.named_modules():
         for param in module_weights(module):
             found[_join(name, param)] = WeightRef(name, param)
-    for name in _included(params, include):
+    for name in included:
         if name not in found:
             module_name, _, param = name.rpartition(".")
             found[name] = WeightRef(module_name, param, fan_in_fan_out)
+    trace_error, products = None, []
     try:
         graph = fx.Tracer().trace(model)
     except Exception as error:  # torch.fx raises TraceError, TypeError, NotImplementedError, ...
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+        trace_error = _reason(error)
+    else:
+        for node in graph.nodes:
+            if node.op != "get_attr" or node.target in found:
+                continue
+            if any(_feeds_weight(node, user) for user in node.users):
+                module_name, _, param = node.target.rpartition(".")
+                found[node.target] = WeightRef(module_name, param)
+            elif any(user.op == "call_function" and user.target in PRODUCT_OPS for user in node.users):
+                products.append(node.target)
         refs = _ordered(model, found)
-        return Discovery(refs, reason, _untraced_matrices(model, refs))
-    products = []
-    for node in graph.nodes:
-        if node.op != "get_attr" or node.target in found:
-            continue
-        if any(_feeds_weight(node, user) for user in node.users):
-            module_name, _, param = node.target.rpartition(".")
-            found[node.target] = WeightRef(module_name, param)
-        elif any(user.op == "call_function" and user.target in PRODUCT_OPS for user in node.users):
-            products.append(node.target)
+        seen = _gated_ids(model, refs)
+        products = [n for n in products if n in params and params[n].dim() >= 2 and id(params[n]) not in seen]
+        if not products:
+            return Discovery(refs, "fx", frozen=_frozen_by_modules(model, refs))
+    inputs = _normalize_inputs(example_inputs) if example_inputs is not None else hf_example_inputs(model)
+    export_error = None
+    if inputs is not None:
+        start = time.perf_counter()
+        try:
+            uses = _export_uses(model, *inputs)
+        except Exception as error:
+            export_error = _reason(error)
+        else:
+            return _from_graph(model, params, uses, included, fan_in_fan_out, trace_error, time.perf_counter() - start)
+    elif trace_error is None:  # fx traced, but some products need the ATen reading and there are no inputs
+        refs = _ordered(model, found)
+        return Discovery(refs, "fx", ungated=_unique(model, products), frozen=_frozen_by_modules(model, refs))
     refs = _ordered(model, found)
-    seen = _gated_ids(model, refs)
-    ungated = []
-    for name in products:
+    return Discovery(
+        refs,
+        "modules",
+        trace_error,
+        export_error,
+        _untraced_matrices(model, refs),
+        frozen=_frozen_by_modules(model, refs),
+    )
+
+
+def _from_graph(model, params, uses: dict[str, GraphUse], included, fan_in_fan_out, trace_error, seconds) -> Discovery:
+    # tied parameters: one placeholder is used for all their names; every name of a Parameter shares its best use
+    by_id: dict[int, GraphUse] = {}
+    for name, use in uses.items():
         p = params.get(name)
-        if p is not None and p.dim() >= 2 and id(p) not in seen:
-            seen.add(id(p))
-            ungated.append(name)
-    return Discovery(refs, None, ungated)
+        if p is not None and (id(p) not in by_id or by_id[id(p)].kind != "weight"):
+            by_id[id(p)] = use
+    found: dict[str, WeightRef] = {}
+    norms, frozen = {}, {}
+    for name, p in params.items():
+        use = by_id.get(id(p), GraphUse("other", "not used by the graph"))
+        module_name, _, param = name.rpartition(".")
+        if use.kind == "weight" and p.dim() >= 2:
+            found[name] = WeightRef(module_name, param, use.fan_in_fan_out, use.expert_dims)
+        elif name in included:
+            found[name] = WeightRef(module_name, param, fan_in_fan_out)
+        elif use.kind in ("norm_scale", "norm_shift"):
+            norms[name] = use.kind
+        else:
+            frozen[name] = _describe(use, name)
+    refs = _ordered(model, found)
+    gated = {ref.name for ref in refs}
+    frozen = {n: why for n, why in frozen.items() if n not in gated}
+    return Discovery(refs, "export", trace_error, norms=norms, frozen=frozen, seconds=seconds)
+
+
+def _describe(use: GraphUse, name: str) -> str:
+    if use.kind == "added":
+        return "bias" if name.endswith("bias") else f"added to activations ({use.op}): a position table or bias"
+    if use.kind == "concatenated":
+        return f"concatenated to activations ({use.op}): a class token"
+    if use.kind == "scale":
+        return f"multiplies activations ({use.op}): a layer scale"
+    if use.kind == "weight":
+        return "a weight of fewer than 2 dimensions"
+    return f"other use ({use.op})" if use.op else "not used by the graph"
+
+
+def _export_uses(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, GraphUse]:
+    """Capture ``model``'s ATen graph (eval mode, non-strict ``torch.export``) and read it. For a Hugging Face MoE
+    model whose experts loop over ``nonzero()`` (not exportable), retry with its ``grouped_mm`` experts."""
+    with _eval_mode(model):
+        try:
+            program = torch.export.export(model, args, kwargs, strict=False)
+        except Exception:
+            if not (is_hf_model(model) and hasattr(model, "set_experts_implementation")):
+                raise
+            before = model.get_experts_implementation()
+            if all(v in (None, "grouped_mm") for v in before.values()):
+                raise
+            try:
+                model.set_experts_implementation("grouped_mm")
+                program = torch.export.export(model, args, kwargs, strict=False)
+            finally:
+                model.set_experts_implementation(before)
+    return read_graph(program.graph, program.graph_signature.inputs_to_parameters)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _normalize_inputs(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if (
+        isinstance(example_inputs, tuple)
+        and len(example_inputs) == 2
+        and isinstance(example_inputs[0], (tuple, list))
+        and isinstance(example_inputs[1], dict)
+    ):
+        return tuple(example_inputs[0]), dict(example_inputs[1])
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise ValueError(
+        f"example_inputs={type(example_inputs).__name__} is not understood: pass a tensor, a tuple of positional "
+        "inputs, a dict of keyword inputs, or (args, kwargs)"
+    )
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:300]}".rstrip(": ")
 
 
 def _included(params: dict[str, nn.Parameter], include: tuple[str, ...]) -> list[str]:
@@ -183,17 +338,46 @@ def _included(params: dict[str, nn.Parameter], include: tuple[str, ...]) -> list
 
 
 def _untraced_matrices(model: nn.Module, refs: list[WeightRef]) -> list[str]:
-    """Without a trace: the parameters of 2+ dimensions that are not gated, outside embeddings and norms."""
+    """Without a graph: the parameters of 2+ dimensions that are not gated, outside normalization layers."""
     seen = _gated_ids(model, refs)
     names = []
     for module_name, module in model.named_modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag) + NORM_TYPES):
+        if isinstance(module, NORM_TYPES):
             continue
         for param_name, p in module.named_parameters(recurse=False):
             if p.dim() >= 2 and id(p) not in seen:
                 seen.add(id(p))
                 names.append(_join(module_name, param_name))
     return names
+
+
+def _unique(model: nn.Module, names: list[str]) -> list[str]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen: set[int] = set()
+    out = []
+    for name in names:
+        if id(params[name]) not in seen:
+            seen.add(id(params[name]))
+            out.append(name)
+    return out
+
+
+def _frozen_by_modules(model: nn.Module, refs: list[WeightRef]) -> dict[str, str]:
+    """Why each parameter that is not gated is frozen, from module types (paths ``"fx"`` and ``"modules"``)."""
+    gated = _gated_ids(model, refs)
+    frozen = {}
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if id(p) in gated:
+                continue
+            name = _join(module_name, param_name)
+            if isinstance(module, NORM_TYPES):
+                frozen[name] = "normalization (scale 1, shift 0)"
+            elif param_name.endswith("bias"):
+                frozen[name] = "bias"
+            else:
+                frozen[name] = "not a weight of a linear map the graph shows"
+    return frozen
 
 
 def _gated_ids(model: nn.Module, refs: list[WeightRef]) -> set[int]:
@@ -209,23 +393,29 @@ def _feeds_weight(node: fx.Node, user: fx.Node) -> bool:
 
 
 def _ordered(model: nn.Module, found: dict[str, WeightRef]) -> list[WeightRef]:
-    """Keep real Parameters, in ``named_modules`` order, each Parameter object once."""
-    rank = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
-    seen: set[int] = set()
-    refs = []
+    """Keep real Parameters, in ``named_modules`` order, each Parameter object once: a tied Parameter is gated in
+    the first module holding it that is not an embedding (the output layer, a linear map), else in the first."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    rank = {name: i for i, name in enumerate(modules)}
+    chosen: dict[int, WeightRef] = {}
     for ref in sorted(found.values(), key=lambda r: (rank.get(r.module, len(rank)), r.param)):
-        module = model.get_submodule(ref.module)
+        module = modules.get(ref.module) or model.get_submodule(ref.module)
         param = module._parameters.get(ref.param)
-        if not isinstance(param, nn.Parameter) or id(param) in seen:
+        if not isinstance(param, nn.Parameter):
             continue
         if isinstance(param, nn.parameter.UninitializedParameter):
             raise ValueError(
                 f"{ref.name} is a lazy parameter that is not materialized yet: run one forward pass through the "
                 "model (so lazy modules know their shapes) before popupify"
             )
-        seen.add(id(param))
-        refs.append(ref)
-    return refs
+        held = chosen.get(id(param))
+        if held is None or (_is_embedding(modules.get(held.module)) and not _is_embedding(module)):
+            chosen[id(param)] = ref
+    return sorted(chosen.values(), key=lambda r: (rank.get(r.module, len(rank)), r.param))
+
+
+def _is_embedding(module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
 
 
 def _join(module: str, param: str) -> str:

@@ -57,17 +57,18 @@ class Gate:
         method: the ``Method`` that turns (weight, scores) into the effective weight.
         selector: the top-k selector shared by the layers ranked together, for top-k methods.
         config: the ``PopupConfig`` of the ``popupify`` call.
-        fan_in_fan_out: the weight is stored ``(in, out, ...)`` (an ``include``d GPT-2 ``Conv1D``); only its
-            initialization depends on it.
+        fan_in_fan_out: the weight is stored ``(..., in, out)`` (GPT-2's ``Conv1D``); its initialization depends
+            on it.
+        expert_dims: leading dimensions that index separate matrices (mixture-of-experts tensors): each matrix is
+            drawn with its own fans and ranked as a layer of its own (``scope="layer"``).
     """
 
-    def __init__(
-        self, layer: str, param: str, method, k: float, selector=None, config=None, fan_in_fan_out: bool = False
-    ) -> None:
+    def __init__(self, layer: str, param: str, method, k: float, selector=None, config=None, layout=None) -> None:
         self.config = config  # the PopupConfig that made this gate
         self.layer = layer
         self.param = param
-        self.fan_in_fan_out = fan_in_fan_out
+        self.fan_in_fan_out = bool(getattr(layout, "fan_in_fan_out", False))
+        self.expert_dims = int(getattr(layout, "expert_dims", 0))
         self.scores = scores_name(param) if method.has_scores else None
         self.mask_buffer = mask_name(param)
         self.method = method
@@ -90,7 +91,7 @@ class Gate:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.fan_in_fan_out = False  # gates pickled before include=
+        self.fan_in_fan_out, self.expert_dims = False, 0  # gates pickled before these fields
         self.__dict__.update({k: v for k, v in state.items() if k != "mask"})  # "mask": gates pickled before bits
         self.mask = None
 

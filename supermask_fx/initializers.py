@@ -6,7 +6,8 @@ The same seed therefore gives the same tensors on any machine and device, whatev
 
 Standard deviations (``fan`` from ``torch.nn.init``'s rule: for a weight of shape (out, in, *kernel),
 fan_in = in * prod(kernel), fan_out = out * prod(kernel); a weight stored (in, out, *kernel), such as GPT-2's
-``Conv1D`` gated with ``include=`` and ``fan_in_fan_out=True``, has its fans swapped accordingly):
+``Conv1D``, has its fans swapped accordingly; a stack of expert matrices ``(experts, out, in)`` has the fans of one
+matrix):
 
 * Kaiming: ``std = gain / sqrt(fan)``, ``gain`` from ``nonlinearity`` (sqrt 2 for ReLU), ``fan`` from ``mode``.
 * Xavier: ``std = sqrt(2 / (fan_in + fan_out))`` (gain 1, as ``torch.nn.init.xavier_normal_``).
@@ -45,9 +46,11 @@ def generator_for(seed: int, name: str, role: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def fans(shape: tuple[int, ...], fan_in_fan_out: bool = False) -> tuple[int, int]:
+def fans(shape: tuple[int, ...], fan_in_fan_out: bool = False, expert_dims: int = 0) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a weight stored ``(out, in, *kernel)``, or ``(in, out, *kernel)`` with
-    ``fan_in_fan_out`` (GPT-2's ``Conv1D``, ``x @ W``)."""
+    ``fan_in_fan_out`` (GPT-2's ``Conv1D``, ``x @ W``). With ``expert_dims``, the leading dimensions index separate
+    matrices (mixture-of-experts tensors ``(experts, out, in)``) and the fans are those of one matrix."""
+    shape = tuple(shape)[expert_dims:]
     if len(shape) < 2:
         raise ValueError(f"a gated weight needs at least 2 dimensions, got shape {tuple(shape)}")
     receptive = math.prod(shape[2:])
@@ -64,8 +67,9 @@ def weight_std(
     k: float,
     scaled: bool,
     fan_in_fan_out: bool = False,
+    expert_dims: int = 0,
 ) -> float:
-    fan_in, fan_out = fans(shape, fan_in_fan_out)
+    fan_in, fan_out = fans(shape, fan_in_fan_out, expert_dims)
     if INITIALIZERS[init][1] == "xavier":
         std = math.sqrt(2.0 / (fan_in + fan_out))
     else:
@@ -86,7 +90,9 @@ def draw_weight(shape: tuple[int, ...], init: str, *, std: float, generator: tor
     return torch.full(shape, std, dtype=torch.float32)  # unsigned_constant
 
 
-def draw_scores(shape: tuple[int, ...], generator: torch.Generator, fan_in_fan_out: bool = False) -> Tensor:
+def draw_scores(
+    shape: tuple[int, ...], generator: torch.Generator, fan_in_fan_out: bool = False, expert_dims: int = 0
+) -> Tensor:
     """Kaiming-uniform with ``a = sqrt(5)``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32 on the CPU."""
-    bound = 1.0 / math.sqrt(fans(shape, fan_in_fan_out)[0])
+    bound = 1.0 / math.sqrt(fans(shape, fan_in_fan_out, expert_dims)[0])
     return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound

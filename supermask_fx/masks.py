@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .gate import Gate, gates_of
+from .gate import Gate, aliases_of, gates_of
 
-__all__ = ["gated_layers", "supermask_parameters", "mask_stats", "fix_masks", "refresh_masks", "MaskStats"]
+__all__ = [
+    "gated_layers",
+    "supermask_parameters",
+    "mask_stats",
+    "fix_masks",
+    "refresh_masks",
+    "MaskStats",
+    "coverage",
+    "Coverage",
+]
 
 
 def gated_layers(model: nn.Module) -> Iterator[tuple[nn.Module, Gate]]:
@@ -103,3 +113,81 @@ def refresh_masks(model: nn.Module) -> None:
         gate.clear_cache()
         if gate.selector is not None:
             gate.selector.invalidate()
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What ``popupify`` did to every parameter of a model: ``coverage(model)``.
+
+    Attributes:
+        path: how the weights were found: ``"fx"`` (torch.fx trace), ``"export"`` (torch.export ATen graph),
+            ``"modules"`` (no graph: module types only), ``"recorded"`` (the list stored in a file or checkpoint).
+        gated: ``(name, shape, layout)`` per gated weight; layout ``"(out, in)"``, ``"(in, out)"`` or with an
+            ``experts x`` prefix for stacks of expert matrices.
+        frozen: ``(name, shape, why)`` per other parameter: normalization (scale 1, shift 0), bias, position
+            table, class token, ...
+        ungated: parameters of 2+ dimensions that look like weights but are not gated (see the warning).
+        seconds: time spent capturing the graph at ``popupify``.
+    """
+
+    path: str
+    gated: tuple[tuple[str, tuple[int, ...], str], ...]
+    frozen: tuple[tuple[str, tuple[int, ...], str], ...]
+    ungated: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rows = [(n, s, f"gated {layout}") for n, s, layout in self.gated] + [(n, s, w) for n, s, w in self.frozen]
+        width = max([len(n) for n, _, _ in rows] + [9])
+        lines = [f"found by: {self.path}" + (f" ({self.seconds:.1f} s)" if self.seconds else "")]
+        lines += [f"{n:<{width}} {str(tuple(s)):>18}  {what}" for n, s, what in rows]
+        gated = sum(math.prod(s) for _, s, _ in self.gated)
+        total = gated + sum(math.prod(s) for _, s, _ in self.frozen)
+        lines.append(f"{len(self.gated)} weights gated ({gated:,} of {total:,} parameter values)")
+        if self.ungated:
+            lines.append("not gated, look like weights: " + ", ".join(self.ungated))
+        return "\n".join(lines)
+
+
+def coverage(model: nn.Module) -> Coverage:
+    """Which parameters ``popupify`` gated (with the layout their fans were read in) and why each other one was
+    only frozen. ``print(coverage(model))`` shows the whole model at a glance."""
+    pairs = list(gated_layers(model))
+    if not pairs:
+        raise ValueError("the model has no gated layer: call supermask_fx.popupify(model, k) first")
+    discovery = next(
+        (m.__dict__["_supermask_discovery"] for m in model.modules() if "_supermask_discovery" in m.__dict__), None
+    )
+    gated_ids = {id(module._parameters[gate.param]) for module, gate in pairs}
+    score_ids = {id(module._parameters[gate.scores]) for module, gate in pairs if gate.scores}
+    gated = []
+    for module, gate in pairs:
+        shape = tuple(module._parameters[gate.param].shape)
+        layout = "(in, out)" if gate.fan_in_fan_out else "(out, in)"
+        if gate.expert_dims:
+            layout = f"{' x '.join(map(str, shape[: gate.expert_dims]))} experts x {layout}"
+        gated.append((gate.name, shape, layout))
+    known = dict(discovery.frozen) if discovery else {}
+    known.update(
+        {
+            n: "normalization scale (1)" if kind == "norm_scale" else "normalization shift (0)"
+            for n, kind in (discovery.norms.items() if discovery else ())
+        }
+    )
+    frozen = []
+    seen = set(gated_ids) | score_ids
+    for module_name, module in model.named_modules():
+        tied = aliases_of(module)
+        for name, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if id(p) in seen or name in tied:
+                continue
+            seen.add(id(p))
+            frozen.append((full, tuple(p.shape), known.get(full, "frozen at its value")))
+    return Coverage(
+        discovery.path if discovery else "unknown",
+        tuple(gated),
+        tuple(frozen),
+        tuple(discovery.ungated) if discovery else (),
+        discovery.seconds if discovery else 0.0,
+    )

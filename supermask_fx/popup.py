@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 
 import torch
 from torch import nn
 
 from .config import PopupConfig
-from .discover import NORM_TYPES, WeightRef, find_weights
+from .discover import NORM_TYPES, Discovery, WeightRef, find_weights
 from .gate import Gate, alias_parameter, gate_parameter, is_gated, scores_name
 from .initializers import draw_scores, draw_weight, generator_for, weight_std
 from .methods import METHODS, TopKSelector
@@ -25,19 +26,31 @@ _BIAS_OF = {
 }
 
 
-def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
+def popupify(
+    model: nn.Module,
+    k: float | PopupConfig,
+    *,
+    example_inputs=None,
+    weights: list[WeightRef] | None = None,
+    **options,
+) -> nn.Module:
     """Turn ``model`` into a supermask network in place and return it.
 
-    Every weight-bearing layer found by ``supermask_fx.discover`` (Linear, Conv, ConvTranspose,
-    MultiheadAttention projections, and weights the traced graph feeds to ``F.linear``/``F.conv*``) is gated:
-    its weight is redrawn from ``init`` with ``seed`` and frozen, it gains a ``scores`` Parameter (for methods
-    with scores), and reading ``module.weight`` gives ``weight * mask``. Module paths and ``state_dict`` names
-    are unchanged. Then every other parameter is frozen: normalization layers get scale 1 / shift 0, biases of
-    gated layers are zeroed (``bias="zero"``) or kept (``bias="keep"``), anything else keeps its value.
+    Every weight found by ``supermask_fx.discover`` (the weight operands of linear maps, convolutions, embeddings
+    and matrix products in the model's graph) is gated: it is redrawn from ``init`` with ``seed`` and frozen, it
+    gains a score Parameter (for methods with scores), and reading it gives ``weight * mask``. Module classes,
+    paths and ``state_dict`` names are unchanged. Then every other parameter is frozen: normalization scales and
+    shifts get 1 / 0, biases of gated layers are zeroed (``bias="zero"``) or kept (``bias="keep"``), anything
+    else keeps its value. ``coverage(model)`` lists what was gated and why the rest was not.
 
     Args:
         model: any ``nn.Module``; it is modified in place.
         k: fraction of weights kept in each layer (0 < k <= 1), or a whole ``PopupConfig``.
+        example_inputs: inputs for one forward pass (a tensor, a tuple of args, a dict of kwargs, or
+            ``(args, kwargs)``), used only when ``torch.fx`` cannot trace the model, to read its graph with
+            ``torch.export``. Hugging Face ``PreTrainedModel``s need none: they are built from the config.
+        weights: the exact weights to gate (``WeightRef``s, as recorded in a subnetwork file or checkpoint); skips
+            discovery. Used by ``load_subnetwork`` and ``restore``.
         **options: the other ``PopupConfig`` fields (``method``, ``init``, ``scaled``, ``seed``, ``scope``,
             ``layer_k``, ``mode``, ``nonlinearity``, ``bias``, ``include``, ``fan_in_fan_out``).
 
@@ -45,8 +58,8 @@ def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
         ``model`` itself. Train it with ``torch.optim.SGD(supermask_parameters(model), ...)``.
 
     Warns:
-        UserWarning: once, when ``torch.fx`` cannot trace the model, or when parameters of 2+ dimensions feed matrix
-            products ungated; the message names them and how to gate them (``include=``).
+        UserWarning: once, when no graph could be read (the message names the weights left ungated and the fix), or
+            when a traced graph feeds parameters to matrix products and there are no inputs to lay them out.
 
     Raises:
         ValueError: bad options, a model that is already popupified, an ``include`` pattern that matches no
@@ -63,22 +76,12 @@ def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
             f"{type(model).__name__} is already popupified; popupify a freshly built model instead "
             "(supermask_fx.materialize(model) gives a plain copy with the masks baked in)"
         )
-    found = find_weights(model, config.include, config.fan_in_fan_out)
+    if weights is not None:
+        found = Discovery(list(weights), "recorded")
+    else:
+        found = find_weights(model, config.include, config.fan_in_fan_out, example_inputs)
+        _warn_coverage(model, found)
     refs = found.refs
-    if found.trace_error is not None:
-        warnings.warn(
-            f"torch.fx could not trace {type(model).__name__} ({found.trace_error}); popupify falls back to gating "
-            "the weights of its Linear, Conv, ConvTranspose and MultiheadAttention modules in place (and those "
-            "matched by include=). Weights that a custom module passes to F.linear/F.conv* itself are not gated "
-            f"(they stay frozen).{_ungated_note(found.ungated)}",
-            stacklevel=2,
-        )
-    elif found.ungated:
-        warnings.warn(
-            f"{type(model).__name__} feeds parameters to matrix products that no rule gates."
-            + _ungated_note(found.ungated),
-            stacklevel=2,
-        )
     if not refs:
         raise ValueError(f"{type(model).__name__} has no Linear, Conv or other weight-bearing layer to gate")
     _check_patterns(config, refs)
@@ -95,11 +98,11 @@ def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
                 bias = module._parameters.get(_BIAS_OF.get(ref.param, ""))
                 if bias is not None:
                     bias.zero_()
-            gate = Gate(ref.module, ref.param, method, k_layer, config=config, fan_in_fan_out=ref.fan_in_fan_out)
+            gate = Gate(ref.module, ref.param, method, k_layer, config=config, layout=ref)
             gate_parameter(module, gate)
             gates.append((module, gate))
         _alias_tied(model, gates)
-        _reset_norms(model)
+        _reset_norms(model, found.norms)
     for p in model.parameters():
         p.requires_grad_(False)
     for module, gate in gates:
@@ -108,14 +111,52 @@ def popupify(model: nn.Module, k: float | PopupConfig, **options) -> nn.Module:
             module._parameters[gate.scores].requires_grad_(method.trains_scores)
     if method.uses_topk:
         _group(gates, config, layer_k)
+    model.__dict__["_supermask_discovery"] = Discovery(
+        [], found.path, found.trace_error, found.export_error, found.ungated, found.norms, found.frozen, found.seconds
+    )
     return model
 
 
+def _warn_coverage(model: nn.Module, found: Discovery) -> None:
+    name = type(model).__name__
+    if found.path == "modules":
+        if found.export_error is not None:
+            why = (
+                f"torch.fx could not trace {name} ({found.trace_error}) and torch.export could not capture it "
+                f"({found.export_error})"
+            )
+            fix = (
+                "Fix the export (for a Hugging Face mixture of experts: model.set_experts_implementation("
+                "'grouped_mm')), or name the weights with include=."
+            )
+        else:
+            why = f"torch.fx could not trace {name} ({found.trace_error}) and no example inputs were given"
+            fix = (
+                "Pass example_inputs= (inputs for one forward pass) so that popupify reads the graph with "
+                "torch.export, or name the weights with include=."
+            )
+        warnings.warn(
+            f"{why}: popupify falls back to gating the weights of its Linear, Conv, ConvTranspose, Embedding and "
+            f"MultiheadAttention modules in place (and those matched by include=).{_ungated_note(found.ungated)} "
+            + fix,
+            stacklevel=3,
+        )
+    elif found.ungated:
+        warnings.warn(
+            f"{name} feeds parameters to matrix products, and without example inputs popupify cannot read how: "
+            f"{_ungated_note(found.ungated)} Pass example_inputs= (inputs for one forward pass) to gate them from "
+            "the torch.export graph, or name them with include= (fan_in_fan_out=True if stored (in, out)).",
+            stacklevel=3,
+        )
+
+
 def draw_layer_weight(
-    config: PopupConfig, name: str, shape: tuple[int, ...], k: float, fan_in_fan_out: bool = False
+    config: PopupConfig, name: str, shape: tuple[int, ...], k: float, layout: WeightRef | None = None
 ) -> torch.Tensor:
-    """The float32 CPU weight ``popupify`` gives the gated parameter ``name`` (``"<module>.<param>"``); with
-    ``fan_in_fan_out`` the weight is stored ``(in, out, ...)`` and its fans are read accordingly."""
+    """The float32 CPU weight ``popupify`` gives the gated parameter ``name`` (``"<module>.<param>"``), its fans
+    read from ``layout`` (``fan_in_fan_out``: stored ``(in, out, ...)``; ``expert_dims``: a stack of matrices)."""
+    fan_in_fan_out = layout.fan_in_fan_out if layout is not None else False
+    expert_dims = layout.expert_dims if layout is not None else 0
     std = weight_std(
         shape,
         config.init,
@@ -124,6 +165,7 @@ def draw_layer_weight(
         k=k,
         scaled=config.scaled,
         fan_in_fan_out=fan_in_fan_out,
+        expert_dims=expert_dims,
     )
     return draw_weight(shape, config.init, std=std, generator=generator_for(config.seed, name, "weight"))
 
@@ -132,21 +174,18 @@ def _ungated_note(names: list[str]) -> str:
     if not names:
         return ""
     shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    return (
-        f" Not gated (frozen at their values): {shown}. To gate such weights, pass include=[fnmatch patterns of "
-        "their names], with fan_in_fan_out=True if they are stored (in, out) like GPT-2's Conv1D."
-    )
+    return f" Not gated (frozen at their values): {shown}."
 
 
 def _redraw_weight(module: nn.Module, ref: WeightRef, config: PopupConfig, k: float, with_scores: bool) -> None:
     weight = module._parameters[ref.param]
     shape = tuple(weight.shape)
-    weight.copy_(draw_layer_weight(config, ref.name, shape, k, ref.fan_in_fan_out))
+    weight.copy_(draw_layer_weight(config, ref.name, shape, k, ref))
     if with_scores:
         name = scores_name(ref.param)
         if name in module._parameters or hasattr(module, name):
             raise ValueError(f"{ref.module or 'the model'} already has an attribute {name!r}; cannot add scores")
-        scores = draw_scores(shape, generator_for(config.seed, ref.name, "scores"), ref.fan_in_fan_out)
+        scores = draw_scores(shape, generator_for(config.seed, ref.name, "scores"), ref.fan_in_fan_out, ref.expert_dims)
         module.register_parameter(name, nn.Parameter(scores.to(weight.device, weight.dtype)))
 
 
@@ -161,13 +200,18 @@ def _alias_tied(model: nn.Module, gates: list[tuple[nn.Module, Gate]]) -> None:
                 alias_parameter(module, name, *owner)
 
 
-def _reset_norms(model: nn.Module) -> None:
+def _reset_norms(model: nn.Module, graph_norms: dict[str, str]) -> None:
+    """Normalization scales to 1 and shifts to 0: modules of ``NORM_TYPES`` and the parameters the graph showed in
+    that role (``{name: "norm_scale" | "norm_shift"}``: hand-written RMS norms)."""
     for module in model.modules():
         if isinstance(module, NORM_TYPES):
             if isinstance(getattr(module, "weight", None), torch.Tensor):
                 module.weight.fill_(1.0)
             if isinstance(getattr(module, "bias", None), torch.Tensor):
                 module.bias.fill_(0.0)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, kind in graph_norms.items():
+        params[name].fill_(1.0 if kind == "norm_scale" else 0.0)
 
 
 def _group(gates: list[tuple[nn.Module, Gate]], config: PopupConfig, layer_k: dict) -> None:
@@ -179,7 +223,8 @@ def _group(gates: list[tuple[nn.Module, Gate]], config: PopupConfig, layer_k: di
             shared.append((module, gate))
             continue
         weight = module._parameters[gate.param]
-        _attach(TopKSelector(kept_count(weight.numel(), gate.k)), [(module, gate)], peers)
+        blocks = math.prod(weight.shape[: gate.expert_dims])  # each expert's matrix is ranked as a layer
+        _attach(TopKSelector(kept_count(weight.numel() // blocks, gate.k), blocks=blocks), [(module, gate)], peers)
     if shared:
         total = sum(m._parameters[g.param].numel() for m, g in shared)
         _attach(TopKSelector(kept_count(total, config.k)), shared, peers)

@@ -76,7 +76,7 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
     with torch.no_grad():
         for module, gate in pairs:
             weight = module._parameters[gate.param]
-            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k, gate.fan_in_fan_out)
+            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k, gate)
             if not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
                 raise ValueError(
                     f"the weights of {gate.name} are not the ones seed {config.seed} gives (were they retrained?); "
@@ -150,7 +150,7 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for (module, gate), layer in zip(pairs, info["layers"]):
             weight = module._parameters[gate.param]
-            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k, gate.fan_in_fan_out)
+            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k, gate)
             if _sha(regenerated) != layer["sha256"]:
                 raise SubnetworkFileError(
                     f"{path}: the weights regenerated for {gate.name} from seed {config.seed} differ from those the "

@@ -82,11 +82,15 @@ class TopKSelector:
     weights between steps. ``peers`` are the selectors of the same ``popupify`` call: on the compiled CPU path,
     the first stale selector refreshes every stale peer in the same kernel call (an optimizer step changes all
     scores at once), so a step's masks cost one pass over all the scores.
+
+    ``blocks > 1`` (one member, a stack of expert matrices): the member's scores are ``blocks`` equal consecutive
+    chunks (one per matrix), each ranked on its own and keeping ``kept``.
     """
 
-    def __init__(self, kept: int, strategy: str = "auto") -> None:
+    def __init__(self, kept: int, strategy: str = "auto", blocks: int = 1) -> None:
         self.kept = kept
         self.strategy = strategy
+        self.blocks = blocks
         self.members: list[tuple[nn.Module, object]] = []
         self.peers: list[TopKSelector] = [self]
         self.key = None  # what the masks were computed from
@@ -168,7 +172,7 @@ class TopKSelector:
     def _native_ok(self, as_peer: bool = False) -> bool:
         """Whether the compiled CPU pass applies: strategy ``auto`` or ``native``, float32 contiguous CPU tensors.
         ``as_peer``: refreshed ahead of its own read: never raise (its own read will, for ``strategy="native"``)."""
-        if self.strategy not in ("auto", "native"):
+        if self.strategy not in ("auto", "native") or self.blocks > 1:
             return False
         if as_peer and any(m._buffers.get(g.mask_buffer) is not None for m, g in self.members):
             return False  # a fixed mask: its gate reads the buffer (and may alias it as ``gate.mask``)
@@ -213,7 +217,12 @@ class TopKSelector:
                 magnitudes = scores.abs().contiguous()
             parts.append(magnitudes.view(-1))
             masks.append(gate.mask.view(-1))
-        self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
+        if self.blocks > 1:  # one member: each of its matrices is ranked on its own
+            hints = self.hint if isinstance(self.hint, list) else [None] * self.blocks
+            chunks = zip(parts[0].view(self.blocks, -1), masks[0].view(self.blocks, -1), hints)
+            self.hint = [select_topk([a], self.kept, [m], h, self.strategy) for a, m, h in chunks]
+        else:
+            self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
         if effective:
             self._fill_effective()
 

@@ -1,0 +1,288 @@
+"""The weight rule read off a captured ATen graph (``torch.export``): which parameters are weights, and how.
+
+A parameter is a **weight** when the graph uses it, after view-like ops (views, reshapes, casts, transposes,
+permutes, ``expand``, indexing and slicing, ``split``/``chunk``, weight normalization's ``v``), as
+
+* the weight operand of ``linear``, ``conv*`` / ``convolution``, ``conv_transpose*``, ``embedding``,
+  ``embedding_bag``; or
+* an operand of ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``matmul``, ``mv``, ``addmv``, ``einsum`` or
+  ``_grouped_mm``.
+
+Its **layout** comes from the same use: which dimension is the fan-in. ``linear`` and ``embedding`` read
+``(out, in)``; a matrix product's right operand ``x @ W`` reads ``(in, out)`` (GPT-2's ``Conv1D``), its left
+operand ``W @ x`` reads ``(out, in)``; a transpose on the way flips that. A weight with more than two dimensions used
+by a matrix product (mixture-of-experts tensors ``(experts, out, in)``) is a stack of matrices: each one is drawn
+and ranked as a layer of its own. Convolution weights keep ``torch.nn.init``'s layout.
+
+A parameter is a **normalization** parameter when it is the weight or bias of ``layer_norm``, ``group_norm``,
+``batch_norm``, ``instance_norm``, ``rms_norm``, or, for the RMS norms that models write out by hand
+(``LlamaRMSNorm``, ``T5LayerNorm``: ``weight * (x * rsqrt(mean(x^2) + eps))``), a factor of ``mul`` whose other
+operand comes from ``x * rsqrt(...)``. Everything else (biases, position tables added to activations, class tokens,
+layer scales) is neither: it is frozen at its value. Where a parameter has several uses (tied weights), the first
+weight use in graph order sets its layout.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+__all__ = ["GraphUse", "read_graph"]
+
+
+@dataclass(frozen=True)
+class GraphUse:
+    """How the graph uses one parameter.
+
+    Attributes:
+        kind: ``"weight"``, ``"norm_scale"``, ``"norm_shift"``, ``"added"`` (added to activations: position tables,
+            biases), ``"concatenated"`` (class tokens), ``"scale"`` (multiplies activations: layer scales) or
+            ``"other"``.
+        op: the ATen op of that use (``"aten.addmm"``), for reports.
+        fan_in_fan_out: (weights) stored ``(..., in, out)``: the fan-in is the second-to-last dimension.
+        expert_dims: (weights) leading dimensions that index separate matrices (experts), 0 for a plain weight.
+    """
+
+    kind: str
+    op: str
+    fan_in_fan_out: bool = False
+    expert_dims: int = 0
+
+
+def _packets(*ops) -> set:
+    out = set()
+    for op in ops:
+        packet = getattr(aten, op, None)
+        if packet is not None:
+            out.update(getattr(packet, name) for name in packet.overloads())
+    return out
+
+
+# Ops whose output is a view, cast or slice of their first operand: the walk follows the parameter through them.
+_PASS_THROUGH = _packets(
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "t",
+    "transpose",
+    "permute",
+    "_to_copy",
+    "to",
+    "type_as",
+    "contiguous",
+    "clone",
+    "expand",
+    "expand_as",
+    "unsqueeze",
+    "squeeze",
+    "alias",
+    "detach",
+    "lift_fresh_copy",
+    "index",
+    "select",
+    "slice",
+    "narrow",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "flatten",
+    "unflatten",
+    "_weight_norm",
+    "numpy_T",
+    "mT",
+    "adjoint",
+    "repeat",
+    "movedim",
+    "swapaxes",
+    "view_as",
+    "_assert_tensor_metadata",
+)
+_WEIGHT_ARG = {
+    op: 1
+    for op in _packets(
+        "linear",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "convolution",
+        "_convolution",
+        "conv_tbc",
+    )
+}
+_WEIGHT_ARG.update({op: 0 for op in _packets("embedding", "embedding_bag", "_embedding_bag")})
+_LINEAR_LIKE = _packets("linear", "embedding", "embedding_bag", "_embedding_bag")  # weight read (out, in)
+# matrix products: operand positions (left, right)
+_PRODUCTS = {op: (0, 1) for op in _packets("mm", "bmm", "matmul", "mv", "_grouped_mm", "grouped_mm")}
+_PRODUCTS.update({op: (1, 2) for op in _packets("addmm", "baddbmm", "addbmm", "addmv")})
+_EINSUM = _packets("einsum")
+_NORMS = {op: (2, 3) for op in _packets("layer_norm", "native_layer_norm", "group_norm", "native_group_norm")}
+_NORMS.update(
+    {
+        op: (1, 2)
+        for op in _packets(
+            "batch_norm",
+            "native_batch_norm",
+            "_native_batch_norm_legit",
+            "_native_batch_norm_legit_no_training",
+            "_native_batch_norm_legit_functional",
+            "instance_norm",
+            "cudnn_batch_norm",
+            "miopen_batch_norm",
+        )
+    }
+)
+_NORMS.update({op: (2, None) for op in _packets("rms_norm", "_fused_rms_norm")})
+_MUL = _packets("mul")
+_RSQRT = _packets("rsqrt")
+_ADD = _packets("add", "sub", "add_")
+_CAT = _packets("cat", "concat", "stack")
+
+
+def read_graph(graph: fx.Graph, placeholders: dict[str, str]) -> dict[str, GraphUse]:
+    """``{parameter name: its use}`` for the parameters of an exported graph.
+
+    Args:
+        graph: the ATen graph of ``torch.export.export(...).graph``.
+        placeholders: ``graph_signature.inputs_to_parameters``: placeholder name -> parameter name.
+    """
+    uses: dict[str, GraphUse] = {}
+    for node in graph.nodes:
+        if node.op != "placeholder" or node.name not in placeholders:
+            continue
+        name = placeholders[node.name]
+        found = [use for use in _walk(node, node) if use is not None]
+        rank = {"weight": 0, "norm_scale": 1, "norm_shift": 1, "concatenated": 2, "added": 3, "scale": 4}
+        uses[name] = min(found, key=lambda use: rank.get(use.kind, 5)) if found else GraphUse("other", "")
+    return uses
+
+
+def _walk(source: fx.Node, node: fx.Node, swapped: bool = False, depth: int = 0):
+    """Yield a ``GraphUse`` (or ``None``) for each use of ``node``, a view chain of the parameter ``source``."""
+    if depth > 32:
+        return
+    for user in node.users:
+        target = user.target
+        if user.op != "call_function":
+            continue
+        if target is operator.getitem or target in _PASS_THROUGH:
+            if target in _PASS_THROUGH and _operand_index(user, node) != 0:
+                yield GraphUse("other", _name(target))  # an index, a shape, a norm's g: not a view of the weight
+                continue
+            yield from _walk(source, user, swapped ^ _swaps(user), depth + 1)
+        elif target in _WEIGHT_ARG:
+            if _operand_index(user, node) == _WEIGHT_ARG[target]:
+                yield _weight(source, target, fan_in_fan_out=swapped if target in _LINEAR_LIKE else False)
+            else:
+                yield GraphUse("added" if _operand_index(user, node) == 2 else "other", _name(target))
+        elif _product_operands(target) is not None:
+            left, right = _product_operands(target)
+            position = _operand_index(user, node)
+            if position not in (left, right):
+                yield GraphUse("added", _name(target))  # addmm's bias
+                continue
+            stored_in_out = (position == right) != swapped
+            yield _weight(source, target, fan_in_fan_out=stored_in_out, product=True)
+        elif target in _EINSUM:
+            yield _einsum_use(source, user, node, swapped)
+        elif target in _NORMS:
+            scale, shift = _NORMS[target]
+            position = _operand_index(user, node)
+            kind = "norm_scale" if position == scale else "norm_shift" if position == shift else "other"
+            yield GraphUse(kind, _name(target))
+        elif target in _MUL:
+            other = [a for a in user.args if isinstance(a, fx.Node) and a is not node]
+            if other and _is_rms_normalized(other[0]):
+                yield GraphUse("norm_scale", "aten.mul (x * rsqrt(mean(x^2) + eps))")
+            else:
+                yield GraphUse("scale", _name(target))
+        elif target in _ADD:
+            yield GraphUse("added", _name(target))
+        elif target in _CAT:
+            yield GraphUse("concatenated", _name(target))
+        else:
+            yield GraphUse("other", _name(target))
+
+
+def _product_operands(target) -> tuple[int, int] | None:
+    """(left, right) operand positions of a matrix product, also for custom ops named ``*grouped_mm*``
+    (``transformers::grouped_mm_fallback``: same signature as ``aten._grouped_mm``)."""
+    if target in _PRODUCTS:
+        return _PRODUCTS[target]
+    name = getattr(target, "__name__", "") if isinstance(target, torch._ops.OpOverload) else ""
+    return (0, 1) if "grouped_mm" in name else None
+
+
+def _weight(source: fx.Node, target, fan_in_fan_out: bool, product: bool = False) -> GraphUse:
+    dims = len(_shape(source))
+    expert_dims = max(0, dims - 2) if product else 0
+    return GraphUse(
+        "weight", _name(target), fan_in_fan_out=fan_in_fan_out if dims >= 2 else False, expert_dims=expert_dims
+    )
+
+
+def _einsum_use(source: fx.Node, user: fx.Node, node: fx.Node, swapped: bool) -> GraphUse:
+    """An einsum operand: ``(in, out)`` when its first subscript is summed over, else ``(out, in)``."""
+    equation, operands = user.args[0], user.args[1]
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    terms = inputs.split(",")
+    position = next((i for i, o in enumerate(operands) if o is node), None)
+    if position is None or "." in inputs or len(terms[position]) < 2:
+        return GraphUse("other", "aten.einsum")
+    term = terms[position]
+    # after the walk's transposes the operand's last two dims are swapped relative to storage
+    row, col = (term[-1], term[-2]) if swapped else (term[-2], term[-1])
+    stored_in_out = row not in output and col in output
+    return _weight(source, aten.einsum.default, fan_in_fan_out=stored_in_out, product=True)
+
+
+def _is_rms_normalized(node: fx.Node, depth: int = 0) -> bool:
+    """Whether ``node`` is ``x * rsqrt(...)`` (after casts): the normalized activations of a hand-written RMS norm."""
+    if depth > 4 or node.op != "call_function":
+        return False
+    if node.target in _MUL:
+        return any(isinstance(a, fx.Node) and a.op == "call_function" and a.target in _RSQRT for a in node.args)
+    if node.target in _PASS_THROUGH:
+        first = node.args[0] if node.args else None
+        return isinstance(first, fx.Node) and _is_rms_normalized(first, depth + 1)
+    return False
+
+
+def _swaps(node: fx.Node) -> bool:
+    """Whether a view op exchanges the last two dimensions of its operand."""
+    target = node.target
+    rank = len(_shape(node.args[0])) if isinstance(node.args[0], fx.Node) else 0
+    if target in _packets("t", "numpy_T", "mT", "adjoint"):
+        return True
+    if target in _packets("transpose", "swapaxes"):
+        dims = {d % rank for d in node.args[1:3]} if rank else set()
+        return rank >= 2 and dims == {rank - 2, rank - 1}
+    if target in _packets("permute"):
+        dims = [d % rank for d in node.args[1]] if rank else []
+        return rank >= 2 and dims[-2:] == [rank - 1, rank - 2]
+    return False
+
+
+def _operand_index(user: fx.Node, node: fx.Node) -> int | None:
+    for i, arg in enumerate(user.args):
+        if arg is node or (isinstance(arg, (list, tuple)) and any(a is node for a in arg)):
+            return i
+    return None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    value = node.meta.get("val")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _name(target) -> str:
+    name = getattr(target, "__name__", str(target))
+    return "aten." + name.split(".")[0] if hasattr(target, "overloadpacket") else name
