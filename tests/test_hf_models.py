@@ -16,8 +16,8 @@ from torch import nn
 
 pytest.importorskip("transformers")
 import transformers  # noqa: E402
-
 from hf_families import FAMILIES, build  # noqa: E402
+
 from supermask_fx import (  # noqa: E402
     coverage,
     gated_layers,
