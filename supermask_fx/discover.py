@@ -16,7 +16,7 @@ weight tied to several modules is gated once (preferably in a module that is not
 2. ``torch.export`` (non-strict) when fx cannot trace the model, or when the fx graph feeds a parameter to a matrix
    product that rule 1 cannot lay out: the ATen graph read by ``supermask_fx.graph_rule``, which also tells each
    weight's layout (``(in, out)`` like GPT-2's ``Conv1D``; stacks of expert matrices). It needs example inputs:
-   ``example_inputs=`` or, for Hugging Face ``PreTrainedModel``s, built from the config
+   ``example_inputs=`` or, for Hugging Face ``PreTrainedModel``s and timm models, built from their config
    (``supermask_fx.example_inputs``). Discovery only: the model stays an eager module of its own class.
 3. Without a graph (no inputs, or export failed): the module types of rule 1, and a warning naming the parameters of
    2+ dimensions left ungated, with the fix.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .example_inputs import hf_example_inputs, is_hf_model
+from .example_inputs import example_inputs_for, is_hf_model
 from .graph_rule import GraphUse, read_graph
 
 LINEAR_MODULES = (
@@ -196,7 +196,7 @@ def find_weights(
         products = [n for n in products if n in params and params[n].dim() >= 2 and id(params[n]) not in seen]
         if not products:
             return Discovery(refs, "fx", frozen=_frozen_by_modules(model, refs))
-    inputs = _normalize_inputs(example_inputs) if example_inputs is not None else hf_example_inputs(model)
+    inputs = _normalize_inputs(example_inputs) if example_inputs is not None else example_inputs_for(model)
     export_error = None
     if inputs is not None:
         start = time.perf_counter()

@@ -1,5 +1,6 @@
-"""Small example inputs for a Hugging Face ``PreTrainedModel``, built from its config: what ``popupify`` exports
-the model with when ``torch.fx`` cannot trace it and the user gave no ``example_inputs``.
+"""Small example inputs for a Hugging Face ``PreTrainedModel`` (built from its config) or a timm model (its
+``pretrained_cfg["input_size"]``): what ``popupify`` exports the model with when ``torch.fx`` cannot trace it and the
+user gave no ``example_inputs``.
 
 Export in non-strict mode runs the forward on fake tensors, so the sizes cost nothing; they only have to be valid:
 two sequences of 8 token ids (from 3 up, clear of the usual special tokens), images of the config's size, audio
@@ -16,7 +17,20 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["hf_example_inputs", "is_hf_model"]
+__all__ = ["example_inputs_for", "hf_example_inputs", "is_hf_model"]
+
+
+def example_inputs_for(model: nn.Module) -> tuple[tuple, dict] | None:
+    """Inputs built from what the model says of itself: a Hugging Face config, or a timm ``pretrained_cfg``
+    (``input_size``); ``None`` otherwise."""
+    inputs = hf_example_inputs(model)
+    if inputs is not None:
+        return inputs
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (tuple, list)) and len(size) == 3:
+        return (torch.zeros(2, *size, device=_device(model)),), {}
+    return None
 
 
 def is_hf_model(model: nn.Module) -> bool:
