@@ -20,6 +20,7 @@ from .masks import (
 )
 from .materialize import materialize
 from .popup import popupify
+from .state import restore
 from .subnetwork import SubnetworkFileError, load_subnetwork, save_subnetwork
 from .topk import kept_count
 
@@ -40,6 +41,7 @@ __all__ = [
     "load_subnetwork",
     "SubnetworkFileError",
     "materialize",
+    "restore",
     "kept_count",
     "INITIALIZERS",
 ]

@@ -191,6 +191,8 @@ def gated_class(base: type, names: tuple[str, ...], aliases: tuple[str, ...] = (
             _supermask_names=names,
             _supermask_alias_names=aliases,
             reset_parameters=_refuse_reset,
+            _save_to_state_dict=_save_effective,
+            _load_from_state_dict=_load_effective,
             __reduce_ex__=_reduce_ex,
             __module__=__name__,
             __doc__=f"{base.__name__} whose {', '.join(names + aliases)} read as weight * mask "
@@ -230,6 +232,52 @@ def _effective_outside_graph(gate: Gate, module: nn.Module) -> Tensor:
     only guard on and recompile for. The compiled graph takes the effective weight as an input; autograd carries
     its gradient back through the same ``StraightThrough`` as in eager mode."""
     return gate.effective(module)
+
+
+def _reads(module: nn.Module) -> dict[str, tuple[nn.Module, Gate]]:
+    """``{attribute: (module holding the Parameter, gate)}`` for every gated or tied attribute of ``module``."""
+    reads = {name: (module, gate) for name, gate in gates_of(module).items()}
+    reads.update(aliases_of(module))
+    return reads
+
+
+def _save_effective(self, destination, prefix, keep_vars):
+    """``state_dict``: gated weights as ``weight * mask`` (the evaluation mask): a plain model loading them is the
+    subnetwork (``supermask_fx.state``). ``keep_vars=True`` (finding parameters, not saving) keeps the Parameters."""
+    type(self)._supermask_base._save_to_state_dict(self, destination, prefix, keep_vars)
+    if keep_vars:
+        return
+    with torch.no_grad():
+        for name, (owner, gate) in _reads(self).items():
+            if prefix + name in destination:
+                weight = owner._parameters[gate.param].detach()
+                destination[prefix + name] = masked_weight(weight, gate.current_mask(owner).to(weight.device))
+
+
+def _load_effective(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """``load_state_dict``: an incoming effective weight must be this model's frozen random weight times a 0/1 mask
+    (else the state_dict belongs to other weights, or is damaged); the frozen weight is kept. Trainable weights
+    (``method="dense"``, retraining under ``fix_masks``) load as they are."""
+    from .state import settings_already_refused
+
+    check = not settings_already_refused()
+    for name, (owner, gate) in _reads(self).items():
+        key = prefix + name
+        incoming = state_dict.get(key)
+        weight = owner._parameters[gate.param]
+        if not isinstance(incoming, Tensor) or incoming.shape != weight.shape or weight.requires_grad:
+            continue  # missing keys and shape mismatches: reported by nn.Module as usual
+        with torch.no_grad():
+            incoming = incoming.to(weight.device, weight.dtype)
+            if check and not torch.equal(incoming, torch.where(incoming != 0, weight, torch.zeros_like(weight))):
+                error_msgs.append(
+                    f"{key}: not this model's random weight times a 0/1 mask: the state_dict was saved from a model "
+                    "with other weights (another seed, init or architecture), or is damaged"
+                )
+        state_dict[key] = weight.detach()  # keep the frozen random weight
+    type(self)._supermask_base._load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    )
 
 
 def _refuse_reset(self, *args, **kwargs):

@@ -9,6 +9,7 @@ from torch import nn
 
 from .gate import aliases_of, gates_of, ungate
 from .masks import gated_layers
+from .state import detach_hooks
 from .subnetwork import unwrap
 
 
@@ -37,6 +38,8 @@ def materialize(model: nn.Module) -> nn.Module:
     for module in out.modules():
         if gates_of(module) or aliases_of(module):
             ungate(module)
+        module.__dict__.pop("_supermask_discovery", None)
+    detach_hooks(out)
     for p in out.parameters():
         p.requires_grad_(True)
     return out

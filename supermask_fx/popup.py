@@ -14,6 +14,7 @@ from .discover import NORM_TYPES, Discovery, WeightRef, find_weights
 from .gate import Gate, alias_parameter, gate_parameter, is_gated, scores_name
 from .initializers import draw_scores, draw_weight, generator_for, weight_std
 from .methods import METHODS, TopKSelector
+from .state import attach_hooks
 from .topk import kept_count
 
 # The bias that goes with a gated weight, for the ``bias`` rule.
@@ -111,6 +112,7 @@ def popupify(
             module._parameters[gate.scores].requires_grad_(method.trains_scores)
     if method.uses_topk:
         _group(gates, config, layer_k)
+    attach_hooks(model)
     model.__dict__["_supermask_discovery"] = Discovery(
         [], found.path, found.trace_error, found.export_error, found.ungated, found.norms, found.frozen, found.seconds
     )

@@ -32,11 +32,12 @@ from torch import Tensor, nn
 
 from . import safetensors_io
 from .config import PopupConfig
-from .discover import NORM_TYPES
+from .discover import NORM_TYPES, WeightRef
 from .gate import Gate, aliases_of, is_gated
 from .mask_codec import SubnetworkFileError, decode_mask, encode_mask, pack_bits, unpack_bits
 from .masks import fix_masks, gated_layers
 from .popup import _BIAS_OF, draw_layer_weight, popupify
+from .state import RECORD_KEY
 
 FORMAT = "supermask_fx.subnetwork"
 VERSION = 2  # 2: masks as "bits" or "rice" (per layer); 1: every mask as bits, no "encoding" key
@@ -91,6 +92,8 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
                     "shape": list(weight.shape),
                     "kept": int(torch.count_nonzero(mask)),
                     "sha256": _sha(regenerated),
+                    "fan_in_fan_out": gate.fan_in_fan_out,
+                    "expert_dims": gate.expert_dims,
                     **encoding,
                 }
             )
@@ -144,7 +147,9 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if differs:
             raise SubnetworkFileError(f"{path}: the model was popupified with another config: {differs}")
     else:
-        popupify(model, config)
+        layers = info.get("layers", [])
+        recorded = all(isinstance(layer, dict) and "expert_dims" in layer for layer in layers)
+        popupify(model, config, weights=_recorded_weights(path, info, model) if recorded else None)
     pairs = list(gated_layers(model))
     _check_layers(path, info, pairs)
     with torch.no_grad():
@@ -184,6 +189,32 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _recorded_weights(path: Path, info: dict, model: nn.Module) -> list[WeightRef]:
+    """The gated weights as the file lists them (names and layouts): no discovery pass at load time. Checked
+    against ``model`` first (every listed weight exists with its shape), so that another architecture is refused
+    before the model is changed."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    refs, problems = [], []
+    for layer in info.get("layers", []):
+        if not isinstance(layer, dict) or not isinstance(layer.get("name"), str):
+            raise SubnetworkFileError(f"{path}: corrupted: a layer entry without a name")
+        name, shape = layer["name"], tuple(layer.get("shape", ()))
+        if name not in params:
+            problems.append(f"{name}: missing from the model")
+        elif tuple(params[name].shape) != shape:
+            problems.append(f"{name}: shape {shape} in the file, {tuple(params[name].shape)} in the model")
+        module, _, param = name.rpartition(".")
+        layout = (bool(layer.get("fan_in_fan_out", False)), int(layer.get("expert_dims", 0)))
+        refs.append(WeightRef(module, param, *layout))
+    if problems:
+        raise SubnetworkFileError(
+            f"{path}: saved from another architecture ({info.get('model_class')}): "
+            + "; ".join(problems[:6])
+            + (" ..." if len(problems) > 6 else "")
+        )
+    return refs
+
+
 def _stored_state(
     model: nn.Module, pairs: list[tuple[nn.Module, Gate]], config: PopupConfig, include_changed_constants: bool = True
 ) -> dict[str, Tensor]:
@@ -205,7 +236,7 @@ def _stored_state(
                     constants[prefix[id(module)] + name] = value
     out = {}
     for key, value in model.state_dict().items():
-        if key in regenerated:
+        if key in regenerated or key.endswith(RECORD_KEY):
             continue
         if key in constants:
             if not include_changed_constants or bool((value == constants[key]).all()):

@@ -22,6 +22,7 @@ from supermask_fx import (
     supermask_parameters,
 )
 from supermask_fx import topk as topk_module
+from supermask_fx.state import RECORD_KEY
 
 
 class SmallNet(nn.Module):
@@ -69,7 +70,7 @@ def test_only_scores_train_and_paths_stay():
     popupify(model, k=0.5)
     assert trainable_names(model) == ["conv.scores", "fc.scores"]
     assert [id(p) for p in supermask_parameters(model)] == [id(model.conv.scores), id(model.fc.scores)]
-    assert set(model.state_dict()) == keys | {"conv.scores", "fc.scores"}
+    assert set(model.state_dict()) == keys | {"conv.scores", "fc.scores", RECORD_KEY}  # one settings record
     assert isinstance(model.conv, nn.Conv2d) and type(model.conv).__name__ == "SupermaskConv2d"
     assert torch.equal(model.bn.weight, torch.ones(8)) and torch.equal(model.bn.bias, torch.zeros(8))
     assert torch.equal(model.conv.bias, torch.zeros(8)) and torch.equal(model.fc.bias, torch.zeros(10))
@@ -322,10 +323,12 @@ def test_state_dict_round_trip_into_fresh_popupified_model():
     a = popupify(SmallNet(), k=0.5, seed=1)
     with torch.no_grad():
         a.fc.scores.mul_(-3).add_(0.1)
-    b = popupify(SmallNet(), k=0.5, seed=2)
+    b = popupify(SmallNet(), k=0.5, seed=1)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 4, 4)
     assert torch.equal(a.eval()(x), b.eval()(x))
+    with pytest.raises(RuntimeError, match="seed: 1 in the state_dict, 2 in this model"):  # other random weights
+        popupify(SmallNet(), k=0.5, seed=2).load_state_dict(a.state_dict())
 
 
 def test_reset_parameters_is_refused_with_a_reason():

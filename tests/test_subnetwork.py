@@ -179,8 +179,12 @@ def test_wrong_architecture_names_what_differs(saved):
     _, path, _ = saved
     with pytest.raises(SubnetworkFileError, match=r"another architecture.*fc.weight: shape \(10, 512\) in the file"):
         load_subnetwork(torchvision.models.resnet18(num_classes=7), path)
-    with pytest.raises(SubnetworkFileError, match="another architecture.*missing from the model|not in the file"):
-        load_subnetwork(torchvision.models.resnet34(num_classes=10), path)
+    with pytest.raises(SubnetworkFileError, match="another architecture.*(missing from the model|lacks state entries)"):
+        load_subnetwork(torchvision.models.resnet34(num_classes=10), path)  # resnet18's layers exist in resnet34
+    with pytest.raises(
+        SubnetworkFileError, match=r"another architecture.*layer1.0.conv1.weight: missing from the model"
+    ):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10).layer1, path)  # a part of the architecture
 
 
 def test_wrong_seed_names_the_field(saved):

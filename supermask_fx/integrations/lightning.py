@@ -1,0 +1,57 @@
+"""PyTorch Lightning: a callback that logs mask statistics and writes the subnetwork file beside the checkpoints.
+
+Lightning needs no adapter to train a popupified network (popupify it in ``__init__``, return an optimizer over
+``supermask_parameters(self)`` from ``configure_optimizers``) nor to resume (``ckpt_path=``: the module's
+``state_dict`` carries masked weights, scores and settings, checked on load: ``supermask_fx.state``). Import it as
+``from supermask_fx.integrations.lightning import SupermaskCallback``; it works with ``lightning`` and
+``pytorch_lightning``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # the older package name
+    from pytorch_lightning.callbacks import Callback
+
+from ..masks import gated_layers
+from ..subnetwork import save_subnetwork
+
+SUBNETWORK_FILE = "subnetwork.safetensors"
+
+__all__ = ["SupermaskCallback", "SUBNETWORK_FILE"]
+
+
+class SupermaskCallback(Callback):
+    """Logs ``supermask/kept_fraction`` and ``supermask/mask_changed`` (fraction of gated weights whose mask bit
+    flipped since the previous epoch) at the end of every training epoch, and writes ``subnetwork.safetensors``
+    (``save_subnetwork``) into the checkpoint folder whenever Lightning saves a checkpoint (rank 0 only)."""
+
+    def __init__(self, write_subnetwork: bool = True) -> None:
+        self.write_subnetwork = write_subnetwork
+        self._previous: list[torch.Tensor] | None = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        masks = [gate.current_mask(module).detach().clone() for module, gate in gated_layers(pl_module)]
+        if not masks:
+            return
+        total = sum(m.numel() for m in masks)
+        stats = {"supermask/kept_fraction": sum(int(m.sum()) for m in masks) / total}
+        if self._previous is not None and len(self._previous) == len(masks):
+            stats["supermask/mask_changed"] = sum(int((a != b).sum()) for a, b in zip(masks, self._previous)) / total
+        self._previous = masks
+        pl_module.log_dict(stats, on_epoch=True, rank_zero_only=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        callback = trainer.checkpoint_callback
+        if not (self.write_subnetwork and trainer.is_global_zero and callback is not None and callback.dirpath):
+            return
+        pairs = list(gated_layers(pl_module))
+        if pairs and pairs[0][1].method.name != "dense":
+            root = next(m for m in pl_module.modules() if "_supermask_discovery" in m.__dict__)
+            Path(callback.dirpath).mkdir(parents=True, exist_ok=True)
+            save_subnetwork(root, Path(callback.dirpath) / SUBNETWORK_FILE)

@@ -1,0 +1,105 @@
+"""Hugging Face ``Trainer`` with a popupified model: train, save, reload the documented way and the plain way,
+resume bit-exactly; the callback's logs and subnetwork files."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from hf_families import build  # noqa: E402
+from transformers import Trainer, TrainingArguments, logging  # noqa: E402
+
+from supermask_fx import load_subnetwork, popupify  # noqa: E402
+from supermask_fx.integrations.huggingface import SUBNETWORK_FILE, SupermaskCallback, from_pretrained  # noqa: E402
+
+logging.set_verbosity_error()
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n=24):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(3, 96, (n, 8), generator=g)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def trainer_for(out_dir, max_steps=6):
+    model, _ = build("bert")
+    popupify(model, k=0.5)
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=max_steps,
+        save_steps=3,
+        logging_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return Trainer(model=model, args=args, train_dataset=Pairs(), callbacks=[SupermaskCallback()])
+
+
+def logits(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer")
+    trainer = trainer_for(out)
+    trainer.train()
+    saved = out / "final"
+    trainer.save_model(saved)
+    return trainer, out, saved
+
+
+def test_only_scores_are_optimized_and_the_callback_logs_and_writes(run):
+    trainer, out, _ = run
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for n, p in trainer.model.named_parameters() if n.endswith("scores")}
+    logged = [entry for entry in trainer.state.log_history if "supermask/kept_fraction" in entry]
+    assert logged and all(abs(entry["supermask/kept_fraction"] - 0.5) < 0.01 for entry in logged)
+    assert any(entry.get("supermask/mask_changed", 0) > 0 for entry in logged)  # the masks moved
+    _, inputs = build("bert")
+    for step in (3, 6):
+        assert (out / f"checkpoint-{step}" / SUBNETWORK_FILE).is_file()
+    fresh, _ = build("bert")
+    load_subnetwork(fresh, out / SUBNETWORK_FILE)
+    assert torch.equal(logits(fresh, inputs), logits(trainer.model, inputs))
+
+
+def test_documented_reload_gives_the_trainable_model(run):
+    trainer, _, saved = run
+    _, inputs = build("bert")
+    model = from_pretrained(type(trainer.model), saved)
+    assert torch.equal(logits(model, inputs), logits(trainer.model, inputs))
+    assert (
+        torch.equal(model.classifier.scores, trainer.model.classifier.scores) and model.classifier.scores.requires_grad
+    )
+
+
+def test_plain_from_pretrained_is_the_subnetwork(run):
+    trainer, _, saved = run
+    _, inputs = build("bert")
+    plain = type(trainer.model).from_pretrained(saved)
+    assert not any(n.endswith("scores") for n, _ in plain.named_parameters())
+    assert torch.equal(logits(plain, inputs), logits(trainer.model, inputs))
+
+
+def test_resume_is_bit_exact(run, tmp_path):
+    trainer, out, _ = run
+    resumed = trainer_for(tmp_path)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    for (name, a), b in zip(trainer.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
