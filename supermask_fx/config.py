@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 from ._dataclass_io import dataclass_from_dict
@@ -64,6 +65,9 @@ class PopupConfig:
             object.__setattr__(self, "layer_k", tuple(self.layer_k.items()))
         else:
             object.__setattr__(self, "layer_k", tuple(tuple(item) for item in self.layer_k))
+        object.__setattr__(self, "k", _as_number(self.k))
+        object.__setattr__(self, "layer_k", tuple((pattern, _as_number(k)) for pattern, k in self.layer_k))
+        object.__setattr__(self, "seed", _as_number(self.seed))
         _check_k(self.k, "k")
         for pattern, k in self.layer_k:
             _check_k(k, f"layer_k[{pattern!r}]")
@@ -102,6 +106,36 @@ class PopupConfig:
     @classmethod
     def from_dict(cls, data: dict) -> PopupConfig:
         return dataclass_from_dict(cls, data)
+
+
+def _as_number(value: object) -> object:
+    """numpy scalars and 0-d tensors as Python numbers (``k=np.float32(0.3)``, ``k=torch.tensor(0.3)``); other values
+    as they are, for the checks to name."""
+    if type(value) in (bool, int, float, str):  # exact types: np.float64 subclasses float
+        return value
+    if hasattr(value, "shape") and hasattr(value, "item") and tuple(value.shape) == ():
+        narrow = getattr(getattr(value, "dtype", None), "itemsize", 8) < 8
+        value = value.item()
+        if isinstance(value, float) and narrow:
+            return _shortest_float32(value)  # np.float32(0.3) means 0.3, not 0.30000001192092896
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _shortest_float32(x: float) -> float:
+    """The shortest decimal that rounds to the same float32 as ``x``."""
+    import struct
+
+    target = struct.pack("<f", x)
+    for digits in range(1, 10):
+        candidate = float(f"{x:.{digits}g}")
+        if struct.pack("<f", candidate) == target:
+            return candidate
+    return x
 
 
 def _check_k(k: object, name: str) -> None:

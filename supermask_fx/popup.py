@@ -72,6 +72,7 @@ def popupify(
         config = k
     else:
         config = PopupConfig(k=k, **options)
+    _check_model(model)
     if any(is_gated(m) for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} is already popupified; popupify a freshly built model instead "
@@ -117,6 +118,30 @@ def popupify(
         [], found.path, found.trace_error, found.export_error, found.ungated, found.norms, found.frozen, found.seconds
     )
     return model
+
+
+def _check_model(model: nn.Module) -> None:
+    """Refuse models popupify cannot rewrite correctly: wrapped ones (the wrapper would not learn of the scores, and
+    names would carry its prefix) and ones without real tensors."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    fsdp = any(
+        type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") or "FSDP" in type(m).__name__
+        for m in model.modules()
+    )
+    compiled = hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+    if isinstance(model, wrappers) or fsdp or compiled:
+        kind = "torch.compile" if compiled else "FSDP" if fsdp else type(model).__name__
+        raise ValueError(
+            f"popupify got a model wrapped by {kind}: popupify the model first and wrap it afterwards, e.g. "
+            "model = popupify(model, k); model = DistributedDataParallel(model) (or accelerator.prepare(model), "
+            "torch.compile(model)); the wrapper must see the score parameters popupify adds"
+        )
+    meta = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(
+            f"{meta} is on the meta device (a model built without memory): give it real storage first, e.g. "
+            "model.to_empty(device='cpu'); popupify draws every weight it gates from the seed anyway"
+        )
 
 
 def _warn_coverage(model: nn.Module, found: Discovery) -> None:

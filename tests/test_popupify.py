@@ -399,3 +399,31 @@ def test_scores_switched_to_trainable_get_gradients():
     model.fc.scores.requires_grad_(True)
     model(torch.randn(2, 3, 4, 4)).sum().backward()
     assert model.fc.scores.grad is not None and model.fc.scores.grad.abs().sum() > 0
+
+
+def test_numpy_and_0d_tensor_values_are_numbers():
+    np = pytest.importorskip("numpy")
+    for k in (np.float32(0.3), np.float64(0.3), torch.tensor(0.3), torch.tensor(0.3, dtype=torch.float64)):
+        assert PopupConfig(k=k).k == 0.3 and type(PopupConfig(k=k).k) is float
+    assert PopupConfig(k=0.5, seed=np.int64(3)).seed == 3
+    assert PopupConfig(k=0.5, layer_k={"fc": np.float32(1.0)}).layer_k == (("fc", 1.0),)
+    with pytest.raises(ValueError, match="not a fraction"):
+        PopupConfig(k=torch.tensor([0.3, 0.5]))
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compile"])
+def test_wrapped_models_are_refused_with_the_order_to_use(wrap):
+    model = SmallNet()
+    wrapped = nn.DataParallel(model) if wrap == "DataParallel" else torch.compile(model)
+    with pytest.raises(ValueError, match="popupify the model first and wrap it afterwards"):
+        popupify(wrapped, k=0.5)
+    assert not any(n.endswith("scores") for n, _ in model.named_parameters())  # nothing was changed
+
+
+def test_meta_device_models_are_refused_at_popupify():
+    with torch.device("meta"):
+        model = SmallNet()
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        popupify(model, k=0.5)
+    model.to_empty(device="cpu")
+    assert popupify(model, k=0.5) is model
