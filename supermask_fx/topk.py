@@ -13,6 +13,13 @@ This is what a stable descending sort followed by "keep the first ``K``" gives (
 matches the paper's Algorithm 1 (which sorts and keeps the top ``K``) and makes the result unique: the same
 mask on every machine and device.
 
+Non-finite scores rank by the same rule, with ``|s| = NaN`` placed **below every number** (0 included) and all
+NaNs equal to each other, and ``+inf`` above every finite value as usual. So exactly ``K`` entries are always
+kept: an infinite score is kept before any finite one (ties among infinities by lowest flat index), and a NaN
+score only when fewer than ``K`` entries are numbers (then the NaNs with the lowest flat indices). Every path
+below (the reference, ``band``, ``select`` and the compiled ``band`` of ``supermask_fx.native``) gives this same
+mask, bit for bit, whatever the mix of NaN, inf and numbers, per layer and under global scope.
+
 How it is computed
 ------------------
 Sorting every layer at every step is what makes the reference implementation slow. Two exact strategies:
@@ -23,10 +30,13 @@ Sorting every layer at every step is what makes the reference implementation slo
     if fewer than ``K`` are above the band and at least ``K`` are above ``lo``, the threshold lies in the band,
     and only the few entries inside it (typically far below 1 % of the layer) are sorted. If the band misses,
     it is widened; if that misses too, one exact ``kthvalue`` finds ``T`` and the band ``[T, next float)``
-    finishes the job. The result never depends on the hint; only the speed does.
+    finishes the job (for an infinite or NaN ``T``, the ``select`` computation below). The comparisons are IEEE
+    float comparisons, false for NaN: a NaN is never above a band nor in one, as the rule wants. The result never
+    depends on the hint; only the speed does.
 ``select`` (any device, no host synchronisation)
-    ``T`` from a device sort, ties resolved with a cumulative sum over ``a == T``. Every step is a tensor
-    operation with a fixed shape, so nothing waits for the device; used on CUDA and other accelerators.
+    ``T`` from a device sort of ``a`` with NaN replaced by -1 (below every magnitude), ties resolved with a
+    cumulative sum over ``a == T``. Every step is a tensor operation with a fixed shape, so nothing waits for the
+    device; used on CUDA and other accelerators.
 
 Both strategies write into caller-owned boolean buffers, so the hot path allocates almost nothing.
 """
@@ -61,7 +71,7 @@ def kept_count(numel: int, k: float) -> int:
 
 def topk_mask_reference(a: Tensor, kept: int) -> Tensor:
     """The rule, by a stable sort: slow and obviously right. ``a`` of any shape; returns a bool mask like it."""
-    flat = a.reshape(-1)
+    flat = _nan_lowest(a.reshape(-1))
     order = torch.sort(flat, descending=True, stable=True).indices
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=a.device)
     mask[order[:kept]] = True
@@ -91,7 +101,8 @@ def select_topk(
         strategy: ``"band"``, ``"select"`` or ``"auto"`` (``band`` on CPU, ``select`` elsewhere).
 
     Returns:
-        The hint for the next call (``None`` for the ``select`` strategy, which needs none).
+        The hint for the next call (``None`` for the ``select`` strategy, which needs none, and after an infinite
+        or NaN threshold, which gives no band to start from).
     """
     total = sum(p.numel() for p in parts)
     if not 1 <= kept <= total:
@@ -111,6 +122,7 @@ def select_topk(
     return _band_search(
         lambda lo, hi: _band_select(parts, kept, masks, lo, hi, scratch),
         lambda: _kth_largest_exact(parts, kept),
+        lambda threshold: _select_given(parts, kept, masks, threshold),
         hint,
         parts[0].dtype,
         scratch,
@@ -151,7 +163,8 @@ def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
     pass it writes, if given, ``effective[i] = weights[i] * masks[i]``.
     The kernel reads every score once (threads over chunks of all the groups' layers) and ranks each group's
     band in C; a group whose threshold left its band is tried again with a 16x wider band, then with the exact
-    ``T`` (``kthvalue``), in further calls for those groups only. Returns the hint for each group's next call.
+    ``T`` (``kthvalue``), in further calls for those groups only. Returns the hint for each group's next call
+    (``None`` after an infinite or NaN threshold).
 
     Raises:
         RuntimeError: if the compiled kernel is not available (``supermask_fx.native.unavailable_reason()``).
@@ -167,11 +180,12 @@ def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
             raise ValueError(f"kept={group.kept} must be between 1 and the number of scores ({total})")
     threads = torch.get_num_threads()
     hints: list[BandHint | None] = [group.hint for group in groups]
-    # Per group the next band to try: (lo, hi, tries so far). Keep-all groups: [0, 0), every |s| >= 0 is kept.
+    # Per group the next band to try, in order keys (native.order_key: NaN 0, a number its bits + 1): (lo, hi,
+    # tries so far). Keep-all groups: [0, 0), every key is kept.
     bands = {}
     for i, group in enumerate(groups):
         if group.kept == sum(s.numel() for s in group.scores):
-            bands[i] = (0.0, 0.0, -1)
+            bands[i] = (0, 0, -1)
         else:
             bands[i] = _native_band(group, 0)
     while bands:
@@ -182,38 +196,46 @@ def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
             for p, (s, w, m) in enumerate(zip(group.scores, group.weights, group.masks)):
                 eff = 0 if group.effective is None else group.effective[p].data_ptr()
                 table.append([s.data_ptr(), w.data_ptr(), m.data_ptr(), eff, s.numel(), g])
-            rows.append([native.float_bits(lo), native.float_bits(hi), group.kept, 0, 0, 0, 0])
+            rows.append([lo, hi, group.kept, 0, 0, 0, 0])
         out = torch.tensor(rows, dtype=torch.int64)
         kern.topk(torch.tensor(table, dtype=torch.int64), out, threads)
-        for i, (status, threshold_bits) in zip(order, out[:, 3:5].tolist()):
+        for i, (status, threshold_key) in zip(order, out[:, 3:5].tolist()):
             tries = bands.pop(i)[2]
             if tries < 0:
                 continue  # keep-all: done, the hint stays
             if status == 1:
                 previous = None if groups[i].hint is None else groups[i].hint.threshold
-                hints[i] = _next_hint(native.float_from_bits(threshold_bits), previous, torch.float32, None)
+                hints[i] = _next_hint(native.from_order_key(threshold_key), previous, torch.float32, None)
+            elif tries >= 2:  # cannot happen: every magnitude has an integer key, so [T, T + 1) holds T
+                raise RuntimeError(f"supermask_fx.native: the exact band missed the threshold (group {i})")
             else:
-                assert tries < 2, "a band [T, next float) always contains the threshold"
                 bands[i] = _native_band(groups[i], tries + 1)
     return hints
 
 
-def _native_band(group: NativeGroup, tries: int) -> tuple[float, float, int]:
-    """The band of a group's try number ``tries``: the hint's band, 16x wider, then ``[T, next float)``."""
+def _native_band(group: NativeGroup, tries: int) -> tuple[int, int, int]:
+    """The band of a group's try number ``tries``, in order keys: the hint's band, 16x wider, then ``[T, T + 1)``
+    (``T`` the exact threshold's key: NaN's and +inf's have one too)."""
+    from . import native
+
     hint = group.hint
     if hint is None or tries >= 2:
-        threshold = _kth_largest_exact([s.abs() for s in group.scores], group.kept)
-        return threshold, _next_float(threshold, torch.float32), 2
+        threshold = native.order_key(_kth_largest_exact([s.abs() for s in group.scores], group.kept))
+        return threshold, threshold + 1, 2
     half = hint.half_width * (16.0 if tries else 1.0)
-    lo = _representable(hint.threshold - half, torch.float32)
-    return lo, _representable(hint.threshold + half, torch.float32), tries
+    lo = native.order_key(_representable(hint.threshold - half, torch.float32))
+    return lo, native.order_key(_representable(hint.threshold + half, torch.float32)), tries
 
 
-def _band_search(try_band, exact_threshold, hint: BandHint | None, dtype: torch.dtype, scratch) -> BandHint:
+def _band_search(
+    try_band, exact_threshold, select_by_rule, hint: BandHint | None, dtype: torch.dtype, scratch
+) -> BandHint | None:
     """Try the band around last step's threshold, then a 16x wider one, then find ``T`` exactly.
 
     ``try_band(lo, hi)`` writes the mask and returns the kept threshold, or ``None`` if ``T`` is not in
-    ``[lo, hi)``; ``exact_threshold()`` returns ``T``. The band ``[T, next float)`` always holds ``T``.
+    ``[lo, hi)``; ``exact_threshold()`` returns ``T`` (NaN when fewer than ``kept`` entries are numbers). A
+    finite ``T`` is always in the band ``[T, next float)``; an infinite or NaN one is kept by
+    ``select_by_rule(T)``, and no hint is returned (the next call starts from the exact threshold).
     """
     if hint is not None:
         for widen in (1.0, 16.0):
@@ -223,35 +245,26 @@ def _band_search(try_band, exact_threshold, hint: BandHint | None, dtype: torch.
             if found is not None:
                 return _next_hint(found, hint.threshold, dtype, scratch)
     threshold = exact_threshold()
+    if not math.isfinite(threshold):  # T is +inf or NaN: no float band [T, next float) holds it
+        select_by_rule(threshold)
+        return None
     found = try_band(threshold, _next_float(threshold, dtype))
-    assert found is not None, "a band [T, next float) always contains the threshold"
+    if found is None:  # cannot happen: [T, next float) holds T, and a finite T leaves no NaN above the band
+        raise RuntimeError(f"supermask_fx.topk: the band [T, next float) missed the threshold T = {threshold!r}")
     # Keep last step's movement in the next hint: a fresh hint's band is tiny and would miss again.
     return _next_hint(found, None if hint is None else hint.threshold, dtype, scratch)
-
-
-# Non-negative IEEE floats order like their bit patterns read as signed integers; integer compares are cheaper.
-_SAME_ORDER_INT = {
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-}
-
-
-def _as_ordered_ints(p: Tensor, value: float) -> tuple[Tensor, float | int]:
-    int_dtype = _SAME_ORDER_INT.get(p.dtype)
-    if int_dtype is None or math.isinf(value) or value <= 0.0:
-        return p, value
-    return p.view(int_dtype), int(torch.tensor(value, dtype=p.dtype).view(int_dtype))
 
 
 def _band_select(
     parts: list[Tensor], kept: int, masks: list[Tensor], lo: float, hi: float, scratch: Tensor
 ) -> float | None:
-    """Keep everything ``>= hi`` plus the best entries of ``[lo, hi)``; ``None`` if ``T`` is not in the band."""
+    """Keep everything ``>= hi`` plus the best entries of ``[lo, hi)``; ``None`` if ``T`` is not in the band.
+
+    Float comparisons: a NaN is neither ``>= hi`` nor in ``[lo, hi)``, so it is never kept here (the rule ranks
+    it below every number; a NaN ``T`` is in no band, and the caller then keeps NaNs by ``_select_given``)."""
     counts = []
     for p, m in zip(parts, masks):
-        torch.ge(*_as_ordered_ints(p, hi), out=m)
+        torch.ge(p, hi, out=m)
         counts.append(torch.count_nonzero(m))
     above = int(counts[0]) if len(counts) == 1 else int(torch.stack(counts).sum())
     if above >= kept:
@@ -260,7 +273,7 @@ def _band_select(
     for p, m in zip(parts, masks):
         n = p.numel()
         band = scratch[:n]
-        torch.ge(*_as_ordered_ints(p, lo), out=band)
+        torch.ge(p, lo, out=band)
         band.logical_xor_(m)  # ge(lo) and not ge(hi): lo <= p < hi
         where = _flat_nonzero(scratch, n)
         values.append(p[where])
@@ -320,25 +333,49 @@ def _scratch_for(parts: list[Tensor], hint: BandHint | None) -> Tensor:
     return scratch
 
 
+def _nan_lowest(flat: Tensor) -> Tensor:
+    """The magnitudes with every NaN replaced by -1: below every magnitude and equal to each other, the rule's
+    order (torch's sorts and ``kthvalue`` put NaN above everything). Infinities stay."""
+    return flat.nan_to_num(nan=-1.0, posinf=math.inf, neginf=-math.inf)
+
+
 def _kth_largest_exact(parts: list[Tensor], kept: int) -> float:
+    """``T`` by the rule: the ``kept``-th largest magnitude; NaN if fewer than ``kept`` entries are numbers."""
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    nans = int(torch.isnan(flat).sum())
+    if kept > flat.numel() - nans:
+        return math.nan
+    if nans:
+        flat = _nan_lowest(flat)
     return float(torch.kthvalue(flat, flat.numel() - kept + 1).values)
 
 
+def _select_given(parts: list[Tensor], kept: int, masks: list[Tensor], threshold: float) -> None:
+    """The rule's mask for a known threshold ``T`` (+inf, NaN or a number)."""
+    flat = _nan_lowest(parts[0] if len(parts) == 1 else torch.cat(parts))
+    key = torch.tensor(-1.0 if math.isnan(threshold) else threshold, dtype=flat.dtype, device=flat.device)
+    _write_parts(_keep_with_ties(flat, kept, key), masks)
+
+
 def _select_sync_free(parts: list[Tensor], kept: int, masks: list[Tensor]) -> None:
-    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    flat = _nan_lowest(parts[0] if len(parts) == 1 else torch.cat(parts))
     # T from a full sort, not torch.kthvalue: CUDA's kthvalue runs one thread block per slice (127 ms for
     # ResNet-50's layers on an H100, against 5 ms for a radix sort; docs/performance.md).
-    keep = _keep_with_ties(flat, kept, torch.sort(flat).values[flat.numel() - kept])
+    _write_parts(_keep_with_ties(flat, kept, torch.sort(flat).values[flat.numel() - kept]), masks)
+
+
+def _write_parts(keep: Tensor, masks: list[Tensor]) -> None:
     start = 0
     for m in masks:
         m.copy_(keep[start : start + m.numel()])
         start += m.numel()
 
 
-def _next_hint(threshold: float, previous: float | None, dtype: torch.dtype, scratch: Tensor) -> BandHint:
+def _next_hint(threshold: float, previous: float | None, dtype: torch.dtype, scratch: Tensor) -> BandHint | None:
     # Expect the threshold to move about as much as it just did; never let the band collapse to nothing.
-    moved = 0.0 if previous is None else abs(threshold - previous)
+    if not math.isfinite(threshold):
+        return None  # an infinite or NaN threshold gives no band to search next time: start from the exact T
+    moved = 0.0 if previous is None or not math.isfinite(previous) else abs(threshold - previous)
     floor = max(abs(threshold) * 2.0**-12, torch.finfo(dtype).tiny)
     return BandHint(threshold, max(4.0 * moved, floor), scratch)
 

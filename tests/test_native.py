@@ -4,6 +4,7 @@ Skipped, with the reason, where no C compiler can build it (the library then use
 """
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -306,3 +307,96 @@ def test_bit_masks_in_training_and_their_bool_view():
         assert torch.equal(model(x), out)
     with pytest.raises(ValueError, match="cannot mask a weight"):
         masked_weight(torch.randn(3, 4), BitMask.empty(torch.Size([4, 3])))
+
+
+# ---------------------------------------------------------------------------------------------- non-finite scores
+
+
+def _non_finite_cases(n, g):
+    """(scores, kept) pairs: NaN and inf sprinkled in, more NaNs than dropped entries, all NaN, all infinite, more
+    infinities than kept entries."""
+    s = torch.randn(n, generator=g)
+    sparse = s.clone()
+    sparse[::7], sparse[3::11], sparse[5::13] = math.nan, math.inf, -math.inf
+    sparse[::101] = 0.0
+    half_nan = s.clone()
+    half_nan[::2] = math.nan
+    many_inf = torch.where(torch.rand(n, generator=g) < 0.4, -math.inf, s)
+    return [
+        (sparse, int(0.3 * n)),
+        (sparse, n - n // 7 + 5),  # every number and a few NaNs
+        (half_nan, int(0.7 * n)),  # more NaNs than dropped entries
+        (torch.full((n,), math.nan), int(0.3 * n)),
+        (torch.full((n,), -math.inf), int(0.6 * n)),
+        (many_inf, int(0.2 * n)),  # more infinities than kept entries
+    ]
+
+
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+def test_non_finite_scores_across_chunks_threads_and_hints(threads, build):
+    """NaN ranks below every number, +-inf above every finite magnitude (supermask_fx/topk.py's rule): the
+    compiled band keeps exactly the reference's entries whatever the hint, across chunks and threads."""
+    g = torch.Generator().manual_seed(threads)
+    n = 2 * CHUNK + 1234
+    for s, kept in _non_finite_cases(n, g):
+        for hint in [None, BandHint(0.6, 1e-9), BandHint(0.5, 0.45), BandHint(9.0, 0.1)]:
+            _run([s], kept, hint)
+        _run([s[:1000], s[1000 : CHUNK + 7], s[CHUNK + 7 :]], kept, BandHint(0.3, 0.2))  # global scope
+
+
+def test_non_finite_groups_in_one_call_and_their_hints():
+    """Groups of NaN/inf mixes side by side with ordinary ones, in one call; a non-finite threshold leaves no
+    hint (the next call starts from the exact threshold) and the call after that is exact too."""
+    g = torch.Generator().manual_seed(11)
+    cases = _non_finite_cases(5000, g) + [(torch.randn(3000, generator=g), 1000)]
+    bits = [BitMask.empty(s.shape) for s, _ in cases]
+    groups = [
+        NativeGroup([s], [torch.randn(s.numel(), generator=g)], [b.words], None, kept, BandHint(0.5, 0.01))
+        for (s, kept), b in zip(cases, bits)
+    ]
+    for _ in range(2):
+        hints = select_topk_native_many(groups)
+        for group, b, hint in zip(groups, bits, hints):
+            want = topk_mask_reference(group.scores[0].abs(), group.kept)
+            assert torch.equal(_unpacked(b), want)
+            kept = group.scores[0].abs()[want]
+            threshold = math.nan if kept.isnan().any() else float(kept.min())  # T: NaN if a NaN had to be kept
+            assert (hint is None) == (not math.isfinite(threshold))
+            if hint is not None:
+                assert hint.threshold == threshold
+            group.hint = hint
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_nan_and_inf_scores_train_on_the_compiled_path(scope):
+    """A model whose scores went NaN (a whole layer; more NaNs than a layer drops) and infinite trains on
+    without an error, its masks the reference's on the compiled path and equal to the pure-PyTorch band's."""
+
+    def make(strategy):
+        torch.manual_seed(0)
+        model = popupify(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), k=0.3, scope=scope)
+        with torch.no_grad():
+            model[0].scores.fill_(math.nan)
+            model[2].scores[:, :20] = math.nan
+            model[2].scores[0, 25:] = -math.inf
+        for _, gate in gated_layers(model):
+            gate.selector.strategy = strategy
+        return model, torch.optim.SGD(supermask_parameters(model), lr=0.1)
+
+    x = torch.randn(4, 20)
+    (a, opt_a), (b, opt_b) = make("native"), make("band")
+    for _ in range(2):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            model(x).nan_to_num().square().sum().backward()
+            opt.step()
+        pairs = list(gated_layers(a))
+        masks = [gate.current_mask(module).flatten() for module, gate in pairs]
+        magnitudes = [module.scores.detach().abs().flatten() for module, _ in pairs]
+        if scope == "global":
+            assert torch.equal(torch.cat(masks), topk_mask_reference(torch.cat(magnitudes), pairs[0][1].selector.kept))
+        else:
+            for (_, gate), mask, a_ in zip(pairs, masks, magnitudes):
+                assert torch.equal(mask, topk_mask_reference(a_, gate.selector.kept))
+        for (ma, ga), (mb, gb) in zip(gated_layers(a), gated_layers(b)):
+            assert torch.equal(ga.current_mask(ma), gb.current_mask(mb))

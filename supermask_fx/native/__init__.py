@@ -2,14 +2,13 @@
 system C compiler.
 
 Nothing here changes a result: ``band.c`` computes the same mask as the pure-PyTorch ``band`` strategy (the
-top-``kept`` of ``|s|``, ties in flat order), and the same score gradient ``g * w * sign(s)`` as PyTorch's
-elementwise ops, in one pass instead of three. One top-k call serves every stale layer of a model: a first
-pass, threaded over chunks of all the layers, writes the mask and ``w * mask`` and gathers the scores inside
-each layer's band; then each layer's threshold is found by a radix select over its band alone
-(three to five elementwise passes per layer, plus Python overhead per layer, become about one pass over the
-model). Where no compiler is found, the build fails, or
-``SUPERMASK_FX_NATIVE=0`` is set, ``kernel()`` returns ``None`` and the selector uses the pure-PyTorch path;
-``unavailable_reason()`` says why.
+top-``kept`` of ``|s|``, ties in flat order, NaN below every number), and the same score gradient
+``g * w * sign(s)`` as PyTorch's elementwise ops, in one pass instead of three. One top-k call serves every
+stale layer of a model: a first pass, threaded over chunks of all the layers, writes the mask and ``w * mask``
+and gathers the scores inside each layer's band; then each layer's threshold is found by a radix select over
+its band alone (three to five elementwise passes per layer, plus Python overhead per layer, become about one
+pass over the model). Where no compiler is found, the build fails, or ``SUPERMASK_FX_NATIVE=0`` is set,
+``kernel()`` returns ``None`` and the selector uses the pure-PyTorch path; ``unavailable_reason()`` says why.
 
 The shared library is compiled once per source, compiler, machine type and thread pool into
 ``<cache>/native/band-<hash>.so`` (``<cache>`` is ``supermask_fx.data.default_cache_dir()``, i.e.
@@ -28,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["NativeKernel", "kernel", "unavailable_reason", "thread_pool", "float_bits", "float_from_bits"]
+__all__ = ["NativeKernel", "kernel", "unavailable_reason", "thread_pool", "order_key", "from_order_key", "INF_KEY"]
 
 _SOURCE = Path(__file__).with_name("band.c")
 _FLAGS = ("-O3", "-fPIC", "-pthread", "-fno-strict-aliasing")
@@ -92,17 +92,23 @@ class NativeKernel:
         self.lib.sfx_unpack_bits(words.data_ptr(), out.data_ptr(), out.numel(), threads)
 
 
-def float_bits(value: float) -> int:
-    """The float32 bit pattern of ``value`` as an unsigned int, for comparisons against ``|s|``'s bits:
-    0 for ``value <= 0`` (every magnitude qualifies), the pattern of +inf for ``value = inf``."""
-    if value <= 0.0:
+#: The order key of +inf (``band.c``): NaN is 0, a finite magnitude ``x`` is ``bits(x) + 1``, +inf the largest.
+INF_KEY = 0x7F800001
+
+
+def order_key(value: float) -> int:
+    """The order key (``band.c``) of the magnitude ``value`` rounded to float32: 0 for NaN, ``bits + 1`` for a
+    number, ``INF_KEY`` for +inf; 0 too for a negative ``value`` (a band starting there holds every key)."""
+    if math.isnan(value) or value < 0.0:
         return 0
-    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32)) + 1
 
 
-def float_from_bits(bits: int) -> float:
-    """The float32 whose bit pattern is ``bits`` (the inverse of ``float_bits`` for non-negative values)."""
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+def from_order_key(key: int) -> float:
+    """The float32 magnitude whose order key is ``key`` (NaN for key 0): the inverse of ``order_key``."""
+    if key <= 0:
+        return math.nan
+    return struct.unpack("<f", struct.pack("<I", key - 1))[0]
 
 
 def kernel() -> NativeKernel | None:

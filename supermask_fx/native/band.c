@@ -9,22 +9,24 @@
  *   segments (nseg x 6): [scores, weight, mask bits, effective, n, group]. Pointers as integers; effective may be 0
  *       (not written). A group's segments are consecutive rows in flat order (one per layer; several for one
  *       globally ranked selector).
- *   groups (ngroups x 7): in: [lo, hi, kept]; out: [status, threshold, above, band]. lo and hi are float32 bit
- *       patterns of the band [lo, hi) around last step's threshold.
- * Magnitudes are compared as integer bit patterns, |s| = bits & 0x7fffffff, which order like the non-negative
- * floats they encode.
+ *   groups (ngroups x 7): in: [lo, hi, kept]; out: [status, threshold, above, band]. lo, hi and threshold are
+ *       order keys (below): the band [lo, hi) around last step's threshold, and the kept-th largest key.
+ * Order keys: a score s is ranked by key(s) = 0 if |s| is NaN, else (bits of s & 0x7fffffff) + 1. Non-negative
+ * floats order like their bit patterns, so the keys order the magnitudes as numbers (+inf, key 0x7f800001, above
+ * every finite one), with every NaN below them all (key 0): the rule of supermask_fx/topk.py. Every magnitude,
+ * NaN and inf included, has an integer key, so the band [T, T + 1) always holds the threshold T.
  *
  * sfx_topk, per group (segment after segment, in flat order):
  *   1. one read of the scores (threads over chunks of SFX_CHUNK entries of every segment):
- *      mask bit = |s| >= hi, effective = mask ? w : 0; per chunk the counts
- *      of |s| >= hi and of lo <= |s| < hi, and the band entries' offsets in a per-chunk region (when they fit:
+ *      mask bit = key(s) >= hi, effective = mask ? w : 0; per chunk the counts
+ *      of key(s) >= hi and of lo <= key(s) < hi, and the band entries' offsets in a per-chunk region (when they fit:
  *      a band over 1/32 of a chunk is rare; such chunks are scanned again in step 2);
- *   2. (threads over groups) above = #(|s| >= hi), band = #(lo <= |s| < hi). If above < kept <= above + band,
- *      the kept-th largest |s|, T, lies in the band: T is found by a radix select over the band's values, and
+ *   2. (threads over groups) above = #(key >= hi), band = #(lo <= key < hi). If above < kept <= above + band,
+ *      the kept-th largest key, T, lies in the band: T is found by a radix select over the band's keys, and
  *      the band entries above T, then those equal to T in flat order until kept are set in mask (and
  *      effective): status 1, threshold T. Otherwise status 0 (a miss: the caller retries with a wider band or
- *      the exact T; the mask then holds |s| >= hi only).
- *   kept = n (keep everything) is a call with lo = hi = 0; its status is 0 and every mask bit is set.
+ *      the exact T; the mask then holds key >= hi only).
+ *   kept = n (keep everything) is a call with lo = hi = 0 (every key); its status is 0 and every mask bit is set.
  *
  * Threads: work is handed out by an atomic counter to the threads of PyTorch's own OpenMP pool when this file is
  * built with -fopenmp and linked against the OpenMP runtime PyTorch loaded (supermask_fx/native decides), else to
@@ -55,6 +57,12 @@ static int64_t chunk_len(int64_t n, int64_t start) { return n - start < SFX_CHUN
 
 /* Band offsets a chunk of len entries can keep without a second scan. */
 static int64_t region_cap(int64_t len) { return (len >> 5) + 64; }
+
+/* The order key of a float32 score's bits: 0 for a NaN magnitude, else the magnitude's bits + 1 (branch-free). */
+static inline uint32_t order_key(uint32_t bits) {
+  uint32_t m = bits & 0x7fffffffu;
+  return (m + 1u) & (0u - (uint32_t)(m <= 0x7f800000u));
+}
 
 /* 64 flag bytes (0/1) -> a word with bit j = flag j. */
 static uint64_t pack_flags(const uint8_t *flags) {
@@ -87,19 +95,19 @@ static int64_t pass_range(const uint32_t *restrict s, const uint32_t *restrict w
       const uint32_t *wb = w + base;
       uint32_t *eb = eff + base;
       for (int j = 0; j < width; j++) {
-        uint32_t m = sb[j] & 0x7fffffffu;
-        uint32_t up = m >= hi;
+        uint32_t key = order_key(sb[j]);
+        uint32_t up = key >= hi;
         count += up;
-        flags[j] = (uint8_t)((m >= lo) ^ up);
+        flags[j] = (uint8_t)((key >= lo) ^ up);
         ups[j] = (uint8_t)up;
         eb[j] = wb[j] & (0u - up);
       }
     } else {
       for (int j = 0; j < width; j++) {
-        uint32_t m = sb[j] & 0x7fffffffu;
-        uint32_t up = m >= hi;
+        uint32_t key = order_key(sb[j]);
+        uint32_t up = key >= hi;
         count += up;
-        flags[j] = (uint8_t)((m >= lo) ^ up);
+        flags[j] = (uint8_t)((key >= lo) ^ up);
         ups[j] = (uint8_t)up;
       }
     }
@@ -122,15 +130,15 @@ static void collect_range(const uint32_t *restrict s, int64_t n, uint32_t lo, ui
     int width = n - base < 64 ? (int)(n - base) : 64;
     if (width < 64) memset(flags, 0, sizeof flags);
     for (int j = 0; j < width; j++) {
-      uint32_t m = s[base + j] & 0x7fffffffu;
-      flags[j] = (uint8_t)((m >= lo) & (m < hi));
+      uint32_t key = order_key(s[base + j]);
+      flags[j] = (uint8_t)((key >= lo) & (key < hi));
     }
     for (uint64_t word = pack_flags(flags); word; word &= word - 1)
       *out++ = (uint32_t)(base + __builtin_ctzll(word));
   }
 }
 
-/* The count-th largest of vals[0, n) (1 <= count <= n): radix select, 8 bits at a time, from the top. */
+/* The count-th largest of the keys vals[0, n) (1 <= count <= n): radix select, 8 bits at a time, from the top. */
 static uint32_t kth_largest(const uint32_t *vals, int64_t n, int64_t count) {
   uint32_t prefix = 0, known = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -206,7 +214,7 @@ static void run_group(job_t *job, int64_t g) {
     const int64_t *row = job->seg + SEG_COLS * job->chunk_seg[c];
     const uint32_t *s = (const uint32_t *)(intptr_t)row[0] + job->chunk_start[c];
     band_of_chunk(job, c, lo, hi, offsets + j);
-    for (int64_t i = j; i < j + job->chunk_band[c]; i++) vals[i] = s[offsets[i]] & 0x7fffffffu;
+    for (int64_t i = j; i < j + job->chunk_band[c]; i++) vals[i] = order_key(s[offsets[i]]);
     j += job->chunk_band[c];
   }
   uint32_t t = kth_largest(vals, band, missing);
