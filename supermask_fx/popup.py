@@ -147,17 +147,19 @@ def _check_model(model: nn.Module) -> None:
 def _warn_coverage(model: nn.Module, found: Discovery) -> None:
     name = type(model).__name__
     if found.path == "modules":
+        traced = (
+            f"torch.fx could not trace {name} ({found.trace_error})"
+            if found.trace_error
+            else f"{name}'s torch.fx graph feeds parameters to matrix products"
+        )
         if found.export_error is not None:
-            why = (
-                f"torch.fx could not trace {name} ({found.trace_error}) and torch.export could not capture it "
-                f"({found.export_error})"
-            )
+            why = f"{traced} and torch.export could not capture it ({found.export_error})"
             fix = (
-                "Fix the export (for a Hugging Face mixture of experts: model.set_experts_implementation("
-                "'grouped_mm')), or name the weights with include=."
+                "Make the forward exportable with these inputs (torch.export cannot follow Python branches on "
+                "tensor values), or name the weights with include=."
             )
         else:
-            why = f"torch.fx could not trace {name} ({found.trace_error}) and no example inputs were given"
+            why = f"{traced} and no example inputs were given"
             fix = (
                 "Pass example_inputs= (inputs for one forward pass) so that popupify reads the graph with "
                 "torch.export, or name the weights with include=."

@@ -170,3 +170,14 @@ def test_bad_include_options_are_refused(options, message):
 
 def test_a_single_pattern_string_is_one_pattern():
     assert PopupConfig(k=0.5, include="c_fc.weight").include == ("c_fc.weight",)
+
+
+def test_traced_matrix_product_weights_are_gated_from_the_export_graph_given_inputs():
+    model = MatmulWeight()
+    messages = popupify_quietly(model, k=0.5, example_inputs=torch.randn(2, 6))
+    assert messages == []
+    gates = {gate.name: gate for _, gate in gated_layers(model)}
+    assert set(gates) == {"W", "fc.weight"}
+    assert gates["W"].fan_in_fan_out and not gates["fc.weight"].fan_in_fan_out  # x @ W: W stored (in, out)
+    w = model._parameters["W"]
+    assert torch.allclose(w.abs(), torch.full_like(w, math.sqrt(2 / 6)))  # fan-in 6: dimension 0
