@@ -12,12 +12,15 @@ redrawn from the seed. ``save_subnetwork`` writes a safetensors file (format ver
   normalization affine values at 1/0 are regenerated and not stored;
 * metadata ``supermask_fx``: JSON with the format name and version, the ``PopupConfig``, the model class, per layer
   its name, shape, kept count, the SHA-256 of its regenerated float32 weight and the mask's encoding (with the
-  Rice code's parameters), and the SHA-256 of the data.
+  Rice code's parameters), the SHA-256 of the data, and the SHA-256 of the header (``supermask_fx.header_sha256``:
+  the JSON header in canonical form without that key, so every byte of the file is covered by one checksum or the
+  other).
 
 ``load_subnetwork`` rebuilds the supermask network from a freshly built model of the same architecture and
-checks everything it can: format, checksum (corruption), architecture (names and shapes), regenerated weights,
-the masks against their metadata. It reads version 2 and version 1 (the same layout with every mask as bits and
-no ``encoding`` key).
+checks everything it can: format, checksums (corruption), the metadata field by field, architecture (names and
+shapes), regenerated weights, the masks against their metadata. It reads version 2 and version 1 (the same
+layout with every mask as bits and no ``encoding`` key), and files written before the header checksum (then
+the header is checked field by field only).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ FORMAT = "supermask_fx.subnetwork"
 VERSION = 2  # 2: masks as "bits" or "rice" (per layer); 1: every mask as bits, no "encoding" key
 _META = "supermask_fx"
 _CHECKSUM = "supermask_fx.content_sha256"
+_HEADER_CHECKSUM = "supermask_fx.header_sha256"
 
 __all__ = ["save_subnetwork", "load_subnetwork", "SubnetworkFileError", "pack_bits", "unpack_bits", "unwrap"]
 
@@ -107,7 +111,9 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
         "torch_version": torch.__version__,
         "layers": layers,
     }
-    return safetensors_io.write(path, tensors, {_META: json.dumps(info)}, checksum_key=_CHECKSUM)
+    return safetensors_io.write(
+        path, tensors, {_META: json.dumps(info)}, checksum_key=_CHECKSUM, header_checksum_key=_HEADER_CHECKSUM
+    )
 
 
 def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -117,30 +123,12 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     one already popupified with the same config. Eval logits equal those of the saved model.
 
     Raises:
-        SubnetworkFileError: not a subnetwork file, truncated or corrupted, another architecture, another config,
-            or weights that regenerate differently; the message names what differs.
+        SubnetworkFileError: not a subnetwork file, truncated or corrupted (anywhere: data or header), another
+            architecture, another config, or weights that regenerate differently; the message names the file and
+            what differs.
     """
     path = Path(path)
-    try:
-        tensors, metadata, body = safetensors_io.read(path)
-    except safetensors_io.SafetensorsError as error:
-        raise SubnetworkFileError(str(error)) from None
-    except FileNotFoundError:
-        raise SubnetworkFileError(f"{path}: no such file") from None
-    if _META not in metadata:
-        raise SubnetworkFileError(f"{path}: a safetensors file, but not a supermask_fx subnetwork (no metadata)")
-    if metadata.get(_CHECKSUM) != hashlib.sha256(body).hexdigest():
-        raise SubnetworkFileError(f"{path}: corrupted: the data does not match its SHA-256 checksum")
-    info = json.loads(metadata[_META])
-    if info.get("format") != FORMAT or not isinstance(info.get("version"), int):
-        raise SubnetworkFileError(f"{path}: unknown format {info.get('format')!r}")
-    if info["version"] > VERSION:
-        raise SubnetworkFileError(
-            f"{path}: format version {info['version']} is newer than this supermask_fx reads ({VERSION}): upgrade"
-        )
-    if info["version"] == 1 and any(layer.get("encoding", "bits") != "bits" for layer in info.get("layers", [])):
-        raise SubnetworkFileError(f"{path}: corrupted: a version-1 file with a mask encoding other than bits")
-    config = PopupConfig.from_dict(info["config"])
+    tensors, info, config = _read_file(path)
     model = unwrap(model)
     if any(is_gated(m) for m in model.modules()):
         differs = _config_differences(_single_config(list(gated_layers(model))), config)
@@ -187,6 +175,93 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for _, gate in pairs:
         gate.clear_cache()
     return model
+
+
+def _read_file(path: Path) -> tuple[dict[str, Tensor], dict, PopupConfig]:
+    """The file's tensors, its ``supermask_fx`` metadata and config, after every check that needs no model:
+    readable safetensors, both checksums, then the metadata field by field. Every failure is a
+    ``SubnetworkFileError`` naming the file and what is wrong."""
+    try:
+        tensors, header, body = safetensors_io.read_with_header(path)
+    except safetensors_io.SafetensorsError as error:
+        raise SubnetworkFileError(str(error)) from None
+    except FileNotFoundError:
+        raise SubnetworkFileError(f"{path}: no such file") from None
+    except OSError as error:
+        raise SubnetworkFileError(f"{path}: cannot be read: {error.strerror or error}") from None
+    metadata = header["__metadata__"]
+    ours = {_META, _CHECKSUM, _HEADER_CHECKSUM}
+    if not ours & set(metadata):
+        raise SubnetworkFileError(f"{path}: a safetensors file, but not a supermask_fx subnetwork (no metadata)")
+    if _HEADER_CHECKSUM in metadata:
+        if metadata[_HEADER_CHECKSUM] != safetensors_io.header_sha256(header, _HEADER_CHECKSUM):
+            raise SubnetworkFileError(
+                f"{path}: corrupted: the header does not match its SHA-256 checksum ({_HEADER_CHECKSUM})"
+            )
+    elif set(metadata) != {_META, _CHECKSUM}:
+        # Files written before header checksums hold exactly these two keys; anything else is a damaged header.
+        raise SubnetworkFileError(
+            f"{path}: corrupted: the header checksum ({_HEADER_CHECKSUM}) is missing"
+            + (f"; metadata keys {sorted(metadata)}" if set(metadata) - ours else "")
+        )
+    if _META not in metadata:
+        raise SubnetworkFileError(f"{path}: corrupted: the supermask_fx metadata is missing")
+    if _CHECKSUM not in metadata:
+        raise SubnetworkFileError(f"{path}: corrupted: the data checksum ({_CHECKSUM}) is missing")
+    if metadata[_CHECKSUM] != hashlib.sha256(body).hexdigest():
+        raise SubnetworkFileError(f"{path}: corrupted: the data does not match its SHA-256 checksum")
+    try:
+        info = json.loads(metadata[_META])
+    except (ValueError, RecursionError) as error:
+        raise SubnetworkFileError(f"{path}: corrupted: the supermask_fx metadata is not valid JSON ({error})") from None
+    if not isinstance(info, dict):
+        raise SubnetworkFileError(f"{path}: corrupted: the supermask_fx metadata is not a JSON object")
+    if info.get("format") != FORMAT or not isinstance(info.get("version"), int) or isinstance(info["version"], bool):
+        raise SubnetworkFileError(f"{path}: unknown format {info.get('format')!r}")
+    if info["version"] > VERSION:
+        raise SubnetworkFileError(
+            f"{path}: format version {info['version']} is newer than this supermask_fx reads ({VERSION}): upgrade"
+        )
+    _check_layer_entries(path, info)
+    if info["version"] == 1 and any(layer.get("encoding", "bits") != "bits" for layer in info["layers"]):
+        raise SubnetworkFileError(f"{path}: corrupted: a version-1 file with a mask encoding other than bits")
+    if not isinstance(info.get("config"), dict):
+        raise SubnetworkFileError(f"{path}: corrupted: the metadata has no config")
+    try:
+        config = PopupConfig.from_dict(info["config"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise SubnetworkFileError(f"{path}: corrupted: invalid config in the metadata: {error}") from None
+    return tensors, info, config
+
+
+def _check_layer_entries(path: Path, info: dict) -> None:
+    """Each ``layers`` entry has the fields and types the loader reads (the mask encodings' own fields are
+    checked by ``decode_mask``)."""
+    layers = info.get("layers")
+    if not isinstance(layers, list):
+        raise SubnetworkFileError(f"{path}: corrupted: the metadata has no list of layers")
+    for i, layer in enumerate(layers):
+        problem = None
+        if not isinstance(layer, dict) or not isinstance(layer.get("name"), str):
+            problem = "no name"
+        elif not isinstance(layer.get("shape"), list) or not all(_is_count(d) for d in layer["shape"]):
+            problem = f"shape {layer.get('shape')!r}"
+        elif not _is_count(layer.get("kept")):
+            problem = f"kept {layer.get('kept')!r}"
+        elif not isinstance(layer.get("sha256"), str):
+            problem = "no weight sha256"
+        elif not isinstance(layer.get("fan_in_fan_out", False), bool):
+            problem = f"fan_in_fan_out {layer.get('fan_in_fan_out')!r}"
+        elif not _is_count(layer.get("expert_dims", 0)):
+            problem = f"expert_dims {layer.get('expert_dims')!r}"
+        elif not isinstance(layer.get("encoding", "bits"), str):
+            problem = f"encoding {layer.get('encoding')!r}"
+        if problem is not None:
+            raise SubnetworkFileError(f"{path}: corrupted: layer entry {i} of the metadata: {problem}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _recorded_weights(path: Path, info: dict, model: nn.Module) -> list[WeightRef]:

@@ -23,6 +23,7 @@ from supermask_fx.mask_codec import decode_mask
 from supermask_fx.subnetwork import pack_bits, unpack_bits
 
 CHECKSUM = "supermask_fx.content_sha256"
+HEADER_CHECKSUM = "supermask_fx.header_sha256"
 
 
 def trained_resnet(seed=0, k=0.3):
@@ -136,7 +137,9 @@ def rewrite(source, target, edit):
     tensors, metadata, _ = safetensors_io.read(source)
     info = json.loads(metadata["supermask_fx"])
     edit(info)
-    safetensors_io.write(target, tensors, {"supermask_fx": json.dumps(info)}, checksum_key=CHECKSUM)
+    safetensors_io.write(
+        target, tensors, {"supermask_fx": json.dumps(info)}, checksum_key=CHECKSUM, header_checksum_key=HEADER_CHECKSUM
+    )
 
 
 def test_newer_format_version_or_encoding_says_upgrade(saved, tmp_path):
@@ -214,6 +217,70 @@ def test_corrupted_byte_is_caught_by_the_checksum(saved, tmp_path):
         load_subnetwork(torchvision.models.resnet18(num_classes=10), bad)
 
 
+def test_header_edits_are_caught_by_the_header_checksum(saved, tmp_path):
+    """The header is covered too: a changed config value (k 0.3 -> 0.5 loaded silently before, the masks being
+    stored), the model class, a dtype in the safetensors header: each a SubnetworkFileError naming the file."""
+    _, path, _ = saved
+    data = path.read_bytes()
+    for old, new in [(b'\\"k\\": 0.3', b'\\"k\\": 0.5'), (b"resnet.ResNet", b"resnet.ResNeT"), (b'"U8"', b'"I8"')]:
+        assert old in data[: 8 + int.from_bytes(data[:8], "little")], old
+        bad = tmp_path / "edited.safetensors"
+        bad.write_bytes(data.replace(old, new, 1))
+        with pytest.raises(SubnetworkFileError, match=r"edited.safetensors: corrupted: the header does not match"):
+            load_subnetwork(torchvision.models.resnet18(num_classes=10), bad)
+    tensors, metadata, _ = safetensors_io.read(path)
+    assert metadata[HEADER_CHECKSUM] == safetensors_io.header_sha256(
+        safetensors_io.read_with_header(path)[1], HEADER_CHECKSUM
+    )
+
+
+def test_missing_checksums_are_named_not_called_a_mismatch(saved, tmp_path):
+    _, path, _ = saved
+    tensors, metadata, _ = safetensors_io.read(path)
+    bare = tmp_path / "bare.safetensors"
+    safetensors_io.write(bare, tensors, {"supermask_fx": metadata["supermask_fx"]})
+    with pytest.raises(SubnetworkFileError, match=r"bare.safetensors: corrupted: the header checksum .* is missing$"):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10), bare)
+    no_data_sum = tmp_path / "nodata.safetensors"
+    safetensors_io.write(
+        no_data_sum, tensors, {"supermask_fx": metadata["supermask_fx"]}, header_checksum_key=HEADER_CHECKSUM
+    )
+    with pytest.raises(SubnetworkFileError, match=r"nodata.safetensors: corrupted: the data checksum .* is missing"):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10), no_data_sum)
+    renamed = tmp_path / "renamed.safetensors"  # a damaged key name: not an older file, a damaged one
+    metadata = {"supermask_fx": metadata["supermask_fx"], "supermask_fx.header_sha257": "0"}
+    safetensors_io.write(renamed, tensors, metadata, checksum_key=CHECKSUM)
+    with pytest.raises(SubnetworkFileError, match=r"header checksum .* is missing; metadata keys"):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10), renamed)
+
+
+def test_files_without_a_header_checksum_are_checked_field_by_field(saved, tmp_path):
+    """Files written before the header checksum load (test_version_1_files_still_load); a damaged field in
+    one is a SubnetworkFileError naming the file, not a bare JSONDecodeError, KeyError or ValueError."""
+    _, path, _ = saved
+    tensors, metadata, _ = safetensors_io.read(path)
+    info = json.loads(metadata["supermask_fx"])
+    edits = {
+        "not valid JSON": metadata["supermask_fx"][:-1],
+        "has no config": json.dumps({key: value for key, value in info.items() if key != "config"}),
+        "invalid config": json.dumps({**info, "config": {**info["config"], "k": "0.3"}}),
+        "invalid config.*scope": json.dumps({**info, "config": {**info["config"], "scope": "glob"}}),
+        "no list of layers": json.dumps({**info, "layers": {}}),
+        "layer entry 3 .*shape": json.dumps(
+            {**info, "layers": info["layers"][:3] + [{**info["layers"][3], "shape": "3"}]}
+        ),
+        "layer entry 0 .*kept": json.dumps(
+            {**info, "layers": [{**info["layers"][0], "kept": None}] + info["layers"][1:]}
+        ),
+        "unknown format": json.dumps({**info, "version": "2"}),
+    }
+    for message, meta in edits.items():
+        old = tmp_path / "old.safetensors"
+        safetensors_io.write(old, tensors, {"supermask_fx": meta}, checksum_key=CHECKSUM)
+        with pytest.raises(SubnetworkFileError, match=f"old.safetensors: .*{message}"):
+            load_subnetwork(torchvision.models.resnet18(num_classes=10), old)
+
+
 def test_not_a_subnetwork_file(tmp_path):
     plain = tmp_path / "plain.safetensors"
     safetensors_io.write(plain, {"x": torch.zeros(3)}, {})
@@ -234,7 +301,7 @@ def test_weights_regenerating_differently_is_caught(saved, tmp_path):
     info["layers"][3]["sha256"] = "0" * 64  # as if this torch's RNG drew other weights
     forged = tmp_path / "forged.safetensors"
     safetensors_io.write(
-        forged, tensors, {"supermask_fx": json.dumps(info)}, checksum_key="supermask_fx.content_sha256"
+        forged, tensors, {"supermask_fx": json.dumps(info)}, checksum_key=CHECKSUM, header_checksum_key=HEADER_CHECKSUM
     )
     assert info["layers"][3]["name"] == "layer1.1.conv1.weight"
     with pytest.raises(SubnetworkFileError, match=r"weights regenerated for layer1.1.conv1.weight .* differ"):
