@@ -53,8 +53,10 @@ def main():
     plain = BertForSequenceClassification.from_pretrained(f"{args.out}/final")  # the subnetwork, masks baked in
     batch = RandomPairs()[0]["input_ids"][None]
     with torch.no_grad():
-        same = [torch.equal(m.eval()(batch).logits, model.eval()(batch).logits) for m in (again, plain)]
-    print(f"reloaded with from_pretrained: identical logits {same[0]}; plain from_pretrained: identical {same[1]}")
+        same = torch.equal(again.eval()(batch).logits, model.eval()(batch).logits)
+        # plain: the very same weights; logits may differ in the last bit (BLAS on memory-mapped, other alignment)
+        close = torch.allclose(plain.eval()(batch).logits, model(batch).logits, rtol=1e-5, atol=1e-6)
+    print(f"reloaded with from_pretrained: identical logits {same}; plain from_pretrained: same logits {close}")
 
 
 if __name__ == "__main__":

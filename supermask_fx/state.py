@@ -4,7 +4,7 @@
 
 * ``<layer>.weight`` (any gated name): the **effective** weight ``weight * mask`` (the evaluation mask), so that a
   plain model of the same architecture loaded from it with ``strict=False`` (Hugging Face ``from_pretrained``, timm
-  and torchvision tools) *is* the subnetwork: the same logits, never the unmasked random network;
+  and torchvision tools) *is* the subnetwork (bit-identical weights), never the unmasked random network;
 * ``<layer>.scores`` (and ``<layer>.mask`` for fixed masks): as before;
 * one more key, ``RECORD_KEY``: a uint8 tensor holding JSON of the ``popupify`` settings (the ``PopupConfig``, the
   rule version and, per gated weight, its name, ``k`` and layout). A tensor, so it survives ``torch.save`` and
