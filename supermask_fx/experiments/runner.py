@@ -50,6 +50,10 @@ def git_revision() -> str:
 def build(spec: RunSpec) -> torch.nn.Module:
     model = build_model(spec.model, dataset=spec.dataset, width=spec.width)
     popupify(model, spec.k, method=spec.method, init=spec.init, scaled=spec.scaled, seed=spec.seed)
+    if spec.method == "sampled" and spec.variant == "zhou":
+        from ..methods import sampled
+
+        sampled.configure(model, **sampled.ZHOU_ET_AL)  # sampled evaluation, weight rescaling, scores 0
     return model
 
 

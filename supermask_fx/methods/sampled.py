@@ -3,9 +3,30 @@
 Training forward: ``p = sigmoid(s)``, ``m ~ Bernoulli(p)`` drawn afresh at every read of the weight,
 ``w_eff = w * m``. Backward: straight through the sampling, so ``dL/ds = sigmoid'(s) * w * dL/dw_eff``.
 
-Evaluation rule (``module.eval()``): the deterministic mask ``p >= 0.5``, i.e. ``s >= 0``, as in the edge-popup
-authors' reference code; it is also what ``mask_stats``, ``fix_masks`` and subnetwork files use. The kept
-fraction is therefore learned, not fixed: ``k`` has no effect on this method beyond ``scaled`` inits.
+Two options make it the method of Zhou et al.'s code (uber-research/deconstructing-lottery-tickets,
+``masked_networks.py``, ``train_supermask.py``); both default to the project's earlier behaviour:
+
+* ``eval_rule``: what ``module.eval()`` uses.
+
+  - ``"threshold"`` (default): the deterministic mask ``p >= 0.5``, i.e. ``s >= 0``.
+  - ``"sample"``: a fresh Bernoulli sample at every read, as in training. Zhou et al. evaluate this way (their
+    ``get_effective_mask``: "during test ... actually, sample them too"; the final test accuracy is the mean
+    over 10 evaluations, each with its own sample), and so does the edge-popup authors' ``SampleSubnetConv``
+    (allenai/hidden-networks ``utils/conv_type.py``, which samples in every forward, training or not).
+
+* ``rescale``: Zhou et al.'s *dynamic weight rescaling* (``--dynamic_scaling``): each layer's masked weight is
+  multiplied by ``numel / kept``, the ratio of the layer's weights to the ones its current mask keeps, at every
+  forward. In training ``kept`` is the sum of the straight-through mask (value ``m``, gradient ``sigmoid'(s)``),
+  so the gradient also flows through the multiplier, as in their TensorFlow graph. Under ``"threshold"``
+  evaluation the multiplier uses the threshold mask.
+
+``mask_stats``, ``fix_masks``, ``materialize`` and subnetwork files always use the threshold mask without the
+multiplier (one deterministic mask is what a file can hold); with ``eval_rule="sample"`` or ``rescale=True`` they
+describe the most likely mask, not what evaluation computes.
+
+Set the options on a popupified model with :func:`configure` (``configure(model, **ZHOU_ET_AL)`` for the
+faithful method), or before ``popupify`` through the module-level defaults ``EVAL_RULE`` and ``RESCALE``.
+``k`` has no effect on this method beyond ``scaled`` inits: the kept fraction is learned.
 """
 
 from __future__ import annotations
@@ -13,38 +34,120 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..gate import version_key
+from ..gate import gates_of, version_key
 from ..kernels import masked_weight
 from .base import Method
+
+__all__ = ["EVAL_RULES", "ZHOU_ET_AL", "Sampled", "configure", "options"]
+
+EVAL_RULES = ("threshold", "sample")
+#: Defaults of a ``Sampled`` built without arguments (what ``popupify(method="sampled")`` builds).
+EVAL_RULE = "threshold"
+RESCALE = False
+#: The settings of Zhou et al.'s code: sampled evaluation, dynamic weight rescaling, initial scores 0 (p = 0.5;
+#: their ``--sigmoid_bias`` default).
+ZHOU_ET_AL = {"eval_rule": "sample", "rescale": True, "score_init": 0.0}
 
 
 class Sampled(Method):
     name = "sampled"
 
+    def __init__(self, eval_rule: str | None = None, rescale: bool | None = None) -> None:
+        eval_rule = EVAL_RULE if eval_rule is None else eval_rule
+        if eval_rule not in EVAL_RULES:
+            raise ValueError(f"unknown eval_rule {eval_rule!r}; choose one of {', '.join(EVAL_RULES)}")
+        rescale = RESCALE if rescale is None else rescale
+        if not isinstance(rescale, bool):
+            raise ValueError(f"rescale={rescale!r} must be True or False")
+        self.eval_rule = eval_rule
+        self.rescale = rescale
+
+    def __setstate__(self, state: dict) -> None:  # instances pickled before the options existed
+        self.__dict__.update({"eval_rule": "threshold", "rescale": False, **state})
+
+    def __repr__(self) -> str:
+        return f"Sampled(eval_rule={self.eval_rule!r}, rescale={self.rescale})"
+
     def effective_weight(self, gate, module: nn.Module, weight: Tensor) -> Tensor:
         scores = module._parameters[gate.scores]
-        if module.training:
-            sample = torch.rand_like(scores) < torch.sigmoid(scores.detach())
-            if torch.is_grad_enabled() and (scores.requires_grad or weight.requires_grad):
-                return SampledStraightThrough.apply(scores, weight, sample)
-            return weight * sample
+        if module.training or self.eval_rule == "sample":
+            return self._sampled(scores, weight)
         self._refresh_eval(gate, scores, weight)
         return gate.effective_buffer
+
+    def _sampled(self, scores: Tensor, weight: Tensor) -> Tensor:
+        grad = torch.is_grad_enabled() and (scores.requires_grad or weight.requires_grad)
+        if not self.rescale:
+            sample = torch.rand_like(scores) < torch.sigmoid(scores.detach())
+            return SampledStraightThrough.apply(scores, weight, sample) if grad else weight * sample
+        if not grad:
+            sample = (torch.rand_like(scores) < torch.sigmoid(scores)).to(weight.dtype)
+            return weight * sample * (sample.numel() / sample.sum().clamp_min(1.0))
+        # Zhou et al.: mask = sample + p - stop_gradient(p); multiplier = numel / sum(mask); w * mask * multiplier
+        p = torch.sigmoid(scores)
+        sample = (torch.rand_like(scores) < p.detach()).to(weight.dtype)
+        mask = sample + (p - p.detach())
+        return weight * mask * (mask.numel() / mask.sum().clamp_min(1.0))
 
     def eval_mask(self, gate, module: nn.Module) -> Tensor:
         self._refresh_eval(gate, module._parameters[gate.scores], module._parameters[gate.param])
         return gate.mask
 
-    @staticmethod
-    def _refresh_eval(gate, scores: Tensor, weight: Tensor) -> None:
-        key = (version_key(scores), version_key(weight))
+    def _refresh_eval(self, gate, scores: Tensor, weight: Tensor) -> None:
+        key = (version_key(scores), version_key(weight), self.rescale)
         if key == gate.key:
             return
         with torch.inference_mode(False), torch.no_grad():
             gate.ensure_buffers(weight)
             torch.ge(scores.detach(), 0, out=gate.mask)
             masked_weight(weight.detach(), gate.mask, gate.effective_buffer)
+            if self.rescale:
+                gate.effective_buffer.mul_(gate.mask.numel() / max(int(gate.mask.sum()), 1))
         gate.key = key
+
+
+def configure(
+    model: nn.Module,
+    *,
+    eval_rule: str | None = None,
+    rescale: bool | None = None,
+    score_init: float | None = None,
+) -> nn.Module:
+    """Set the options of every ``method="sampled"`` layer of a popupified ``model``; ``None`` keeps a setting.
+
+    ``score_init``: fill the scores with this constant (Zhou et al. start at 0: every keep probability 0.5; the
+    project's default scores are Kaiming-uniform, ``|s| <= 1/sqrt(fan_in)``, so ``p`` within 0.5 +- 0.025 for
+    fan-in 100). ``configure(model, **ZHOU_ET_AL)`` gives Zhou et al.'s method. Returns ``model``.
+    """
+    replaced: dict[int, Sampled] = {}
+    found = False
+    for module in model.modules():
+        for gate in gates_of(module).values():
+            if not isinstance(gate.method, Sampled):
+                continue
+            found = True
+            old = gate.method
+            if id(old) not in replaced:
+                replaced[id(old)] = Sampled(
+                    old.eval_rule if eval_rule is None else eval_rule, old.rescale if rescale is None else rescale
+                )
+            gate.method = replaced[id(old)]
+            gate.clear_cache()
+            if score_init is not None:
+                with torch.no_grad():
+                    module._parameters[gate.scores].fill_(float(score_init))
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no layer popupified with method='sampled'")
+    return model
+
+
+def options(model: nn.Module) -> dict[str, object]:
+    """``{"eval_rule": ..., "rescale": ...}`` of the sampled layers of ``model`` (they share one setting)."""
+    for module in model.modules():
+        for gate in gates_of(module).values():
+            if isinstance(gate.method, Sampled):
+                return {"eval_rule": gate.method.eval_rule, "rescale": gate.method.rescale}
+    raise ValueError(f"{type(model).__name__} has no layer popupified with method='sampled'")
 
 
 class SampledStraightThrough(torch.autograd.Function):

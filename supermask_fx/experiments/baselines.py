@@ -1,0 +1,101 @@
+"""The baselines at their published figures: FC 784-300-100-10 on MNIST (docs/reproducing.md, "Baselines at their
+published figures").
+
+``python -m supermask_fx.experiments.baselines [--epochs 50] [--seeds 2] [--csv ...] [--plan-only]``
+
+Runs, in this order (all of seed 0 first, then seed 1, ...), each a row of the CSV through the usual runner (a
+rerun skips the rows already there, so the command resumes where it stopped):
+
+1. Zhou et al.'s supermask, faithful (``method="sampled"``, variant ``"zhou"``: sampled evaluation, dynamic weight
+   rescaling, scores 0), signed constant weights, the edge-popup authors' recipe for it (SGD lr 200, momentum 0.9,
+   no weight decay, cosine, batch 128);
+2. edge-popup, k = 50 %, signed constant, SGD lr 0.1, momentum 0.9, weight decay 1e-4, cosine, batch 128;
+3. learned dense weights, Kaiming normal, SGD lr 0.01, momentum 0.9, weight decay 1e-4, cosine, batch 128;
+4. learned dense weights, Kaiming normal, Adam lr 1.2e-3, batch 60, constant (the authors' ``fc_adam_baseline.yml``);
+5. Zhou et al.'s supermask, faithful, with Zhou et al.'s own recipe (their README: SGD lr 100, momentum 0.9,
+   constant learning rate, batch 250 (their default), no weight decay);
+6. the project's earlier ``sampled`` (threshold evaluation, no rescaling) with recipe 1, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .specs import DENSE_SGD, EDGE_POPUP, ZHOU, Recipe, RunSpec
+
+EXPERIMENT = "baselines_fc_mnist"
+DEFAULT_CSV = Path("docs/results/baselines/results.csv")
+#: The authors' FC Adam config on MNIST (allenai/hidden-networks configs/smallscale_baselines/dense/fc).
+FC_ADAM = Recipe(optimizer="adam", lr=1.2e-3, momentum=0.0, weight_decay=0.0, batch_size=60, schedule="constant")
+#: Zhou et al.'s own supermask command (uber-research/deconstructing-lottery-tickets README, train_supermask.py).
+ZHOU_OWN = Recipe(lr=100.0, momentum=0.9, weight_decay=0.0, batch_size=250, schedule="constant")
+
+#: (method, init, k, variant, recipe) in run order.
+RUNS: tuple[tuple[str, str, float, str, Recipe], ...] = (
+    ("sampled", "signed_constant", 0.5, "zhou", ZHOU),
+    ("edge_popup", "signed_constant", 0.5, "", EDGE_POPUP),
+    ("dense", "kaiming_normal", 1.0, "", DENSE_SGD),
+    ("dense", "kaiming_normal", 1.0, "", FC_ADAM),
+    ("sampled", "signed_constant", 0.5, "zhou", ZHOU_OWN),
+    ("sampled", "signed_constant", 0.5, "", ZHOU),
+)
+
+
+def plan(epochs: int, seeds: int) -> list[RunSpec]:
+    return [
+        RunSpec(
+            experiment=EXPERIMENT,
+            model="fc",
+            width=1.0,
+            method=method,
+            init=init,
+            k=k,
+            seed=seed,
+            epochs=epochs,
+            dataset="mnist",
+            recipe=recipe,
+            variant=variant,
+        )
+        for seed in range(seeds)
+        for method, init, k, variant, recipe in RUNS
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m supermask_fx.experiments.baselines", description=__doc__)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: share the CPU)")
+    parser.add_argument("--nice", type=int, default=10, help="raise niceness by this much (default 10)")
+    parser.add_argument("--plan-only", action="store_true", help="print the runs, run nothing")
+    args = parser.parse_args(argv)
+    specs = plan(args.epochs, args.seeds)
+    if args.plan_only:
+        for s in specs:
+            r = s.recipe
+            print(
+                f"{s.method} {s.variant or '-'} {s.init} k={s.k:g} {r.optimizer} lr={r.lr:g} bs={r.batch_size} "
+                f"{r.schedule} epochs={s.epochs} seed={s.seed}"
+            )
+        return 0
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    if args.nice:
+        try:
+            os.nice(args.nice)
+        except OSError:
+            pass
+    from .runner import run_all
+
+    run_all(specs, args.csv)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
