@@ -48,21 +48,56 @@ APT = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1-minute smoke run: small subset, one epoch each")
-    p.add_argument("--model", choices=("fc", "conv2", "conv4", "conv6", "conv8", "resnet18"), help="network")
-    p.add_argument("--width", type=float, help="width multiplier of the network")
-    p.add_argument("--k", type=float, default=0.5, help="fraction of weights kept per layer (default 0.5)")
-    p.add_argument("--epochs", type=int, help="edge-popup epochs")
-    p.add_argument("--dense-epochs", type=int, help="epochs of the learned-dense reference (0: skip it)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    quick = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items() if v != FULL[k])
+    p.add_argument("--quick", action="store_true", help=f"1-minute smoke run on a subset ({quick})")
+    p.add_argument(
+        "--model", choices=("fc", "conv2", "conv4", "conv6", "conv8", "resnet18"), default=FULL["model"], help="network"
+    )
+    p.add_argument("--width", type=float, default=FULL["width"], help="width multiplier of the network")
+    p.add_argument("--k", type=float, default=0.5, help="fraction of weights kept per layer")
+    p.add_argument("--epochs", type=int, default=FULL["epochs"], help="edge-popup epochs")
+    p.add_argument(
+        "--dense-epochs",
+        type=int,
+        default=FULL["dense_epochs"],
+        help="epochs of the learned-dense reference (0: skip it)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the data order")
-    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: search the usual places)")
-    p.add_argument("--no-install", action="store_true", help="never run apt-get to install the data")
-    p.add_argument("--out", default="runs/fashion_mnist", help="output folder (default runs/fashion_mnist)")
-    p.add_argument("--fresh", action="store_true", help="discard an earlier run in --out instead of continuing it")
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files; none: search the usual places")
+    p.add_argument(
+        "--install-data",
+        action="store_true",
+        help="if the data is missing and you are root on Debian/Ubuntu, install the package "
+        "dataset-fashion-mnist with apt-get (never done without this flag)",
+    )
+    p.add_argument(
+        "--out",
+        default="runs/fashion_mnist",
+        help="parent folder; each setting (model, width, k, epochs, seed, ...) gets its own run folder",
+    )
+    p.add_argument("--fresh", action="store_true", help="discard an earlier run of the same settings and retrain")
     p.add_argument("--limit", type=int, help="use only the first N training images")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all, or 1 if the machine is busy, measured)")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, help="CPU threads; none: all, or 1 if the machine is busy (measured)")
+    args = p.parse_args(argv)
+    if args.quick:  # the preset overrides only what was not given on the command line
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+        for key, value in QUICK.items():
+            if key in ("model", "width", "epochs", "dense_epochs") and f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, value)
+    return args
+
+
+def run_folders(args, out: Path) -> dict[str, Path]:
+    """One folder per setting that changes a result, so runs with other options sit side by side."""
+    data = ("-quick" if args.quick else "") + (f"-limit{args.limit}" if args.limit else "")
+    base = f"{args.model}-w{args.width:g}{data}-seed{args.seed}"
+    return {
+        "edge_popup": out / f"{base}-k{args.k:g}-e{args.epochs}",
+        "dense": out / f"{base}-dense-e{args.dense_epochs}",
+    }
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -81,7 +116,7 @@ def get_data(data_dir, allow_install: bool, train_limit=None, test_limit=None):
         return load(download=False)
     except DatasetNotFoundError:
         pass
-    if allow_install and data_dir is None and _can_apt():
+    if allow_install and data_dir is None and _can_apt():  # only with --install-data
         print("Fashion-MNIST is not installed; installing it: apt-get update && " + " ".join(APT), flush=True)
         ok = subprocess.run(["apt-get", "update"], check=False).returncode == 0
         ok = ok and subprocess.run(APT, check=False).returncode == 0
@@ -92,7 +127,8 @@ def get_data(data_dir, allow_install: bool, train_limit=None, test_limit=None):
                 pass
         print("apt-get did not provide Fashion-MNIST; trying a torchvision download", flush=True)
     else:
-        print("Fashion-MNIST not found locally; trying a torchvision download", flush=True)
+        hint = " (or rerun with --install-data to install Debian's package)" if _can_apt() else ""
+        print(f"Fashion-MNIST not found locally; trying a torchvision download{hint}", flush=True)
     try:
         return load(download=True)
     except DatasetNotFoundError as error:
@@ -167,7 +203,7 @@ def recheck_threads(args):
     return callback
 
 
-def run(args, train_set, test_set, accelerator, method: str, epochs: int) -> dict:
+def run(args, train_set, test_set, accelerator, method: str, epochs: int, folder: Path) -> dict:
     model = build(args, method)
     config = TrainConfig(
         epochs=epochs,
@@ -177,14 +213,17 @@ def run(args, train_set, test_set, accelerator, method: str, epochs: int) -> dic
         weight_decay=1e-4,
         schedule="cosine",
         seed=args.seed,
-        out_dir=Path(args.out) / method,
+        out_dir=folder,
         resume="auto",
         log_every=100,
     )
     try:
         result = train(model, train_set, test_set, config, accelerator, callbacks=[recheck_threads(args)])
     except CheckpointMismatchError as error:
-        raise SystemExit(f"error: {error}\nTo start over instead: python examples/fashion_mnist.py --fresh") from None
+        raise SystemExit(
+            f"error: {error}\nTo keep that run and start this one elsewhere: "
+            f"python examples/fashion_mnist.py {' '.join(sys.argv[1:])} --out runs/fashion_mnist_2"
+        ) from None
     if result["resumed_from_epoch"] == epochs:
         print(f"(this part was already complete in {config.out_dir}; pass --fresh to train again)")
     result["model"] = model
@@ -222,20 +261,16 @@ def plot(path: Path, runs: dict[str, dict], title: str) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     preset = QUICK if args.quick else FULL
-    for key in ("model", "width", "epochs", "dense_epochs"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    out = Path(args.out)
-    if args.quick and args.out == "runs/fashion_mnist":
-        out = args.out = Path("runs/fashion_mnist_quick")
-    if args.fresh and out.exists():
-        for method in ("edge_popup", "dense"):
-            shutil.rmtree(out / method, ignore_errors=True)
+    folders = run_folders(args, Path(args.out))
+    out = folders["edge_popup"]  # the summary, plot and subnetwork file go with the edge-popup run
+    if args.fresh:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
     t_start = time.perf_counter()
     threads = pick_threads(args.threads)
 
     train_set, test_set = get_data(
-        args.data_dir, not args.no_install, args.limit or preset["train_limit"], preset["test_limit"]
+        args.data_dir, args.install_data, args.limit or preset["train_limit"], preset["test_limit"]
     )
     print(
         f"data: {train_set.display_name}, {len(train_set)} training / {len(test_set)} test images, "
@@ -250,10 +285,10 @@ def main(argv=None) -> dict:
         f"\n[1/2] edge-popup on {name}: weights random and frozen (signed constant), "
         f"learning which {args.k:.0%} to keep"
     )
-    runs["edge_popup"] = run(args, train_set, test_set, accelerator, "edge_popup", args.epochs)
+    runs["edge_popup"] = run(args, train_set, test_set, accelerator, "edge_popup", args.epochs, folders["edge_popup"])
     if args.dense_epochs > 0:
         print(f"\n[2/2] reference: the same {name} with learned dense weights")
-        runs["dense"] = run(args, train_set, test_set, accelerator, "dense", args.dense_epochs)
+        runs["dense"] = run(args, train_set, test_set, accelerator, "dense", args.dense_epochs, folders["dense"])
 
     model = runs["edge_popup"]["model"]
     subnet_path = out / "subnetwork.safetensors"
@@ -306,10 +341,10 @@ def main(argv=None) -> dict:
     print(f"subnetwork file:  {subnet_path}  ({size:,} bytes, {8 * size / stats.numel:.2f} bits per weight)")
     print(f"accuracy plot:    {png}")
     print(
-        f"per-epoch logs:   {out / 'edge_popup' / 'metrics.jsonl'}"
-        + (f", {out / 'dense' / 'metrics.jsonl'}" if "dense" in runs else "")
+        f"per-epoch logs:   {folders['edge_popup'] / 'metrics.jsonl'}"
+        + (f", {folders['dense'] / 'metrics.jsonl'}" if "dense" in runs else "")
     )
-    print(f"checkpoints:      {out / 'edge_popup' / 'checkpoint.pt'} (run again to continue; --fresh to restart)")
+    print(f"checkpoints:      {folders['edge_popup'] / 'checkpoint.pt'} (the same command continues; --fresh retrains)")
     print(f"summary:          {out / 'results.json'}")
     print(f"wall time:        {elapsed / 60:.1f} min")
     if args.quick:

@@ -60,9 +60,10 @@ def run(args, cwd, timeout=300, **env):
     not have("fashion_mnist"), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
 )
 def test_fashion_mnist_quick_finds_saves_and_plots(tmp_path):
-    out = tmp_path / "fm"
-    done = run([EXAMPLES / "fashion_mnist.py", "--quick", "--no-install", "--out", out], cwd=tmp_path)
+    parent = tmp_path / "fm"
+    done = run([EXAMPLES / "fashion_mnist.py", "--quick", "--out", parent], cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = parent / "conv4-w0.25-quick-seed0-k0.5-e2"  # a folder per setting
     text = done.stdout
     assert "subnetwork of random weights" in text and "learned dense weights" in text
     results = json.loads((out / "results.json").read_text())
@@ -72,6 +73,13 @@ def test_fashion_mnist_quick_finds_saves_and_plots(tmp_path):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "subnetwork.safetensors").stat().st_size == results["subnetwork_bytes"]
     assert str(out / "subnetwork.safetensors") in text and str(out / "accuracy.png") in text
+
+    # another k: a run of its own beside the first, the dense reference reused, nothing refused or deleted
+    again = run([EXAMPLES / "fashion_mnist.py", "--quick", "--k", "0.3", "--out", parent], cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    other = json.loads((parent / "conv4-w0.25-quick-seed0-k0.3-e2" / "results.json").read_text())
+    assert other["k"] == 0.3 and other["dense_test_top1"] == results["dense_test_top1"]
+    assert json.loads((out / "results.json").read_text()) == results
 
 
 # ---------------------------------------------------------------------------------------------- cifar.py
@@ -211,7 +219,10 @@ def test_fashion_mnist_gets_the_data_itself_or_says_what_to_run(monkeypatch, cap
     monkeypatch.setattr(fm, "load_dataset", fake_load)
     monkeypatch.setattr(fm.subprocess, "run", fake_run)
     monkeypatch.setattr(fm, "_can_apt", lambda: True)
-    assert fm.get_data(None, allow_install=True) == ("train split", "test split")  # root with apt-get: installs
+    with pytest.raises(SystemExit):
+        fm.get_data(None, allow_install=False)  # no --install-data: nothing is installed, whoever runs it
+    assert calls == []
+    assert fm.get_data(None, allow_install=True) == ("train split", "test split")  # --install-data as root: installs
     assert calls == ["apt-get update", "apt-get install -y dataset-fashion-mnist"]
 
     installed.clear()
