@@ -20,6 +20,7 @@ __all__ = [
     "MaskStats",
     "coverage",
     "Coverage",
+    "mask_statistics",
 ]
 
 
@@ -83,6 +84,21 @@ def mask_stats(model: nn.Module) -> MaskStats:
     if not layers:
         raise ValueError("the model has no gated layer: call supermask_fx.popupify(model, k) first")
     return MaskStats(tuple(layers))
+
+
+def mask_statistics(model: nn.Module, previous: list[torch.Tensor] | None = None):
+    """``({"supermask/kept_fraction": ..., "supermask/mask_changed": ...}, masks)`` for training logs: the kept
+    fraction of the evaluation masks over all gated weights, and (given the ``masks`` of an earlier call) the
+    fraction of mask bits that flipped since. Returns ``({}, [])`` for a model with no gated layer."""
+    with torch.no_grad():
+        masks = [gate.current_mask(module).detach().clone() for module, gate in gated_layers(model)]
+    if not masks:
+        return {}, []
+    total = sum(m.numel() for m in masks)
+    stats = {"supermask/kept_fraction": sum(int(m.sum()) for m in masks) / total}
+    if previous is not None and [m.shape for m in previous] == [m.shape for m in masks]:
+        stats["supermask/mask_changed"] = sum(int((a != b).sum()) for a, b in zip(masks, previous)) / total
+    return stats, masks
 
 
 def fix_masks(model: nn.Module, *, train_weights: bool = False) -> nn.Module:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, TrainerCallback
 
-from ..masks import gated_layers
+from ..masks import gated_layers, mask_statistics
 from ..state import restore
 from ..subnetwork import save_subnetwork, unwrap
 
@@ -50,19 +49,12 @@ class SupermaskCallback(TrainerCallback):
 
     def __init__(self, write_subnetwork: bool = True) -> None:
         self.write_subnetwork = write_subnetwork
-        self._previous: list[torch.Tensor] | None = None
+        self._previous: list | None = None  # the masks at the previous log
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if model is None or logs is None:
             return
-        masks = [gate.current_mask(module).detach().clone() for module, gate in gated_layers(unwrap(model))]
-        if not masks:
-            return
-        total = sum(m.numel() for m in masks)
-        stats = {"supermask/kept_fraction": sum(int(m.sum()) for m in masks) / total}
-        if self._previous is not None and len(self._previous) == len(masks):
-            stats["supermask/mask_changed"] = sum(int((a != b).sum()) for a, b in zip(masks, self._previous)) / total
-        self._previous = masks
+        stats, self._previous = mask_statistics(unwrap(model), self._previous)
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)

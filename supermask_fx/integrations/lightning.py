@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the older package name
     from pytorch_lightning.callbacks import Callback
 
-from ..masks import gated_layers
+from ..masks import gated_layers, mask_statistics
 from ..subnetwork import save_subnetwork
 
 SUBNETWORK_FILE = "subnetwork.safetensors"
@@ -33,18 +31,12 @@ class SupermaskCallback(Callback):
 
     def __init__(self, write_subnetwork: bool = True) -> None:
         self.write_subnetwork = write_subnetwork
-        self._previous: list[torch.Tensor] | None = None
+        self._previous: list | None = None  # the masks at the previous log
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        masks = [gate.current_mask(module).detach().clone() for module, gate in gated_layers(pl_module)]
-        if not masks:
-            return
-        total = sum(m.numel() for m in masks)
-        stats = {"supermask/kept_fraction": sum(int(m.sum()) for m in masks) / total}
-        if self._previous is not None and len(self._previous) == len(masks):
-            stats["supermask/mask_changed"] = sum(int((a != b).sum()) for a, b in zip(masks, self._previous)) / total
-        self._previous = masks
-        pl_module.log_dict(stats, on_epoch=True, rank_zero_only=True)
+        stats, self._previous = mask_statistics(pl_module, self._previous)
+        if stats:
+            pl_module.log_dict(stats, on_epoch=True, rank_zero_only=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         callback = trainer.checkpoint_callback
