@@ -2,8 +2,10 @@
 
 ``with atomic_file(path) as f: f.write(...)`` writes to a temporary file in the same folder, flushes and fsyncs it,
 gives it the usual permissions (``0666 & ~umask``; ``mkstemp`` makes 0600), renames it over ``path`` and fsyncs
-the folder. A crash, a kill or a full disk at any moment leaves either the old file or the new one under ``path``,
-never a mixture, and no temporary file behind.
+the folder. A crash or a full disk at any moment leaves either the old file or the new one under ``path``, never a
+mixture, and no temporary file behind. A kill (SIGKILL, power loss) cannot run the clean-up: it may leave the
+temporary file, ``.<name>.<pid>.<random>.tmp``, which ``remove_stale_temporaries(path)`` removes later (the
+writers of ``path`` call it before they write).
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_file", "umask", "fsync_dir"]
+__all__ = ["atomic_file", "remove_stale_temporaries", "umask", "fsync_dir"]
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -35,6 +37,40 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that interrupted ``atomic_file(path)`` writes left beside ``path``; return them.
+
+    Those are ``.<name>.<pid>.<random>.tmp`` files whose writer process is gone (or is this process: it is not
+    writing ``path`` while it calls this), and ``.<name>.<random>.tmp`` ones of writers that did not record a
+    pid. A temporary file of a live process on this machine is left alone: it may be a write in progress.
+    """
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = []
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:  # no folder yet, or not readable: nothing to clean
+        return removed
+    for candidate in candidates:
+        writer = candidate.name[len(prefix) : -len(".tmp")].split(".")[0]
+        if writer.isdigit() and 0 < int(writer) != os.getpid() and _alive(int(writer)):
+            continue
+        with contextlib.suppress(OSError):
+            candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or not a process id at all
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def umask() -> int:

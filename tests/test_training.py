@@ -295,8 +295,72 @@ def test_fresh_start_does_not_overwrite_a_checkpoint(tmp_path):
 
 def test_unreadable_checkpoint_gives_a_clear_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="checkpoint.pt: damaged: truncated"):
+        train(make_model(), make_data()[0], None, quiet(out_dir=tmp_path))
+    (tmp_path / "checkpoint.pt").write_bytes(b"some other file")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         train(make_model(), make_data()[0], None, quiet(out_dir=tmp_path))
+
+
+def _offset_of(data: bytes, tensor) -> int:
+    """Where the bytes of ``tensor`` lie in a checkpoint file (its storage, stored raw by torch.save)."""
+    from supermask_fx.safetensors_io import tensor_bytes
+
+    raw = tensor_bytes(tensor)
+    at = data.find(raw)
+    assert at >= 0 and data.find(raw, at + 1) < 0
+    return at
+
+
+def test_a_flipped_byte_anywhere_in_a_checkpoint_is_damage_not_a_resume(tmp_path):
+    """The checkpoint's SHA-256 digest covers the whole file: one changed byte in the scores, the frozen
+    weights, the optimizer's momentum, the zip structure or the digest itself is a CheckpointError saying the
+    file is damaged, before anything is unpickled, and the engine refuses to resume from it."""
+    train_set, _ = make_data()
+    train(make_model(), train_set, None, quiet(epochs=1, out_dir=tmp_path / "run"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    data = path.read_bytes()
+    state = load_checkpoint(path)
+    assert torch.load(path, weights_only=True)["epoch"] == 1  # still a plain torch.save archive
+    momentum = next(iter(state["optimizer"]["state"].values()))["momentum_buffer"]
+    positions = {
+        "scores": _offset_of(data, state["model"]["4.scores"]) + 101,
+        "frozen weight": _offset_of(data, state["model"]["0.weight"]) + 17,
+        "optimizer state": _offset_of(data, momentum) + 3,
+        "first byte": 0,
+        "pickle": data.find(b"data.pkl") + 40,
+        "zip end record": len(data) - 100,
+        "digest": len(data) - 1,
+    }
+    bad = tmp_path / "bad" / "checkpoint.pt"
+    bad.parent.mkdir()
+    for at in positions.values():
+        for flip in (0x01, 0x80):
+            changed = bytearray(data)
+            changed[at] ^= flip
+            bad.write_bytes(bytes(changed))
+            with pytest.raises(CheckpointError, match=r"bad/checkpoint.pt: damaged"):
+                load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match=r"bad/checkpoint.pt: damaged"):
+        train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path / "bad"))
+    assert bad.read_bytes() == bytes(changed)  # left as it was
+    bad.write_bytes(data[:-50])
+    with pytest.raises(CheckpointError, match=r"damaged: truncated"):
+        load_checkpoint(bad)
+
+
+def test_version_1_checkpoints_without_a_digest_still_load(tmp_path):
+    train_set, _ = make_data()
+    with pytest.raises(Stop):
+        train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path), callbacks=[stop_after(1)])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "version": 1}, tmp_path / "checkpoint.pt")  # what version 1 wrote: no zip comment
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["version"] == 1
+    result = train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path))
+    assert result["resumed_from_epoch"] == 1
+    torch.save(state, tmp_path / "checkpoint.pt")  # a version-2 state without its digest: damaged
+    with pytest.raises(CheckpointError, match="damaged: a version-2 checkpoint without its digest"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -321,6 +385,64 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1  # the earlier one, intact
     result = train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path))  # and resumable
     assert result["resumed_from_epoch"] == 1 and result["final"]["epoch"] == 2
+
+
+@pytest.mark.parametrize("failure", ["disk full", "other"])
+def test_torch_save_runtime_errors_become_checkpoint_errors(tmp_path, monkeypatch, failure):
+    """A full disk during torch.save surfaces as torch's raw RuntimeError ("[enforce fail at inline_container.cc]
+    unexpected pos ..."), its cause an OSError(ENOSPC) at most: it is a CheckpointError naming the file and the
+    reason, the temporary file is gone and the previous checkpoint intact; so is any other failure of torch.save."""
+    train_set, _ = make_data()
+    real_save = torch.save
+    calls = []
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        if failure == "other":
+            raise RuntimeError("Tried to serialize object of an unknown kind")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    reason = "no space left on device" if failure == "disk full" else "RuntimeError: Tried to serialize"
+    with pytest.raises(CheckpointError, match=f"cannot write .*checkpoint.pt: {reason}.*previous checkpoint.pt is"):
+        train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_temporary_files_of_killed_writes_are_removed(tmp_path, capsys):
+    """A kill during a checkpoint write leaves .checkpoint.pt.<pid>.*.tmp: the next run removes those of dead
+    writers (and of writers that recorded no pid), says so in one plain line, and leaves a live process's."""
+    import os
+    import subprocess
+
+    train_set, _ = make_data()
+    with pytest.raises(Stop):
+        train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path), callbacks=[stop_after(1)])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [
+        f".checkpoint.pt.{dead.stdout.strip()}.x1y2z3.tmp",
+        ".checkpoint.pt.ab12cd34.tmp",
+        f".metrics.jsonl.{dead.stdout.strip()}.x.tmp",
+    ]
+    live = f".checkpoint.pt.{os.getppid()}.q9w8e7.tmp"  # pytest's parent: alive, maybe writing
+    for name in [*stale, live]:
+        (tmp_path / name).write_bytes(b"PK\x03\x04 half a checkpoint")
+    train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path, progress="lines"))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["checkpoint.pt", "config.json", "metrics.jsonl", live])
+    out = capsys.readouterr().out
+    assert "removed 3 temporary file(s) of an interrupted write" in out
+    assert "warning" not in out.lower() and "error" not in out.lower()
 
 
 def test_resume_is_exact_with_augmentation_in_worker_processes(tmp_path):

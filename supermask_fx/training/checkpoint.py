@@ -1,27 +1,40 @@
-"""Training checkpoints: atomic writes, exact resume, and a clear error for a checkpoint of another run.
+"""Training checkpoints: atomic writes, an integrity digest, exact resume, and clear errors.
 
 A checkpoint (``torch.save`` of a dict of tensors and plain values, read back with ``weights_only=True``) holds:
 the model's ``state_dict`` (scores, weights, masks, BatchNorm statistics), the optimizer and scheduler states,
 the random-number states of every process (python, numpy, torch, CUDA), the number of finished epochs and
 optimizer steps, the metrics history, the ``TrainConfig`` and a fingerprint of the model (class, tensor names,
 shapes and dtypes, trainable tensors, ``popupify`` config) that ``check_compatible`` compares when resuming.
+
+Integrity (version 2): the file is the zip archive ``torch.save`` writes, with one addition its zip format allows,
+a comment at the end: ``supermask_fx sha256=<64 hex digits>``, the SHA-256 of the archive as ``torch.save``
+wrote it (with an empty comment). ``load_checkpoint`` checks it before unpickling anything, so every byte of the
+file is covered: a changed byte in the scores, the frozen weights, the optimizer state, the zip structure or the
+digest itself ends in ``CheckpointError`` ("damaged"), never in a resume from altered state. ``torch.load`` still
+reads the file as it is. Version-1 checkpoints (no digest) still load, unchecked.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, remove_stale_temporaries
 
 FORMAT = "supermask_fx.training.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the archive's SHA-256 in its zip comment; 1: no digest
 CHECKPOINT_NAME = "checkpoint.pt"
+
+_DIGEST = b"supermask_fx sha256="
+_COMMENT = len(_DIGEST) + 64  # the zip comment: the prefix and 64 hex digits
+_END_RECORD = b"PK\x05\x06"  # a zip archive's end-of-central-directory record: 22 bytes, then the comment
 
 
 class CheckpointError(RuntimeError):
@@ -36,52 +49,160 @@ class CheckpointMismatchError(ValueError):
 
 
 def atomic_save(obj, path: str | os.PathLike) -> int:
-    """``torch.save(obj)`` to ``path`` atomically and durably; returns the file size.
+    """``torch.save(obj)`` to ``path`` atomically and durably, with its SHA-256 digest; returns the file size.
 
     The data goes to a temporary file in the same folder, is flushed and fsync'ed, then renamed over ``path``
-    (``os.replace``), and the folder is fsync'ed. A crash, a kill or a full disk at any moment leaves either the
-    old file or the new one under ``path``, never a mixture, and no temporary file behind.
+    (``os.replace``), and the folder is fsync'ed. A crash or a full disk at any moment leaves either the old file
+    or the new one under ``path``, never a mixture, and no temporary file behind. Temporary files that killed
+    writers of ``path`` left (``.<name>.<pid>.*.tmp``) are removed first.
 
     Raises:
-        CheckpointError: the write failed (the message names the reason; an existing ``path`` is unchanged).
+        CheckpointError: the write failed, however (disk full, permissions, an object torch.save refuses); the
+            message names the file and the reason; an existing ``path`` is unchanged.
     """
     path = Path(path)
+    remove_stale_temporaries(path)
     try:
         with atomic_file(path) as f:
-            torch.save(obj, f)
-    except OSError as error:
+            out = _Digesting(f)
+            try:
+                torch.save(obj, out)
+            except Exception as error:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
+                raise _WriteFailed(_reason(error, path.parent)) from error
+            if out.tail[: len(_END_RECORD)] != _END_RECORD or out.tail[-2:] != b"\0\0":
+                raise _WriteFailed(f"torch {torch.__version__} wrote a zip archive of an unknown layout")
+            comment = _DIGEST + out.sha.hexdigest().encode()
+            f.seek(-2, os.SEEK_END)
+            f.write(len(comment).to_bytes(2, "little") + comment)
+    except Exception as error:
         kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
-        raise CheckpointError(f"cannot write {path}: {_reason(error)}{kept}") from error
+        reason = str(error) if isinstance(error, _WriteFailed) else _reason(error, path.parent)
+        raise CheckpointError(f"cannot write {path}: {reason}{kept}") from (error.__cause__ or error)
     return path.stat().st_size
 
 
-def _reason(error: OSError) -> str:
-    if error.errno == errno.ENOSPC:
-        return "no space left on device (free some disk space, or point out_dir elsewhere)"
-    return error.strerror or str(error)
+class _WriteFailed(Exception):
+    """Carries the reason of a failed write, told while the partial file still fills the disk."""
+
+
+class _Digesting:
+    """The file object ``torch.save`` writes to: passes every byte on and hashes it, keeping the last 22 (the
+    zip archive's end record)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.tail = b""
+
+    def write(self, data) -> int:
+        written = self.f.write(data)
+        self.sha.update(data)
+        self.tail = (self.tail + bytes(memoryview(data)[-22:]))[-22:]
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _reason(error: BaseException, folder: Path) -> str:
+    """What went wrong, in words: a full disk however torch reports it, else the error's own message."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return _NO_SPACE
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, RuntimeError) and "unexpected pos" in str(error) and _disk_full(folder):
+        return _NO_SPACE  # torch writing to a path itself: the C++ stream's error, no errno
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+_NO_SPACE = "no space left on device (free some disk space, or point out_dir elsewhere)"
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has (almost) no room left for this process."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return False
+    free = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return free * st.f_frsize < 1 << 16
 
 
 # ------------------------------------------------------------------------------------------------ reading
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by the engine (tensors on the CPU).
+    """Read a checkpoint written by the engine (tensors on the CPU), after checking its digest.
 
     Raises:
-        CheckpointError: no such file, not a checkpoint of this engine, truncated or corrupted.
+        CheckpointError: no such file, not a checkpoint of this engine, or damaged (truncated, or a byte changed
+            anywhere: the digest does not match); the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        digested = _verify_digest(path)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read: {error.strerror or error}") from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle errors, ...
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {error}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a supermask_fx training checkpoint")
-    if state.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state['version']} is newer than this code reads")
+    version = state.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version!r} is newer than this code reads")
+    if version >= 2 and not digested:
+        raise CheckpointError(f"{path}: damaged: a version-{version} checkpoint without its digest")
     return state
+
+
+def _verify_digest(path: Path) -> bool:
+    """Check the digest at the end of ``path``: ``True`` if it matches; ``False`` for a zip archive without one (a
+    version-1 checkpoint) or a file that is no zip archive at all (``torch.load`` then says so). Raises
+    ``CheckpointError`` ("damaged") if the digest does not match, or if a file that starts like a zip archive
+    ends in neither a digest nor a plain end record (truncated, or a changed byte in the digest record)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, size - 22 - _COMMENT))
+        end = f.read()
+        if len(end) == 22 + _COMMENT and end.startswith(_END_RECORD) and end[20:22] != b"\0\0":
+            comment = end[22:]
+            stored = comment[len(_DIGEST) :]
+            if (
+                end[20:22] != _COMMENT.to_bytes(2, "little")
+                or not comment.startswith(_DIGEST)
+                or not re.fullmatch(rb"[0-9a-f]{64}", stored)
+            ):
+                raise CheckpointError(f"{path}: damaged: the digest record at its end is unreadable")
+            sha = hashlib.sha256()
+            f.seek(0)
+            remaining = size - _COMMENT - 2
+            while remaining > 0:
+                chunk = f.read(min(remaining, 1 << 20))
+                if not chunk:  # the file shrank while it was read
+                    break
+                sha.update(chunk)
+                remaining -= len(chunk)
+            sha.update(b"\0\0")  # the empty comment's length, as torch.save wrote it
+            if sha.hexdigest().encode() != stored:
+                raise CheckpointError(
+                    f"{path}: damaged: its content does not match the SHA-256 digest written with it (a changed or "
+                    "lost byte on disk or in a copy); resume from an intact copy, or start the run afresh"
+                )
+            return True
+    if end[-22:-18] == _END_RECORD and end[-2:] == b"\0\0":
+        return False  # a zip archive without a comment: a version-1 checkpoint (or another torch.save file)
+    if head == b"PK\x03\x04":
+        raise CheckpointError(f"{path}: damaged: truncated, or the digest record at its end is unreadable")
+    return False
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints

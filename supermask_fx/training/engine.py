@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..atomic import remove_stale_temporaries
 from ..subnetwork import unwrap
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -43,7 +44,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import EpochBatchSampler, batched, collate
 from .metrics import topk_correct
-from .runlog import RunLog
+from .runlog import METRICS_NAME, RunLog
 from .schedule import warmup_cosine
 
 __all__ = ["train", "evaluate", "make_accelerator", "build_optimizer", "resolve_mixed_precision", "Run"]
@@ -256,6 +257,13 @@ class Run:
             self.optimizer = acc.prepare_optimizer(self.optimizer)
         if acc.is_main_process and self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            stale = [
+                p.name
+                for name in (CHECKPOINT_NAME, METRICS_NAME)
+                for p in remove_stale_temporaries(self.out_dir / name)
+            ]
+            if stale:  # a run killed while writing: its temporary files are useless, the files they replace intact
+                self.log.print(f"removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale)}")
             (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
             if self.resumed_from_epoch is not None:
                 self.log.rewrite(self.history)
