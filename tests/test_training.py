@@ -445,6 +445,16 @@ def test_temporary_files_of_killed_writes_are_removed(tmp_path, capsys):
     assert "warning" not in out.lower() and "error" not in out.lower()
 
 
+def test_half_precision_models_are_refused_with_what_to_do(tmp_path):
+    """A model converted with .half() met float32 inputs ("expected m1 and m2 to have the same dtype"): it is
+    refused before anything runs or is written, with the way to train in 16 bits (mixed_precision)."""
+    train_set, _ = make_data()
+    for convert in (lambda m: m.half(), lambda m: m.bfloat16()):
+        with pytest.raises(ValueError, match=r"(?i)keep the model in float32 and set TrainConfig\(mixed_precision="):
+            train(convert(make_model()), train_set, None, quiet(epochs=1, out_dir=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_is_exact_with_augmentation_in_worker_processes(tmp_path):
     from supermask_fx.data import ImageTensorDataset, dataset_info
     from supermask_fx.training import RandomCropFlip

@@ -155,7 +155,8 @@ def train(
         ``train_top1``, ``test_loss``, ``test_top1``, ``test_top5``, ``test_examples``, ``epoch_time_s``.
 
     Raises:
-        ValueError: bad settings (batch larger than the data set, empty data set, ...).
+        ValueError: bad settings (batch larger than the data set, empty data set, a model converted to float16
+            or bfloat16: keep it in float32 and set ``mixed_precision``, ...).
         FileExistsError: ``resume=False`` and ``out_dir`` already holds a checkpoint.
         CheckpointMismatchError: the checkpoint to resume was made by another model or other settings.
         CheckpointError: a checkpoint could not be read or written (a previous one stays intact).
@@ -172,6 +173,7 @@ class Run:
 
     def __init__(self, model, train_dataset, test_dataset, config, accelerator=None, *, loss_fn=None, callbacks=()):
         self.config = config
+        _refuse_half_models(unwrap(model))
         self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -481,6 +483,19 @@ class Run:
         for buffer in self.base.buffers():
             if buffer.dtype != torch.bool:
                 dist.broadcast(buffer, src=0)
+
+
+def _refuse_half_models(model: nn.Module) -> None:
+    """A model converted with ``.half()`` / ``.bfloat16()`` would meet float32 inputs ("expected m1 and m2 to have
+    the same dtype"), and would keep its scores and optimizer state in 16 bits: say what to do instead."""
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if half:
+        raise ValueError(
+            f"the model's parameters are {', '.join(half)} (converted with .half() or .bfloat16()?): the engine "
+            "trains float32 models. Keep the model in float32 and set TrainConfig(mixed_precision='bf16') (or "
+            "'fp16', or 'auto'): the forward and backward passes then run in 16 bits under autocast while the "
+            "scores, weights, masks and optimizer state stay float32"
+        )
 
 
 class _CrossEntropy:
