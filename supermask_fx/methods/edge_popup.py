@@ -10,12 +10,16 @@ weights is cached for it.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
 from ..gate import version_key
 from ..kernels import BitMask, masked_weight, straight_through_grad
-from ..topk import BandHint, NativeGroup, select_topk, select_topk_native_many
+from ..selection import backend_for
+from ..selection.device import Segments, order_keys, segmented_topk
+from ..topk import BandHint, NativeGroup, select_topk, select_topk_native_many, topk_mask_reference
 from .base import Method
 
 
@@ -91,6 +95,7 @@ class TopKSelector:
         self.kept = kept
         self.strategy = strategy
         self.blocks = blocks
+        self.selections = 0  # how many times this selector's masks were computed (diagnostics, tests)
         self.members: list[tuple[nn.Module, object]] = []
         self.peers: list[TopKSelector] = [self]
         self.key = None  # what the masks were computed from
@@ -129,7 +134,19 @@ class TopKSelector:
             self.effective_key = key
 
     def _select(self, key: tuple, effective: bool) -> None:
-        if self._native_ok():
+        backend = backend_for(self.members[0][0]._parameters[self.members[0][1].scores].device)
+        if backend == "device":
+            batch = [(self, key)]
+            for peer in self.peers:
+                if peer is not self and peer._device_peer(self):
+                    batch.append((peer, peer.current_key()))
+            _refresh_device([selector for selector, _ in batch], effective)
+            for selector, selector_key in batch:
+                selector.key = selector_key
+                selector.effective_key = selector_key if effective else None
+                selector.selections += 1
+            return
+        if backend == "cpu" and self._native_ok():
             batch = [(self, key)]
             for peer in self.peers:
                 if peer is not self:
@@ -142,11 +159,47 @@ class TopKSelector:
             for selector, selector_key in batch:
                 selector.key = selector_key
                 selector.effective_key = selector_key if effective else None
+                selector.selections += 1
             return
         self._ensure_buffers(effective)
-        self._refresh_torch(effective)
+        if backend == "reference":
+            self._refresh_reference(effective)
+        else:
+            self._refresh_torch(effective)
         self.key = key
         self.effective_key = key if effective else None
+        self.selections += 1
+
+    def _device_peer(self, lead: TopKSelector) -> bool:
+        """Whether this peer is selected in ``lead``'s batch: scores on the same device, no fixed mask."""
+        module, gate = self.members[0]
+        if any(m._buffers.get(g.mask_buffer) is not None for m, g in self.members):
+            return False
+        lead_module, lead_gate = lead.members[0]
+        return module._parameters[gate.scores].device == lead_module._parameters[lead_gate.scores].device
+
+    def _segments(self) -> list[tuple[int, int]]:
+        """``(size, kept)`` of each group this selector ranks: its members together, or each block alone."""
+        total = sum(m._parameters[g.scores].numel() for m, g in self.members)
+        if self.blocks > 1:
+            return [(total // self.blocks, self.kept)] * self.blocks
+        return [(total, self.kept)]
+
+    def _refresh_reference(self, effective: bool) -> None:
+        """The ``reference`` back-end: a stable sort of each group's magnitudes."""
+        magnitudes = torch.cat([m._parameters[g.scores].detach().abs().reshape(-1) for m, g in self.members])
+        masks = torch.cat(
+            [
+                topk_mask_reference(chunk, kept)
+                for chunk, (_, kept) in zip(magnitudes.split([size for size, _ in self._segments()]), self._segments())
+            ]
+        )
+        for (_, gate), part in zip(
+            self.members, masks.split([m._parameters[g.scores].numel() for m, g in self.members])
+        ):
+            gate.mask.copy_(part.view(gate.mask.shape))
+        if effective:
+            self._fill_effective()
 
     def _ensure_buffers(self, effective: bool, bits: bool = False) -> None:
         """Allocate the masks (bool, or ``BitMask`` for the compiled path) and, with ``effective``, the
@@ -225,6 +278,44 @@ class TopKSelector:
             self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
         if effective:
             self._fill_effective()
+
+
+_DEVICE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _refresh_device(selectors: list[TopKSelector], effective: bool) -> None:
+    """The ``device`` back-end: every selector of the batch in one segmented radix select (``selection.device``).
+
+    The plan (segments, the one bool buffer holding every mask) is built once per batch layout and kept; each gate's
+    ``mask`` is a view of that buffer, so a refresh writes all masks in one operation and allocates nothing new."""
+    members = [(module, gate) for selector in selectors for module, gate in selector.members]
+    scores = [module._parameters[gate.scores].detach() for module, gate in members]
+    signature = tuple((id(selector), len(selector.members)) for selector in selectors) + tuple(
+        (tuple(s.shape), s.device) for s in scores
+    )
+    plan = _DEVICE_PLANS.get(selectors[0])
+    if plan is None or plan[0] != signature:
+        segments = [segment for selector in selectors for segment in selector._segments()]
+        layout = Segments.build([size for size, _ in segments], [kept for _, kept in segments], scores[0].device)
+        buffer = torch.empty(layout.total, dtype=torch.bool, device=scores[0].device)
+        views, offset = [], 0
+        for s in scores:
+            views.append(buffer[offset : offset + s.numel()].view(s.shape))
+            offset += s.numel()
+        plan = (signature, layout, buffer, views)
+        _DEVICE_PLANS[selectors[0]] = plan
+    _, layout, buffer, views = plan
+    keys = order_keys(torch.cat([s.reshape(-1) for s in scores]).abs_())
+    segmented_topk(keys, layout, out=buffer)
+    for (module, gate), view in zip(members, views):
+        gate.mask = view
+        if effective:
+            gate.ensure_effective(module._parameters[gate.param])
+        else:
+            gate.effective_buffer = None
+    if effective:
+        for selector in selectors:
+            selector._fill_effective()
 
 
 def _refresh_native(selectors: list[TopKSelector], effective: bool) -> None:
