@@ -64,6 +64,38 @@ def plan(epochs: int, seeds: int) -> list[RunSpec]:
     ]
 
 
+#: Published FC MNIST figures, per run of ``RUNS`` (Zhou et al.: learned supermask; edge-popup and dense: the
+#: figures quoted in the reproduction issue for the same setting).
+PUBLISHED = ("98.0 (Zhou et al.)", "97.9", "98.2", "98.2", "98.0 (Zhou et al.)", "98.0 (Zhou et al.)")
+LABELS = (
+    "Zhou et al. supermask, faithful (`zhou`), SGD lr 200, cosine, batch 128",
+    "edge-popup, k = 50 %, SGD lr 0.1, cosine, batch 128",
+    "dense, SGD lr 0.01, cosine, batch 128",
+    "dense, Adam lr 1.2e-3, constant, batch 60",
+    "Zhou et al. supermask, faithful (`zhou`), SGD lr 100, constant, batch 250",
+    "`sampled` as before (threshold evaluation), SGD lr 200, cosine, batch 128",
+)
+
+
+def table(specs: list[RunSpec], csv_path: Path) -> str:
+    """Markdown: one line per entry of ``RUNS``, the accuracy of each seed in the CSV (``-`` if not run yet)."""
+    from .results import read_rows, row_key
+
+    acc = {row_key(row): row["test_accuracy"] for row in read_rows(csv_path)}
+    seeds = sorted({s.seed for s in specs})
+    lines = [
+        "| run | " + " | ".join(f"seed {i}" for i in seeds) + " | mean | published |",
+        "|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for i, label in enumerate(LABELS):
+        values = [acc.get(s.key()) for s in specs[i :: len(RUNS)]]
+        done = [float(v) for v in values if v]
+        mean = f"{sum(done) / len(done):.2f}" if done else "-"
+        cells = " | ".join(v or "-" for v in values)
+        lines.append(f"| {label} | {cells} | {mean} | {PUBLISHED[i]} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m supermask_fx.experiments.baselines", description=__doc__)
     parser.add_argument("--epochs", type=int, default=50)
@@ -72,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: share the CPU)")
     parser.add_argument("--nice", type=int, default=10, help="raise niceness by this much (default 10)")
     parser.add_argument("--plan-only", action="store_true", help="print the runs, run nothing")
+    parser.add_argument("--table", action="store_true", help="print the CSV's accuracies as a markdown table")
     args = parser.parse_args(argv)
     specs = plan(args.epochs, args.seeds)
+    if args.table:
+        print(table(specs, args.csv))
+        return 0
     if args.plan_only:
         for s in specs:
             r = s.recipe
