@@ -42,6 +42,11 @@ class PopupConfig:
             the weights ``popupify`` finds itself: weights of custom modules that reach the computation by other
             means than ``F.linear``/``F.conv*`` (``x @ W``, ``torch.addmm``). The module must read the weight as
             an attribute (``self.weight``). Each pattern must match a parameter of 2+ dimensions.
+        method_options: options of the method, as ``{name: value}`` (stored sorted as pairs). ``"sampled"`` takes
+            ``eval_rule`` (``"threshold"``: ``s >= 0`` in evaluation, the default; ``"sample"``: a fresh Bernoulli
+            mask, as Zhou et al.), ``rescale`` (dynamic weight rescaling, ``numel / kept``) and ``score_init`` (a
+            constant for the initial scores; Zhou et al. use 0). ``supermask_fx.methods.sampled.ZHOU_ET_AL`` holds
+            their settings. Other methods take none.
         fan_in_fan_out: the ``include``d weights are stored ``(in, out, ...)``, like Hugging Face GPT-2's ``Conv1D``
             (``x @ W``), so their fan-in (for the weight's and the scores' scale) is the first dimension. Weights
             found by the built-in rules keep their known layout.
@@ -59,6 +64,7 @@ class PopupConfig:
     bias: str = "zero"
     include: tuple[str, ...] = field(default=())
     fan_in_fan_out: bool = False
+    method_options: tuple[tuple[str, object], ...] = field(default=())
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_k, dict):
@@ -87,6 +93,19 @@ class PopupConfig:
         object.__setattr__(self, "include", tuple(include))
         if not isinstance(self.fan_in_fan_out, bool):
             raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r} must be True or False")
+        options = self.method_options
+        if isinstance(options, dict):
+            options = options.items()
+        try:
+            options = tuple(sorted((str(name), _as_number(value)) for name, value in options))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"method_options={self.method_options!r} must be a dict of option names to values"
+            ) from None
+        object.__setattr__(self, "method_options", options)
+        from .methods import METHODS as _METHODS  # methods import nothing from config
+
+        _METHODS[self.method].check_options(dict(options))
         if self.fan_in_fan_out and not self.include:
             raise ValueError("fan_in_fan_out=True applies to the include= weights, and include is empty")
 
@@ -101,6 +120,7 @@ class PopupConfig:
         out = asdict(self)
         out["layer_k"] = [list(item) for item in self.layer_k]
         out["include"] = list(self.include)
+        out["method_options"] = dict(self.method_options)
         return out
 
     @classmethod

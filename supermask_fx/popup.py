@@ -53,7 +53,7 @@ def popupify(
         weights: the exact weights to gate (``WeightRef``s, as recorded in a subnetwork file or checkpoint); skips
             discovery. Used by ``load_subnetwork`` and ``restore``.
         **options: the other ``PopupConfig`` fields (``method``, ``init``, ``scaled``, ``seed``, ``scope``,
-            ``layer_k``, ``mode``, ``nonlinearity``, ``bias``, ``include``, ``fan_in_fan_out``).
+            ``layer_k``, ``mode``, ``nonlinearity``, ``bias``, ``include``, ``fan_in_fan_out``, ``method_options``).
 
     Returns:
         ``model`` itself. Train it with ``torch.optim.SGD(supermask_parameters(model), ...)``.
@@ -88,7 +88,7 @@ def popupify(
         raise ValueError(f"{type(model).__name__} has no Linear, Conv or other weight-bearing layer to gate")
     _check_patterns(config, refs)
 
-    method = METHODS[config.method]()
+    method = METHODS[config.method].from_options(dict(config.method_options))
     layer_k = {ref: config.k_for(ref.module) for ref in refs}
     gates: list[tuple[nn.Module, Gate]] = []
     with torch.no_grad():
@@ -215,6 +215,9 @@ def _redraw_weight(module: nn.Module, ref: WeightRef, config: PopupConfig, k: fl
         if name in module._parameters or hasattr(module, name):
             raise ValueError(f"{ref.module or 'the model'} already has an attribute {name!r}; cannot add scores")
         scores = draw_scores(shape, generator_for(config.seed, ref.name, "scores"), ref.fan_in_fan_out, ref.expert_dims)
+        constant = dict(config.method_options).get("score_init")
+        if constant is not None:  # e.g. Zhou et al.'s supermask: every keep probability 0.5 at the start
+            scores.fill_(float(constant))
         module.register_parameter(name, nn.Parameter(scores.to(weight.device, weight.dtype)))
 
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from supermask_fx import popupify
-from supermask_fx.methods import sampled
 from supermask_fx.methods.sampled import ZHOU_ET_AL, Sampled, configure, options
+from supermask_fx.state import RECORD_KEY
 
 INF = float("inf")
 
@@ -158,10 +158,18 @@ def test_options_are_checked():
         configure(popupify(nn.Linear(4, 2, bias=False), k=0.5), eval_rule="sample")
 
 
-def test_module_defaults_apply_to_popupify(monkeypatch):
-    monkeypatch.setattr(sampled, "EVAL_RULE", "sample")
-    monkeypatch.setattr(sampled, "RESCALE", True)
-    assert options(layer()) == {"eval_rule": "sample", "rescale": True}
+def test_method_options_at_popupify_are_applied_and_recorded():
+    model = popupify(nn.Linear(4, 2, bias=False), k=0.5, method="sampled", seed=3, method_options=ZHOU_ET_AL)
+    assert options(model) == {"eval_rule": "sample", "rescale": True}
+    assert torch.equal(model.scores, torch.zeros(2, 4))  # score_init 0
+    configured = layer(**ZHOU_ET_AL)  # the same through configure: the same record in the state_dict
+    assert torch.equal(configured.state_dict()[RECORD_KEY], model.state_dict()[RECORD_KEY])
+    with pytest.raises(RuntimeError, match="method_options"):  # a checkpoint of the other rule is refused
+        layer().load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="method 'edge_popup' has no option 'rescale'"):
+        popupify(nn.Linear(4, 2), k=0.5, method_options={"rescale": True})
+    with pytest.raises(ValueError, match="unknown eval_rule"):
+        popupify(nn.Linear(4, 2), k=0.5, method="sampled", method_options={"eval_rule": "mean"})
 
 
 def test_experiment_variant_zhou_builds_the_faithful_method():

@@ -49,11 +49,14 @@ def git_revision() -> str:
 
 def build(spec: RunSpec) -> torch.nn.Module:
     model = build_model(spec.model, dataset=spec.dataset, width=spec.width)
-    popupify(model, spec.k, method=spec.method, init=spec.init, scaled=spec.scaled, seed=spec.seed)
+    options = {}
     if spec.method == "sampled" and spec.variant == "zhou":
-        from ..methods import sampled
+        from ..methods.sampled import ZHOU_ET_AL
 
-        sampled.configure(model, **sampled.ZHOU_ET_AL)  # sampled evaluation, weight rescaling, scores 0
+        options = ZHOU_ET_AL  # sampled evaluation, weight rescaling, scores 0
+    popupify(
+        model, spec.k, method=spec.method, init=spec.init, scaled=spec.scaled, seed=spec.seed, method_options=options
+    )
     return model
 
 

@@ -22,6 +22,23 @@ class Method:
     trains_weights = False
     uses_topk = False
 
+    OPTIONS: dict[str, object] = {}  # option name -> default (``PopupConfig.method_options``)
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            known = ", ".join(cls.OPTIONS) or "none"
+            raise ValueError(
+                f"method {cls.name!r} has no option {', '.join(map(repr, unknown))} (its options: {known})"
+            )
+
+    @classmethod
+    def from_options(cls, options: dict) -> Method:
+        """The method with ``PopupConfig.method_options`` applied (checked)."""
+        cls.check_options(options)
+        return cls()
+
     def effective_weight(self, gate, module: nn.Module, weight: Tensor) -> Tensor:
         raise NotImplementedError
 

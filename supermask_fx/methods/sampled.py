@@ -24,12 +24,14 @@ Two options make it the method of Zhou et al.'s code (uber-research/deconstructi
 multiplier (one deterministic mask is what a file can hold); with ``eval_rule="sample"`` or ``rescale=True`` they
 describe the most likely mask, not what evaluation computes.
 
-Set the options on a popupified model with :func:`configure` (``configure(model, **ZHOU_ET_AL)`` for the
-faithful method), or before ``popupify`` through the module-level defaults ``EVAL_RULE`` and ``RESCALE``.
+Choose them at ``popupify(model, k, method="sampled", method_options=ZHOU_ET_AL)`` (stored with the rest of the
+config in checkpoints and files), or change them on a popupified model with :func:`configure`.
 ``k`` has no effect on this method beyond ``scaled`` inits: the kept fraction is learned.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor, nn
@@ -41,9 +43,6 @@ from .base import Method
 __all__ = ["EVAL_RULES", "ZHOU_ET_AL", "Sampled", "configure", "options"]
 
 EVAL_RULES = ("threshold", "sample")
-#: Defaults of a ``Sampled`` built without arguments (what ``popupify(method="sampled")`` builds).
-EVAL_RULE = "threshold"
-RESCALE = False
 #: The settings of Zhou et al.'s code: sampled evaluation, dynamic weight rescaling, initial scores 0 (p = 0.5;
 #: their ``--sigmoid_bias`` default).
 ZHOU_ET_AL = {"eval_rule": "sample", "rescale": True, "score_init": 0.0}
@@ -51,12 +50,26 @@ ZHOU_ET_AL = {"eval_rule": "sample", "rescale": True, "score_init": 0.0}
 
 class Sampled(Method):
     name = "sampled"
+    OPTIONS = {"eval_rule": "threshold", "rescale": False, "score_init": None}
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        cls(options.get("eval_rule"), options.get("rescale"))
+        init = options.get("score_init")
+        if init is not None and (isinstance(init, bool) or not isinstance(init, (int, float))):
+            raise ValueError(f"score_init={init!r} must be a number or None")
+
+    @classmethod
+    def from_options(cls, options: dict) -> Sampled:
+        cls.check_options(options)
+        return cls(options.get("eval_rule"), options.get("rescale"))
 
     def __init__(self, eval_rule: str | None = None, rescale: bool | None = None) -> None:
-        eval_rule = EVAL_RULE if eval_rule is None else eval_rule
+        eval_rule = "threshold" if eval_rule is None else eval_rule
         if eval_rule not in EVAL_RULES:
             raise ValueError(f"unknown eval_rule {eval_rule!r}; choose one of {', '.join(EVAL_RULES)}")
-        rescale = RESCALE if rescale is None else rescale
+        rescale = False if rescale is None else rescale
         if not isinstance(rescale, bool):
             raise ValueError(f"rescale={rescale!r} must be True or False")
         self.eval_rule = eval_rule
@@ -120,6 +133,7 @@ def configure(
     fan-in 100). ``configure(model, **ZHOU_ET_AL)`` gives Zhou et al.'s method. Returns ``model``.
     """
     replaced: dict[int, Sampled] = {}
+    configs: dict = {}
     found = False
     for module in model.modules():
         for gate in gates_of(module).values():
@@ -132,6 +146,13 @@ def configure(
                     old.eval_rule if eval_rule is None else eval_rule, old.rescale if rescale is None else rescale
                 )
             gate.method = replaced[id(old)]
+            if gate.config not in configs:  # the record in state_dicts and files says what runs
+                chosen = {"eval_rule": gate.method.eval_rule, "rescale": gate.method.rescale}
+                previous = dict(gate.config.method_options)
+                if score_init is not None or "score_init" in previous:
+                    chosen["score_init"] = float(score_init) if score_init is not None else previous["score_init"]
+                configs[gate.config] = dataclasses.replace(gate.config, method_options=chosen)
+            gate.config = configs[gate.config]
             gate.clear_cache()
             if score_init is not None:
                 with torch.no_grad():
