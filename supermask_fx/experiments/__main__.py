@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -84,12 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
-    if args.nice:
-        try:
-            os.nice(args.nice)
-        except OSError:
-            pass
+    from .runner import share_machine
+
+    share_machine(args.threads, args.nice)
     chosen = list(ORDER) if args.name == "all" else [args.name]
     specs = plan(chosen, args.scale, args.seeds, smoke=args.smoke)
     from .results import done_keys

@@ -20,7 +20,6 @@ rerun skips the rows already there, so the command resumes where it stopped):
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -118,14 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.schedule} epochs={s.epochs} seed={s.seed}"
             )
         return 0
-    import torch
+    from .runner import share_machine
 
-    torch.set_num_threads(max(1, args.threads))
-    if args.nice:
-        try:
-            os.nice(args.nice)
-        except OSError:
-            pass
+    share_machine(args.threads, args.nice)
     from .runner import run_all
 
     run_all(specs, args.csv)

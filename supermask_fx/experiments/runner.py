@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -45,6 +46,16 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
+def share_machine(threads: int, nice: int) -> None:
+    """Run this process's experiments with ``threads`` torch threads at ``nice`` (long suites share the machine)."""
+    torch.set_num_threads(max(1, threads))
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
 
 
 def build(spec: RunSpec) -> torch.nn.Module:

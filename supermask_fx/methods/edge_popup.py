@@ -135,18 +135,12 @@ class TopKSelector:
 
     def _select(self, key: tuple, effective: bool) -> None:
         backend = backend_for(self.members[0][0]._parameters[self.members[0][1].scores].device)
-        if backend == "device":
-            batch = [(self, key)]
-            for peer in self.peers:
-                if peer is not self and peer._device_peer(self):
-                    batch.append((peer, peer.current_key()))
+        if backend == "device":  # every peer on the device, stale or not (an optimizer step changes them all)
+            batch = [(self, key)] + [(p, p.current_key()) for p in self.peers if p is not self and p._device_peer(self)]
             _refresh_device([selector for selector, _ in batch], effective)
-            for selector, selector_key in batch:
-                selector.key = selector_key
-                selector.effective_key = selector_key if effective else None
-                selector.selections += 1
+            _mark_selected(batch, effective)
             return
-        if backend == "cpu" and self._native_ok():
+        if backend == "cpu" and self._native_ok():  # every stale peer that fits, in one kernel call
             batch = [(self, key)]
             for peer in self.peers:
                 if peer is not self:
@@ -156,19 +150,14 @@ class TopKSelector:
             for selector, _ in batch:
                 selector._ensure_buffers(effective, bits=True)
             _refresh_native([selector for selector, _ in batch], effective)
-            for selector, selector_key in batch:
-                selector.key = selector_key
-                selector.effective_key = selector_key if effective else None
-                selector.selections += 1
+            _mark_selected(batch, effective)
             return
         self._ensure_buffers(effective)
         if backend == "reference":
             self._refresh_reference(effective)
         else:
             self._refresh_torch(effective)
-        self.key = key
-        self.effective_key = key if effective else None
-        self.selections += 1
+        _mark_selected([(self, key)], effective)
 
     def _device_peer(self, lead: TopKSelector) -> bool:
         """Whether this peer is selected in ``lead``'s batch: scores on the same device, no fixed mask."""
@@ -278,6 +267,14 @@ class TopKSelector:
             self.hint = select_topk(parts, self.kept, masks, self.hint, self.strategy)
         if effective:
             self._fill_effective()
+
+
+def _mark_selected(batch: list[tuple[TopKSelector, tuple]], effective: bool) -> None:
+    """After a selection: each selector's cache key (and its effective buffers' key) and its count."""
+    for selector, key in batch:
+        selector.key = key
+        selector.effective_key = key if effective else None
+        selector.selections += 1
 
 
 _DEVICE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
