@@ -66,11 +66,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of weights, scores and data order (default 0)")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="default sgd")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, help="default 1e-4 (5e-4 resnet18; 0 with adam)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 128; 60 with adam)")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="default 0")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up epochs (default 0)")
     p.add_argument("--epochs", type=int, default=100, help="default 100")
     p.add_argument("--dataset", default="cifar10", choices=DATASETS, help="default cifar10")
     p.add_argument(
@@ -84,7 +84,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: data is in memory)")
     p.add_argument("--out", help="run folder (default runs/cifar/<dataset>-<model>-...)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--progress", default="auto", choices=("auto", "bar", "lines", "none"))
+    p.add_argument(
+        "--progress",
+        default="auto",
+        choices=("auto", "bar", "lines", "none"),
+        help="auto (default): a progress bar with elapsed time and ETA when stdout is a terminal, else log lines "
+        "with the ETA (every 50 steps and per epoch); bar, lines, or none",
+    )
     return p
 
 

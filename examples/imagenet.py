@@ -50,27 +50,45 @@ def parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-dir", help="image folder with train/<class>/ and val/<class>/ (or validation/, test/)")
     src.add_argument("--dataset", help="a Hugging Face Hub dataset id with an image and a class-label column")
-    p.add_argument("--method", default="edge_popup", choices=("edge_popup", "sampled", "random", "dense"))
+    p.add_argument(
+        "--method",
+        default="edge_popup",
+        choices=("edge_popup", "sampled", "random", "dense"),
+        help="default edge_popup",
+    )
     p.add_argument("--k", type=float, default=0.3, help="fraction of weights kept per layer (default 0.3)")
-    p.add_argument("--init", default="signed_constant", choices=tuple(INITIALIZERS))
+    p.add_argument("--init", default="signed_constant", choices=tuple(INITIALIZERS), help="default signed_constant")
     p.add_argument("--scaled", action="store_true", help="scale the weight std by sqrt(1/k)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--warmup-epochs", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, scores and data order (default 0)")
+    p.add_argument("--epochs", type=int, default=100, help="default 100")
+    p.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up before the cosine (default 5)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 0.256 * global batch / 256)")
-    p.add_argument("--momentum", type=float, default=0.875)
-    p.add_argument("--weight-decay", type=float, default=3.0517578125e-05)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.875, help="SGD momentum (default 0.875)")
+    p.add_argument(
+        "--weight-decay", type=float, default=3.0517578125e-05, help="on the scores (default 3.0517578125e-05)"
+    )
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="default 0.1")
     p.add_argument("--image-size", type=int, default=224, help="training crop size (default 224)")
-    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
+    p.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=("auto", "no", "bf16", "fp16"),
+        help="default auto: bf16 on a GPU that supports it",
+    )
     p.add_argument("--no-channels-last", action="store_true", help="keep the contiguous memory format")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
     p.add_argument("--limit", type=int, help="use only the first N training images")
     p.add_argument("--out", help="run folder (default runs/imagenet/<model>-<method>-k<k>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--progress", default="auto", choices=("auto", "bar", "lines", "none"))
+    p.add_argument(
+        "--progress",
+        default="auto",
+        choices=("auto", "bar", "lines", "none"),
+        help="auto (default): a progress bar with elapsed time and ETA when stdout is a terminal, else log lines "
+        "with the ETA (every 50 steps and per epoch); bar, lines, or none",
+    )
     return p
 
 
