@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -124,12 +125,65 @@ def test_config_rejects_bad_values():
         TrainConfig.from_dict({"epoch": 3})
 
 
+class _Terminal(io.StringIO):
+    """A stand-in for a terminal: keeps what is written, and says it is a TTY."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def test_progress_mode_follows_the_terminal(monkeypatch):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     assert RunLog(True, "auto").mode == "bar"
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
     assert RunLog(True, "auto").mode == "lines"
     assert RunLog(False, "auto").mode == "none"  # processes other than the main one stay silent
+    assert RunLog(True, "auto", stream=_Terminal()).mode == "bar"  # the stream the bar would be drawn on
+    assert RunLog(True, "auto", stream=io.StringIO()).mode == "lines"
+
+
+def test_progress_lines_say_elapsed_time_and_eta(capsys):
+    """Not a terminal (a log file, CI): plain lines, each with the elapsed time and the time left for the run."""
+    train_set, test_set = make_data()
+    train(make_model(), train_set, test_set, quiet(epochs=3, progress="lines", log_every=2))
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line for line in lines if line.startswith("epoch 1/3 step ")]
+    assert len(steps) == 3 and all(re.search(r"steps/s, elapsed \d+:\d\d, ETA \d+:\d\d\)$", s) for s in steps)
+    epochs = [line for line in lines if re.match(r"epoch \d  train_loss", line)]
+    assert len(epochs) == 3
+    assert re.search(r"\(elapsed \d+:\d\d, ETA \d+:\d\d\)$", epochs[0])
+    assert re.search(r"\(elapsed \d+:\d\d\)$", epochs[-1])  # the run is over: no time left to announce
+    assert "\r" not in "".join(lines) and "%|" not in "".join(lines)  # no bar in a log
+
+
+def test_progress_on_a_terminal_is_one_tqdm_bar_over_the_run(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    import tqdm.auto
+
+    bars = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    train_set, test_set = make_data()
+    train(make_model(), train_set, test_set, quiet(epochs=3, progress="auto"))
+    text = terminal.getvalue()
+    assert len(bars) == 1 and bars[0]["total"] == 3 * 6 and bars[0]["file"] is terminal
+    assert re.search(r"epoch 3/3: 100%\|.*\| 18/18 \[\d\d:\d\d<\d\d:\d\d", text)  # elapsed<time left
+    assert re.search(r"epoch 1  train_loss .*\(elapsed \d+:\d\d, ETA \d+:\d\d\)", text)  # written above the bar
+
+
+def test_progress_bar_of_a_resumed_run_starts_where_it_stopped(monkeypatch):
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    log = RunLog(True, "auto")
+    log.start_run(epochs=4, steps_per_epoch=6, start_epoch=2)
+    assert log._bar.n == 12 and log._bar.total == 24
+    assert log.timing()[1] is None  # no step timed yet: no estimate
+    log.end_run()
 
 
 # ---------------------------------------------------------------------------------------------- training

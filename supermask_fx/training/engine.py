@@ -377,6 +377,7 @@ class Run:
         t_start = time.perf_counter()
         if self.resumed_from_epoch is not None:
             self.log.print(f"resuming {self.checkpoint_path or ''} after epoch {self.epoch}/{c.epochs}")
+        self.log.start_run(c.epochs, self.steps_per_epoch, self.epoch)  # the bar, the elapsed time and the ETA
         try:
             while self.epoch < c.epochs:
                 t0 = time.perf_counter()
@@ -385,6 +386,7 @@ class Run:
                 self._sync_buffers()
                 last = self.epoch + 1 == c.epochs
                 if self.test_loader is not None and ((self.epoch + 1) % c.eval_every == 0 or last):
+                    self.log.evaluating()
                     metrics.update(self.evaluate())
                 metrics["step"] = self.step
                 metrics["epoch_time_s"] = round(time.perf_counter() - t0, 3)
@@ -402,6 +404,8 @@ class Run:
                     "run again with resume to go on"
                 )
             raise
+        finally:
+            self.log.end_run()
         self.accelerator.wait_for_everyone()
         return {
             "history": self.history,

@@ -1,4 +1,4 @@
-"""What a run tells the user: a tqdm bar on a terminal, plain lines otherwise, and ``metrics.jsonl``.
+"""What a run tells the user: a tqdm bar on a terminal, plain lines with the time left otherwise, ``metrics.jsonl``.
 
 Only the main process prints or writes; the others get a silent ``RunLog``.
 """
@@ -33,43 +33,93 @@ def format_metrics(metrics: dict, keys: tuple[str, ...] | None = None) -> str:
 class RunLog:
     """Console output and the metrics file of one run.
 
+    Progress covers the whole run, not one epoch: a tqdm bar over every optimizer step of the run (elapsed time,
+    steps per second and the time left, ``[01:10<01:58, ...]``), or plain lines that say the same in words
+    (``... (9.9 steps/s, elapsed 1:10, ETA 1:58)``). The time left is the steps still to do at the run's average
+    pace so far (tqdm's ``smoothing=0``): evaluation pauses count once an epoch has been evaluated. A resumed run
+    counts from where it resumed.
+
     Args:
         enabled: False on every process but the main one.
-        mode: ``"auto"`` (bar if stderr is a terminal, else lines), ``"bar"``, ``"lines"`` or ``"none"``.
+        mode: ``"auto"`` (a bar if the output stream is a terminal, else lines), ``"bar"``, ``"lines"`` or
+            ``"none"``.
         out_dir: where ``metrics.jsonl`` goes (``None``: nowhere).
-        log_every: in lines mode, a line every this many optimizer steps (0: none within an epoch).
-        stream: where lines go (default ``sys.stdout``).
+        log_every: in lines mode, a line every this many optimizer steps (0: only one per epoch).
+        stream: where the bar and the lines go (default ``sys.stdout``, looked up when writing).
     """
 
     def __init__(self, enabled: bool, mode: str = "auto", out_dir=None, log_every: int = 50, stream=None) -> None:
         self.enabled = enabled
         if mode == "auto":
-            mode = "bar" if _isatty(sys.stderr) else "lines"
+            mode = "bar" if _isatty(stream if stream is not None else sys.stdout) else "lines"
         self.mode = mode if enabled else "none"
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_every = log_every
         self.stream = stream
         self._bar = None
+        self._run = None  # (epochs, steps per epoch, steps done before this session, start time) once started
+        self._implicit = False
 
     def print(self, message: str) -> None:
         if self.mode == "none":
             return
         if self._bar is not None:
-            self._bar.write(message)
+            self._bar.write(message, file=self._out())
         else:
-            print(message, file=self.stream or sys.stdout, flush=True)
+            print(message, file=self._out(), flush=True)
 
-    # -------------------------------------------------------------------------------- per step
+    def _out(self):
+        return self.stream if self.stream is not None else sys.stdout
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        self._epoch, self._epochs, self._steps = epoch, epochs, steps
-        self._t0 = time.perf_counter()
+    # -------------------------------------------------------------------------------- per run
+
+    def start_run(self, epochs: int, steps_per_epoch: int, start_epoch: int = 0) -> None:
+        """A run of ``epochs`` epochs of ``steps_per_epoch`` optimizer steps, starting after ``start_epoch``."""
+        self.end_run()
+        self._run = (epochs, steps_per_epoch, start_epoch * steps_per_epoch, time.perf_counter())
+        self._done = start_epoch * steps_per_epoch
         if self.mode == "bar":
             from tqdm.auto import tqdm
 
             self._bar = tqdm(
-                total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True
+                total=epochs * steps_per_epoch,
+                initial=self._done,
+                desc=f"epoch {min(start_epoch + 1, epochs)}/{epochs}",
+                unit="step",
+                smoothing=0,  # the run's average pace: evaluation pauses count in the time left
+                leave=False,
+                dynamic_ncols=True,
+                file=self._out(),
             )
+
+    def end_run(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._run = None
+        self._implicit = False
+
+    def timing(self) -> tuple[float, float | None]:
+        """``(elapsed seconds, seconds left or None)`` of the run so far, at its average pace."""
+        if self._run is None:
+            return 0.0, None
+        epochs, steps, done0, t0 = self._run
+        elapsed = time.perf_counter() - t0
+        if self._done <= done0:
+            return elapsed, None
+        return elapsed, (epochs * steps - self._done) * elapsed / (self._done - done0)
+
+    # -------------------------------------------------------------------------------- per step
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        if self._run is None:  # ``Run.train_epoch`` called on its own: a run of the epochs from this one
+            self.start_run(epochs, steps, epoch)
+            self._implicit = True
+        self._epoch, self._epochs, self._steps = epoch, epochs, steps
+        self._done = epoch * steps
+        self._t0 = time.perf_counter()
+        if self._bar is not None:
+            self._bar.set_description_str(f"epoch {epoch + 1}/{epochs}", refresh=False)
 
     def wants_step_stats(self, step_in_epoch: int) -> bool:
         """Whether ``step`` needs the loss value (which costs a device synchronisation)."""
@@ -80,27 +130,42 @@ class RunLog:
         return False
 
     def step(self, step_in_epoch: int, loss: float | None = None, lr: float | None = None) -> None:
+        self._done = self._epoch * self._steps + step_in_epoch
         if self.mode == "bar":
-            self._bar.update(step_in_epoch - self._bar.n)
             if loss is not None:
                 self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", refresh=False)
+            self._bar.update(self._done - self._bar.n)
         elif self.mode == "lines" and loss is not None:
             rate = step_in_epoch / max(1e-9, time.perf_counter() - self._t0)
             self.print(
                 f"epoch {self._epoch + 1}/{self._epochs} step {step_in_epoch}/{self._steps} "
-                f"loss {loss:.4f} lr {lr:.4g} ({rate:.1f} steps/s)"
+                f"loss {loss:.4f} lr {lr:.4g} ({rate:.1f} steps/s, {self._elapsed_eta()})"
             )
 
-    def end_epoch(self) -> None:
+    def evaluating(self) -> None:
+        """Say on the bar that the test set is being evaluated (the step count stands still meanwhile)."""
         if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+            self._bar.set_description_str(f"epoch {self._epoch + 1}/{self._epochs} (evaluating)")
+
+    def end_epoch(self) -> None:
+        if self._implicit:
+            self.end_run()
+
+    def _elapsed_eta(self) -> str:
+        elapsed, left = self.timing()
+        text = f"elapsed {format_duration(elapsed)}"
+        if left is not None and self._done < self._run[0] * self._run[1]:
+            text += f", ETA {format_duration(left)}"
+        return text
 
     # -------------------------------------------------------------------------------- per epoch
 
     def epoch(self, metrics: dict) -> None:
         keys = ("epoch", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr", "epoch_time_s")
-        self.print(format_metrics(metrics, keys))
+        line = format_metrics(metrics, keys)
+        if self._run is not None:
+            line += f"  ({self._elapsed_eta()})"
+        self.print(line)
         if self.enabled and self.out_dir is not None:
             with open(self.out_dir / METRICS_NAME, "a", encoding="utf-8") as f:
                 f.write(json.dumps(_jsonable(metrics)) + "\n")
@@ -113,6 +178,14 @@ class RunLog:
             return
         with atomic_file(self.out_dir / METRICS_NAME) as f:
             f.write("".join(json.dumps(_jsonable(m)) + "\n" for m in history).encode("utf-8"))
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``"1:15"``, ``3725`` -> ``"1:02:05"`` (as tqdm writes times)."""
+    seconds = max(0, int(round(seconds)))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def read_metrics(path) -> list[dict]:
