@@ -40,7 +40,7 @@ class Segments:
 
     sizes: list[int]
     kept_list: list[int]
-    segment: Tensor  # (N,) int64: segment of each entry
+    segment: Tensor  # (N,) int32: segment of each entry
     base_index: Tensor  # (S,) int64: flat index of each segment's first entry
     kept: Tensor  # (S,) int64
     offsets: Tensor  # (S,) int64: segment * 256, for the histogram's flat index
@@ -58,7 +58,7 @@ class Segments:
         return cls(
             list(sizes),
             list(kept),
-            segment.to(device),
+            segment.to(device, torch.int32),
             starts.to(device),
             torch.tensor(kept, dtype=torch.int64, device=device),
             (torch.arange(len(sizes), dtype=torch.int64) * _BINS).to(device),
@@ -70,41 +70,42 @@ class Segments:
 
 
 def order_keys(magnitudes: Tensor) -> Tensor:
-    """int64 order keys of non-negative magnitudes (any float dtype): NaN -> 0, else float32 bits + 1."""
+    """int32 order keys of non-negative magnitudes (any float dtype): NaN -> 0, else float32 bits + 1 (at most
+    ``0x7f800001``, +inf's: every key fits in 31 bits)."""
     a = magnitudes.float()
-    bits = a.view(torch.int32).to(torch.int64) + 1
+    bits = a.view(torch.int32) + 1
     return torch.where(torch.isnan(a), torch.zeros_like(bits), bits)
 
 
 def segmented_topk(keys: Tensor, segments: Segments, out: Tensor | None = None) -> Tensor:
     """The bool mask (``keys``' shape, 1-D) keeping in each segment its ``kept`` largest keys, ties by lowest index.
 
-    ``keys``: 1-D int64 order keys (``order_keys``), the segments one after the other.
+    ``keys``: 1-D int32 order keys (``order_keys``), the segments one after the other. Memory: a few int32 and one
+    int64 temporary of the keys' length (the histogram index).
     """
     if keys.dim() != 1 or keys.numel() != segments.total:
         raise ValueError(f"keys must be 1-D with {segments.total} entries, got shape {tuple(keys.shape)}")
     seg = segments.segment
     count = len(segments.sizes)
     spare = count * _BINS
-    prefix = torch.zeros(count, dtype=torch.int64, device=keys.device)
+    prefix = torch.zeros(count, dtype=torch.int32, device=keys.device)
     remaining = segments.kept.clone()
-    ones = torch.ones_like(keys)
+    ones = torch.ones(keys.shape, dtype=torch.int64, device=keys.device)
     histogram = torch.empty(spare + 1, dtype=torch.int64, device=keys.device)
     top = torch.full((count, 1), _BINS - 1, dtype=torch.int64, device=keys.device)
     for shift in _SHIFTS:
         digit = (keys >> shift) & (_BINS - 1)
-        if shift == _SHIFTS[0]:
-            bins = segments.offsets[seg] + digit
-        else:
+        bins = segments.offsets[seg] + digit  # int64 (offsets are): scatter_add_ wants an int64 index
+        if shift != _SHIFTS[0]:
             matches = (keys >> (shift + 8)) == (prefix >> (shift + 8))[seg]
-            bins = torch.where(matches, segments.offsets[seg] + digit, spare)
+            bins = torch.where(matches, bins, spare)
         histogram.zero_().scatter_add_(0, bins, ones)
         counts = histogram[:spare].view(count, _BINS)
         at_least = counts.flip(1).cumsum(1).flip(1)  # [s, d]: keys of this prefix with digit >= d
         chosen = (at_least >= remaining[:, None]).sum(1, keepdim=True) - 1  # the largest d reaching K
         above = torch.where(chosen < top, at_least.gather(1, (chosen + 1).clamp(max=_BINS - 1)), 0)
         remaining = remaining - above.squeeze(1)
-        prefix = prefix | (chosen.squeeze(1) << shift)
+        prefix = prefix | (chosen.squeeze(1).to(torch.int32) << shift)
     threshold = prefix[seg]
     ties = keys == threshold
     running = torch.cumsum(ties, 0)
