@@ -91,8 +91,7 @@ class Gate:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.fan_in_fan_out, self.expert_dims = False, 0  # gates pickled before these fields
-        self.__dict__.update({k: v for k, v in state.items() if k != "mask"})  # "mask": gates pickled before bits
+        self.__dict__.update(state)
         self.mask = None
 
     @property

@@ -18,9 +18,8 @@ redrawn from the seed. ``save_subnetwork`` writes a safetensors file (format ver
 
 ``load_subnetwork`` rebuilds the supermask network from a freshly built model of the same architecture and
 checks everything it can: format, checksums (corruption), the metadata field by field, architecture (names and
-shapes), regenerated weights, the masks against their metadata. It reads version 2 and version 1 (the same
-layout with every mask as bits and no ``encoding`` key), and files written before the header checksum (then
-the header is checked field by field only).
+shapes), regenerated weights, the masks against their metadata. It reads version 2, including files written
+before the header checksum (then the header is checked field by field only).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from .popup import _BIAS_OF, draw_layer_weight, popupify
 from .state import RECORD_KEY
 
 FORMAT = "supermask_fx.subnetwork"
-VERSION = 2  # 2: masks as "bits" or "rice" (per layer); 1: every mask as bits, no "encoding" key
+VERSION = 2  # masks as "bits" or "rice" (per layer); version 1 (bits only) was never released
 _META = "supermask_fx"
 _CHECKSUM = "supermask_fx.content_sha256"
 _HEADER_CHECKSUM = "supermask_fx.header_sha256"
@@ -222,9 +221,9 @@ def _read_file(path: Path) -> tuple[dict[str, Tensor], dict, PopupConfig]:
         raise SubnetworkFileError(
             f"{path}: format version {info['version']} is newer than this supermask_fx reads ({VERSION}): upgrade"
         )
+    if info["version"] < VERSION:  # version 1 was written only before the first release
+        raise SubnetworkFileError(f"{path}: format version {info['version']} predates 0.1.0 and is not read")
     _check_layer_entries(path, info)
-    if info["version"] == 1 and any(layer.get("encoding", "bits") != "bits" for layer in info["layers"]):
-        raise SubnetworkFileError(f"{path}: corrupted: a version-1 file with a mask encoding other than bits")
     if not isinstance(info.get("config"), dict):
         raise SubnetworkFileError(f"{path}: corrupted: the metadata has no config")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,13 @@ def test_fashion_mnist_quick_finds_saves_and_plots(tmp_path):
     out = parent / "conv4-w0.25-quick-seed0-k0.5-e2"  # a folder per setting
     text = done.stdout
     assert "subnetwork of random weights" in text and "learned dense weights" in text
+    assert re.search(r"^expected duration: about \d+\.\d min \(edge-popup 2 epochs x 47 steps at", text, re.M)
+    # not a terminal: plain progress lines with the time left, no bar
+    assert re.search(r"^epoch 1  train_loss .*\(elapsed \d+:\d\d, ETA \d+:\d\d\)$", text, re.M)
+    assert "\r" not in text and "%|" not in text
+    assert re.search(r"dense weights \(1 epoch, trained in this run\): +\d+\.\d\d %", text)
+    bits = r"masks 1\.00 bits per weight; the file 1\.\d\d bits per weight\n +with [\d,]+ bytes of header"
+    assert re.search(bits, text)  # k = 0.5: one bit per weight for the masks, the header on top
     results = json.loads((out / "results.json").read_text())
     assert results["quick"] and results["edge_popup_test_top1"] > 0.5  # 10 classes: chance is 0.1 (measured 0.695)
     assert results["reloaded_subnetwork_test_top1"] == results["edge_popup_test_top1"]

@@ -19,7 +19,6 @@ from supermask_fx import (
     safetensors_io,
     save_subnetwork,
 )
-from supermask_fx.mask_codec import decode_mask
 from supermask_fx.subnetwork import pack_bits, unpack_bits
 
 CHECKSUM = "supermask_fx.content_sha256"
@@ -104,35 +103,6 @@ def test_k_0_3_file_is_smaller_than_k_0_5(saved, tmp_path):
         assert torch.equal(load_subnetwork(torchvision.models.resnet18(num_classes=10), path).eval()(x), model(x))
 
 
-def as_version_1(source, target):
-    """Rewrite a file in the layout supermask_fx wrote before format version 2: every mask bit-packed, no encoding
-    keys, version 1, and a config without the fields added since (``include``, ``fan_in_fan_out``)."""
-    tensors, metadata, _ = safetensors_io.read(source)
-    info = json.loads(metadata["supermask_fx"])
-    old_layers = []
-    for layer in info["layers"]:
-        mask = decode_mask(tensors[f"mask/{layer['name']}"], layer)
-        tensors[f"mask/{layer['name']}"] = pack_bits(mask)
-        old_layers.append({key: layer[key] for key in ("name", "shape", "kept", "sha256")})
-    config = {key: value for key, value in info["config"].items() if key not in ("include", "fan_in_fan_out")}
-    info = {**info, "version": 1, "layers": old_layers, "config": config}
-    safetensors_io.write(target, tensors, {"supermask_fx": json.dumps(info)}, checksum_key=CHECKSUM)
-    return tensors, info
-
-
-def test_version_1_files_still_load(saved, tmp_path):
-    model, path, _ = saved
-    old = tmp_path / "v1.safetensors"
-    tensors, info = as_version_1(path, old)
-    assert all(
-        tensors[f"mask/{layer['name']}"].numel() == -(-math.prod(layer["shape"]) // 8) for layer in info["layers"]
-    )
-    assert old.stat().st_size > path.stat().st_size  # the rice-coded file is smaller
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(load_subnetwork(torchvision.models.resnet18(num_classes=10), old).eval()(x), model(x))
-
-
 def rewrite(source, target, edit):
     tensors, metadata, _ = safetensors_io.read(source)
     info = json.loads(metadata["supermask_fx"])
@@ -154,12 +124,12 @@ def test_newer_format_version_or_encoding_says_upgrade(saved, tmp_path):
         load_subnetwork(torchvision.models.resnet18(num_classes=10), unknown)
 
 
-def test_version_1_file_with_a_rice_mask_is_corrupted(saved, tmp_path):
+def test_pre_release_version_1_is_refused(saved, tmp_path):
     _, path, _ = saved
-    bad = tmp_path / "v1rice.safetensors"
-    rewrite(path, bad, lambda info: info.update(version=1))
-    with pytest.raises(SubnetworkFileError, match="corrupted: a version-1 file"):
-        load_subnetwork(torchvision.models.resnet18(num_classes=10), bad)
+    old = tmp_path / "v1.safetensors"
+    rewrite(path, old, lambda info: info.update(version=1))
+    with pytest.raises(SubnetworkFileError, match="format version 1 predates 0.1.0"):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10), old)
 
 
 def test_mask_not_matching_its_metadata_is_corrupted(saved, tmp_path):

@@ -75,9 +75,6 @@ class Sampled(Method):
         self.eval_rule = eval_rule
         self.rescale = rescale
 
-    def __setstate__(self, state: dict) -> None:  # instances pickled before the options existed
-        self.__dict__.update({"eval_rule": "threshold", "rescale": False, **state})
-
     def __repr__(self) -> str:
         return f"Sampled(eval_rule={self.eval_rule!r}, rescale={self.rescale})"
 
