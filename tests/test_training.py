@@ -166,7 +166,7 @@ def test_progress_on_a_terminal_is_one_tqdm_bar_over_the_run(monkeypatch):
     class Recorded(tqdm.auto.tqdm):
         def __init__(self, *args, **kwargs):
             bars.append(kwargs)
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, mininterval=0, **kwargs)  # draw every update, however fast the steps
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
     train_set, test_set = make_data()
