@@ -14,11 +14,20 @@ from supermask_fx import native, popupify, supermask_parameters
 from supermask_fx.kernels import BitMask, masked_weight, straight_through_grad
 from supermask_fx.masks import gated_layers
 from supermask_fx.methods import edge_popup
+from supermask_fx.selection import set_backend
 from supermask_fx.topk import BandHint, NativeGroup, select_topk_native, select_topk_native_many, topk_mask_reference
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason=f"no compiled kernel: {native.unavailable_reason()}")
 
 CHUNK = 1 << 18  # band.c's SFX_CHUNK: sizes around it exercise chunk boundaries and several threads
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backend():
+    """These tests are about the cpu back-end's compiled pass: run them on it whatever SUPERMASK_FX_SELECT says."""
+    set_backend("cpu")
+    yield
+    set_backend(None)
 
 
 @contextlib.contextmanager

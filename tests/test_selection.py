@@ -82,6 +82,7 @@ def test_every_backend_gives_the_same_masks_and_training_steps(options):
 
 
 def test_backend_choice_environment_and_errors(monkeypatch):
+    monkeypatch.delenv("SUPERMASK_FX_SELECT", raising=False)
     assert backend_for(torch.device("cpu")) == "cpu" and backend_for(torch.device("meta")) == "device"
     monkeypatch.setenv("SUPERMASK_FX_SELECT", "reference")
     assert backend_for(torch.device("cpu")) == "reference"
