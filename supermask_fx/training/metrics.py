@@ -1,4 +1,6 @@
-"""Top-k accuracy, computed here (``evaluate.load("accuracy")`` needs the Hugging Face Hub)."""
+"""Top-k accuracy, computed here: ``evaluate.load("accuracy")`` needs the Hugging Face Hub, and the engine needs
+per-example hits (``accelerate``'s ``gather_for_metrics`` drops the padding duplicates of the last batch across
+processes exactly), which a running torchmetrics state would not give; so no metrics library is declared."""
 
 from __future__ import annotations
 
