@@ -43,6 +43,7 @@ from supermask_fx.training import (
     CheckpointMismatchError,
     RandomCropFlip,
     TrainConfig,
+    add_progress_argument,
     make_accelerator,
     train,
 )
@@ -84,13 +85,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: data is in memory)")
     p.add_argument("--out", help="run folder (default runs/cifar/<dataset>-<model>-...)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument(
-        "--progress",
-        default="auto",
-        choices=("auto", "bar", "lines", "none"),
-        help="auto (default): a progress bar with elapsed time and ETA when stdout is a terminal, else log lines "
-        "with the ETA (every 50 steps and per epoch); bar, lines, or none",
-    )
+    add_progress_argument(p)
     return p
 
 

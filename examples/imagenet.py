@@ -36,6 +36,7 @@ from supermask_fx.training import (
     CheckpointError,
     CheckpointMismatchError,
     TrainConfig,
+    add_progress_argument,
     make_accelerator,
     train,
 )
@@ -82,13 +83,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N training images")
     p.add_argument("--out", help="run folder (default runs/imagenet/<model>-<method>-k<k>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument(
-        "--progress",
-        default="auto",
-        choices=("auto", "bar", "lines", "none"),
-        help="auto (default): a progress bar with elapsed time and ETA when stdout is a terminal, else log lines "
-        "with the ETA (every 50 steps and per epoch); bar, lines, or none",
-    )
+    add_progress_argument(p)
     return p
 
 

@@ -14,7 +14,7 @@ accelerate is imported when a run starts. See docs/training.md.
 """
 
 from .checkpoint import CheckpointError, CheckpointMismatchError, atomic_save, load_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, add_progress_argument
 from .data import EpochBatchSampler, RandomCropFlip, batched
 from .engine import Run, build_optimizer, evaluate, make_accelerator, resolve_mixed_precision, train
 from .metrics import accuracy, topk_correct
@@ -22,6 +22,7 @@ from .runlog import read_metrics
 from .schedule import WarmupCosine, warmup_cosine
 
 __all__ = [
+    "add_progress_argument",
     "train",
     "TrainConfig",
     "Run",

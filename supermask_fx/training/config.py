@@ -124,7 +124,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _choice("progress", self.progress, ("auto", "bar", "lines", "none"))
+        _choice("progress", self.progress, PROGRESS_CHOICES)
         for name in ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_epochs", "min_lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -175,3 +175,17 @@ def _non_negative_int(name: str, value: object) -> None:
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+PROGRESS_CHOICES = ("auto", "bar", "lines", "none")
+
+
+def add_progress_argument(parser) -> None:
+    """``--progress`` for a training script's ``argparse`` parser, with the help the examples share."""
+    parser.add_argument(
+        "--progress",
+        default="auto",
+        choices=PROGRESS_CHOICES,
+        help="auto (default): a progress bar with elapsed time and ETA when stdout is a terminal, else log lines "
+        "with the ETA (every 50 steps and per epoch); bar, lines, or none",
+    )
