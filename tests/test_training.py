@@ -535,3 +535,13 @@ def test_resume_is_exact_with_augmentation_in_worker_processes(tmp_path):
         assert torch.equal(resumed.state_dict()[key], value), key
     a, b = RandomCropFlip(ImageTensorDataset(images, targets, info), padding=2), train_set
     assert not torch.equal(a.get_batch(torch.arange(64))[0], b.get_batch(torch.arange(64))[0])  # it does augment
+
+
+def test_metrics_file_write_failure_is_a_checkpoint_error_naming_the_file(tmp_path):
+    from supermask_fx.training.checkpoint import CheckpointError
+    from supermask_fx.training.runlog import METRICS_NAME, RunLog
+
+    log = RunLog(True, "none", tmp_path)
+    (tmp_path / METRICS_NAME).mkdir()  # cannot be opened for appending: an OSError, as a full disk gives
+    with pytest.raises(CheckpointError, match=rf"cannot append to .*{METRICS_NAME}.*run again to resume"):
+        log.epoch({"epoch": 1, "train_loss": 0.5})

@@ -119,6 +119,8 @@ def _reason(error: BaseException, folder: Path) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+write_failure_reason = _reason  # for the run log's metrics file: one wording of write failures
+
 _NO_SPACE = "no space left on device (free some disk space, or point out_dir elsewhere)"
 
 

@@ -167,10 +167,19 @@ class RunLog:
             line += f"  ({self._elapsed_eta()})"
         self.print(line)
         if self.enabled and self.out_dir is not None:
-            with open(self.out_dir / METRICS_NAME, "a", encoding="utf-8") as f:
-                f.write(json.dumps(_jsonable(metrics)) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            path = self.out_dir / METRICS_NAME
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(_jsonable(metrics)) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as error:  # a full disk, permissions: the documented error, naming the file and cause
+                from .checkpoint import CheckpointError, write_failure_reason
+
+                raise CheckpointError(
+                    f"cannot append to {path}: {write_failure_reason(error, path.parent)}; the last checkpoint is "
+                    "intact: fix this and run again to resume (a resumed run rewrites the file from its history)"
+                ) from error
 
     def rewrite(self, history: list[dict]) -> None:
         """Make ``metrics.jsonl`` hold exactly ``history`` (a resumed run drops epochs redone after the kill)."""
