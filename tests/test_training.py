@@ -417,21 +417,31 @@ def test_version_1_checkpoints_without_a_digest_still_load(tmp_path):
         load_checkpoint(tmp_path / "checkpoint.pt")
 
 
-def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    train_set, _ = make_data()
+def half_written_saves(fail):
+    """A ``torch.save`` that works the first time, then writes half the file and calls ``fail()`` (which raises)."""
     real_save = torch.save
     calls = []
 
-    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+    def save(obj, f, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             return real_save(obj, f, *args, **kwargs)
         buffer = io.BytesIO()
         real_save(obj, buffer)
-        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half written, then the disk is full
-        raise OSError(errno.ENOSPC, "No space left on device")
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        fail()
 
-    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    return save
+
+
+def _no_space():
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    train_set, _ = make_data()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", half_written_saves(_no_space))  # half written, then the disk is full
     with pytest.raises(CheckpointError, match="no space left on device.*previous checkpoint.pt is unchanged"):
         train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path))
     monkeypatch.setattr(torch, "save", real_save)
@@ -448,23 +458,16 @@ def test_torch_save_runtime_errors_become_checkpoint_errors(tmp_path, monkeypatc
     reason, the temporary file is gone and the previous checkpoint intact; so is any other failure of torch.save."""
     train_set, _ = make_data()
     real_save = torch.save
-    calls = []
 
-    def save_then_fail(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            return real_save(obj, f, *args, **kwargs)
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    def fail():
         if failure == "other":
             raise RuntimeError("Tried to serialize object of an unknown kind")
         try:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            _no_space()
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
 
-    monkeypatch.setattr(torch, "save", save_then_fail)
+    monkeypatch.setattr(torch, "save", half_written_saves(fail))
     reason = "no space left on device" if failure == "disk full" else "RuntimeError: Tried to serialize"
     with pytest.raises(CheckpointError, match=f"cannot write .*checkpoint.pt: {reason}.*previous checkpoint.pt is"):
         train(make_model(), train_set, None, quiet(epochs=2, out_dir=tmp_path))
