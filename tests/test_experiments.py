@@ -218,17 +218,21 @@ def test_imagenet_table2_emits_commands_at_paper_scale_only(capsys):
 
 
 def test_compare_rules():
+    # Welch intervals: [80, 81, 82] - [70, 71, 72] is 10 +- 2.78 * 0.816 (df 4): far above 0
     assert compare([80, 81, 82], [70, 71, 72]) == "supported"
-    assert compare([70, 71, 72], [80, 81, 82]) == "not supported"
-    assert compare([80, 82, 84], [81, 83, 85]).startswith("inconclusive (3 seeds")
-    assert compare([80], [70]) == "inconclusive (1 seed)"
+    assert compare([70, 71, 72], [80, 81, 82]) == "contradicted"
+    assert compare([80, 82, 84], [81, 83, 85]) == "inconclusive"
+    assert compare([80], [70]) == "inconclusive (n < 2)"
     assert compare([80, 81], [], ">") == "missing runs"
-    assert compare([80, 81], [80.5, 81.5], "~") == "supported"
-    assert compare([70, 70.2], [80, 80.2], "~") == "not supported"
-    assert compare([80, 81], [80.5, 80.6], ">=") == "inconclusive (2 seeds, overlap)"
-    assert compare([81, 82], [80.5, 80.6], ">=") == "supported"
+    # equivalence within 1 point: [80, 81] - [80.4, 81.4] = -0.4 with a 95 % interval of +-4.30 * 0.707 (df 2)
+    assert compare([80, 81], [80.4, 81.4], "~") == "inconclusive"
+    assert compare([80, 80.1, 80.2], [80.1, 80.2, 80.3], "~") == "supported"
+    assert compare([70, 70.2], [80, 80.2], "~") == "contradicted"
+    # non-inferiority within 0.5 point
+    assert compare([80, 81], [80.5, 80.6], ">=") == "inconclusive"
+    assert compare([81.0, 81.1, 81.2], [80.5, 80.6, 80.7], ">=") == "supported"
     assert combine(["supported", "missing runs"]).startswith("missing runs (so far supported")
-    assert combine(["supported", "not supported"]) == "not supported"
+    assert combine(["supported", "contradicted"]) == "contradicted"
 
 
 # ----------------------------------------------------------------------------------- synthetic CSVs -> verdicts
@@ -307,15 +311,15 @@ def test_report_paper_world_supports_every_claim(tmp_path, cifar_local):
     assert "missing" not in md.split("## Experiments")[1].replace("missing runs", "")
 
 
-def test_report_dense_world_gives_not_supported(tmp_path, cifar_local):
+def test_report_dense_world_gives_contradicted(tmp_path, cifar_local):
     path = tmp_path / "r.csv"
     _write(path, dense_world)
     verdicts = _verdicts(make_report(path, tmp_path / "out", "cpu", SEEDS).read_text())
-    assert verdicts["Accuracy is best for k in 30–70 %"] == "not supported"
-    assert verdicts["On CIFAR-10"] == "not supported"
-    assert verdicts["Deeper nets close the gap to learned dense weights"] == "not supported"
-    assert verdicts["Edge-popup beats Zhou et al.'s sampled supermask"] == "not supported"
-    assert verdicts["Retraining a found subnetwork ≈ retraining a random one of the same size"] == "not supported"
+    assert verdicts["Accuracy is best for k in 30–70 %"] == "contradicted"
+    assert verdicts["On CIFAR-10"] == "contradicted"
+    assert verdicts["Deeper nets close the gap to learned dense weights"] == "contradicted"
+    assert verdicts["Edge-popup beats Zhou et al.'s sampled supermask"] == "contradicted"
+    assert verdicts["Retraining a found subnetwork ≈ retraining a random one of the same size"] == "contradicted"
 
 
 def test_report_shows_missing_runs(tmp_path, cifar_local):

@@ -28,7 +28,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def test_model_names():
-    assert set(MODEL_NAMES) == {"fc", "conv2", "conv4", "conv6", "conv8", "resnet18"}
+    assert set(MODEL_NAMES) == {"fc", "fc1", "fc2", "fc4", "fc6", "conv2", "conv4", "conv6", "conv8", "resnet18"}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -58,6 +58,14 @@ def test_fc_param_count_and_layers():
     assert build_model("fc", in_channels=3, image_size=32).layers[1].in_features == 3 * 32 * 32
     # flattens any (N, C, H, W) input
     assert model(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+
+
+@pytest.mark.parametrize(("name", "depth"), [("fc1", 1), ("fc2", 2), ("fc4", 4), ("fc6", 6)])
+def test_fc_depth_variants(name, depth):
+    model = build_model(name, dataset="mnist", width=0.5)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    expected = [(784, 150)] + [(150, 150)] * (depth - 1) + [(150, 10)]
+    assert [(m.in_features, m.out_features) for m in linears] == expected
 
 
 def test_conv2_param_count_by_hand():

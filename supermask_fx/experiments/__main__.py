@@ -31,12 +31,48 @@ def imagenet_commands(seeds: int, data_dir: str = "$IMAGENET") -> list[str]:
     return out
 
 
+def decide(args) -> int:
+    """``decide``: the CPU protocol that decides the paper's claims (``protocol.py``): run it, or ``--report``."""
+    from . import protocol
+
+    csv_path = args.csv or Path("docs/results/cpu/results.csv")
+    also = tuple(p for p in args.also if p != csv_path)
+    seeds = args.seeds if args.seeds_given else protocol.SEEDS
+    if args.report:
+        from .decide_report import make_decide_report
+
+        command = "python -m supermask_fx.experiments decide --report" + (
+            f" --csv {csv_path}" if args.csv else ""
+        )
+        print(f"wrote {make_decide_report(csv_path, args.out or csv_path.parent, seeds, command, also)}")
+        return 0
+    specs = protocol.plan(seeds)
+    if args.plan_only:
+        from .decide_report import describe
+        from .results import done_keys
+
+        done = done_keys(csv_path).union(*(done_keys(p) for p in also))
+        for spec in specs:
+            print(f"{'done ' if spec.key() in done else 'to do'}  {describe(spec)} ({spec.dataset}) seed {spec.seed}")
+        print(f"{sum(s.key() in done for s in specs)} of {len(specs)} runs done")
+        return 0
+    from .runner import run_all, share_machine
+
+    share_machine(args.threads, args.nice)
+    run_all(specs, csv_path, shard=args.shard_pair, also_done=also)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     names = [*EXPERIMENTS, *PAPER_ONLY]
     parser = argparse.ArgumentParser(prog="python -m supermask_fx.experiments", description=__doc__)
-    parser.add_argument("name", help=f"one of: {', '.join(names)}, all, report, list")
+    parser.add_argument(
+        "name",
+        help=f"decide (the CPU protocol that decides the paper's claims), or a grid: {', '.join(names)}, all, "
+        "report, list",
+    )
     parser.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 5; decide: 3)")
     parser.add_argument("--csv", type=Path, default=None, help="results CSV (default docs/results/<scale>/results.csv)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: the CSV's folder)")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 1 epoch, 256 examples, one run per config kind")
@@ -47,13 +83,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shard", default="0/1", help="I/N: make only every N-th run starting at I (N processes on one CSV)"
     )
+    parser.add_argument("--report", action="store_true", help="decide: write the report instead of running")
+    parser.add_argument(
+        "--also",
+        type=Path,
+        nargs="*",
+        default=[Path("docs/results/baselines/results.csv")],
+        help="decide: read-only CSVs whose rows count as done (default: the FC MNIST baselines' CSV)",
+    )
     args = parser.parse_args(argv)
+    args.seeds_given = args.seeds is not None
+    if args.seeds is None:
+        args.seeds = 5
     try:
         shard = tuple(int(x) for x in args.shard.split("/"))
         if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
             raise ValueError
     except ValueError:
         parser.error(f"--shard {args.shard!r} must be I/N with 0 <= I < N, e.g. 0/2 and 1/2")
+    args.shard_pair = shard
+    if args.name == "decide":
+        return decide(args)
 
     if args.smoke:
         args.seeds = 1

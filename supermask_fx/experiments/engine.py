@@ -1,7 +1,8 @@
 """The one place the experiments touch training: ``fit(model, ...) -> test accuracy``, on the project's engine.
 
 ``supermask_fx.training.train`` (accelerate) runs every experiment: no checkpoints, no run folder, no progress
-output, one evaluation after the last epoch. Each CSV row records the loop that made it (column ``engine``).
+output, an evaluation after every epoch (the test-accuracy curve shows whether a schedule was long enough to
+plateau). Each CSV row records the loop that made it (column ``engine``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ def engine_name() -> str:
     return TRAINING
 
 
-def fit(model: nn.Module, params, train_set, test_set, recipe: Recipe, epochs: int, seed: int) -> float:
-    """Train the parameters of ``model`` that require grad for ``epochs``; return top-1 test accuracy in percent.
+def fit(
+    model: nn.Module, params, train_set, test_set, recipe: Recipe, epochs: int, seed: int
+) -> tuple[float, list[float]]:
+    """Train the parameters of ``model`` that require grad for ``epochs``; return the top-1 test accuracy in percent
+    after the last epoch and after each epoch (the curve).
 
     ``params`` (``supermask_parameters(model)``) is the same set the engine trains: the parameters that require grad.
     """
@@ -35,11 +39,12 @@ def fit(model: nn.Module, params, train_set, test_set, recipe: Recipe, epochs: i
         weight_decay=recipe.weight_decay,
         schedule=recipe.schedule,
         seed=seed,
-        eval_every=max(1, epochs),
+        eval_every=1,
         topk=(1,),
         out_dir=None,
         checkpoint=False,
         progress="none",
     )
     result = train(model, train_set, test_set, config)
-    return 100.0 * float(result["final"]["test_top1"])
+    curve = [100.0 * float(m["test_top1"]) for m in result["history"] if m.get("test_top1") is not None]
+    return 100.0 * float(result["final"]["test_top1"]), curve

@@ -1,14 +1,12 @@
 """The report: PNG figures in the style of the paper's (mean +- one std over seeds) and a Markdown list of the
 paper's claims with our numbers and a verdict. Runs not in the CSV are shown as missing, never filled in.
 
-Verdict rules (``compare``), per comparison of two groups of per-seed accuracies A and B:
+Verdict rule (``compare``), per comparison of two groups of per-seed accuracies A and B: the difference of
+means with its 95 % Welch interval, read as in ``stats.py`` (the same rule as the CPU protocol's report):
+``A > B`` supported if the interval lies above 0, contradicted if below; ``A >= B`` non-inferiority within 0.5
+point; ``A ~ B`` equivalence within 1 point; otherwise inconclusive. With one seed: inconclusive (n < 2).
 
-* ``A > B``: "supported" if mean A > mean B and the intervals mean +- std do not overlap; "not supported" if
-  mean A < mean B without overlap; otherwise "inconclusive (n seeds, overlap)". With one seed: inconclusive.
-* ``A >= B``: like ``A > B``, but mean A >= mean B counts as "supported" even when the intervals overlap.
-* ``A ~ B``: "supported" if |mean A - mean B| <= max(1 point, std A + std B); else "not supported".
-
-A claim made of several comparisons is "not supported" if any is, "supported" if all are, else inconclusive;
+A claim made of several comparisons is "contradicted" if any is, "supported" if all are, else inconclusive;
 if any group it needs has no run it is "missing runs" (with what the available comparisons say so far).
 """
 
@@ -21,10 +19,13 @@ from pathlib import Path
 from .configs import EXPERIMENTS, experiment_specs, missing_data_reason
 from .results import read_rows, row_key
 from .specs import SCALES, RunSpec
+from .stats import CONTRADICTED, SUPPORTED, contrast, decide
 
 __all__ = ["Group", "compare", "make_report", "Claim"]
 
-SUPPORTED, NOT_SUPPORTED, MISSING = "supported", "not supported", "missing runs"
+MISSING = "missing runs"
+#: Margins (points) of the non-inferiority (">=") and equivalence ("~") comparisons.
+MARGINS = {">=": 0.5, "~": 1.0}
 INIT_LABEL = {
     "kaiming_normal": "Kaiming normal (N_k)",
     "signed_constant": "signed constant (U_k)",
@@ -93,23 +94,12 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def compare(a: list[float], b: list[float], relation: str = ">") -> str:
-    """Verdict for ``A relation B`` over per-seed values (see the module docstring)."""
+    """Verdict for ``A relation B`` over per-seed values: the difference of means with its 95 % Welch interval,
+    read by ``stats.decide`` (``">="``: non-inferiority within ``MARGINS[">="]`` points; ``"~"``: equivalence
+    within ``MARGINS["~"]``)."""
     if not a or not b:
         return MISSING
-    n = min(len(a), len(b))
-    (ma, sa), (mb, sb) = _stats(a), _stats(b)
-    if relation == "~":
-        if n < 2:
-            return "inconclusive (1 seed)"
-        return SUPPORTED if abs(ma - mb) <= max(1.0, sa + sb) else NOT_SUPPORTED
-    if n < 2:
-        return "inconclusive (1 seed)"
-    if relation == ">=" and ma >= mb:
-        return SUPPORTED
-    overlap = ma - sa <= mb + sb and mb - sb <= ma + sa
-    if not overlap:
-        return SUPPORTED if ma > mb else NOT_SUPPORTED
-    return f"inconclusive ({n} seeds, overlap)"
+    return decide(contrast([(1.0, a), (-1.0, b)]), relation, MARGINS.get(relation, 0.0))
 
 
 def combine(verdicts: list[str]) -> str:
@@ -118,13 +108,13 @@ def combine(verdicts: list[str]) -> str:
     present = [v for v in verdicts if v != MISSING]
     if not present:
         return MISSING
-    if any(v == NOT_SUPPORTED for v in present):
-        so_far = NOT_SUPPORTED
+    if any(v == CONTRADICTED for v in present):
+        so_far = CONTRADICTED
     elif all(v == SUPPORTED for v in present):
         so_far = SUPPORTED
     else:
         ns = sorted({v for v in present if v.startswith("inconclusive")})
-        so_far = ns[0] if len(ns) == 1 else "inconclusive (overlap)"
+        so_far = ns[0] if len(ns) == 1 else "inconclusive"
     if len(present) < len(verdicts):
         return f"{MISSING} (so far {so_far} on {len(present)} of {len(verdicts)} comparisons)"
     return so_far

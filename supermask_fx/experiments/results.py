@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 
 from .specs import KEY_FIELDS, RunSpec
 
-__all__ = ["COLUMNS", "append_row", "read_rows", "done_keys", "row_key"]
+__all__ = ["COLUMNS", "append_curve", "append_row", "curves_path", "done_keys", "read_curves", "read_rows", "row_key"]
 
 #: Column order of the CSV. Spec columns first (``KEY_FIELDS`` identify a run), then results.
 COLUMNS: tuple[str, ...] = (
@@ -36,6 +37,46 @@ def _line(values: list[str]) -> str:
     return buffer.getvalue()
 
 
+def _append(path: Path, text: str, header: str = "") -> None:
+    """One ``write`` on an ``O_APPEND`` descriptor, then ``fsync`` (``header`` first if the file is empty)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size == 0:
+            text = header + text
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def curves_path(csv_path: str | Path) -> Path:
+    """Where the per-epoch test accuracies of the runs in ``csv_path`` go: ``curves.jsonl`` beside it."""
+    return Path(csv_path).with_name("curves.jsonl")
+
+
+def append_curve(path: str | Path, spec: RunSpec, curve: list[float]) -> None:
+    """One JSON line: the run's key fields and its per-epoch top-1 test accuracy in % (``test_top1``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {**{name: spec.row_fields()[name] for name in KEY_FIELDS}, "test_top1": [round(a, 2) for a in curve]}
+    _append(path, json.dumps(record) + "\n")
+
+
+def read_curves(path: str | Path) -> dict[tuple[str, ...], list[float]]:
+    """Run key -> per-epoch test accuracies (the last line of a key wins; a torn last line is ignored)."""
+    path = Path(path)
+    out: dict[tuple[str, ...], list[float]] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[row_key(record)] = [float(a) for a in record["test_top1"]]
+    return out
+
+
 def append_row(path: str | Path, spec: RunSpec, results: dict[str, object]) -> dict[str, str]:
     """Append one run's row (header first if the file is new or empty) with a single ``write`` on an
     ``O_APPEND`` descriptor, then ``fsync``: a crash loses at most the run in progress, never half a row."""
@@ -46,15 +87,7 @@ def append_row(path: str | Path, spec: RunSpec, results: dict[str, object]) -> d
     unknown = sorted(set(row) - set(COLUMNS))
     if unknown:
         raise ValueError(f"unknown result columns {unknown}")
-    text = _line([row.get(name, "") for name in COLUMNS])
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        if os.fstat(fd).st_size == 0:
-            text = _line(list(COLUMNS)) + text
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _append(path, _line([row.get(name, "") for name in COLUMNS]), header=_line(list(COLUMNS)))
     return row
 
 

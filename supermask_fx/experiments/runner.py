@@ -14,7 +14,7 @@ import torch
 from .. import fix_masks, mask_stats, popupify, supermask_parameters
 from ..models import build_model
 from . import engine
-from .results import append_row, done_keys
+from .results import append_curve, append_row, curves_path, done_keys
 from .specs import RunSpec
 
 __all__ = ["run_one", "run_all", "git_revision", "estimate_seconds"]
@@ -71,16 +71,28 @@ def build(spec: RunSpec) -> torch.nn.Module:
     return model
 
 
-def run_one(spec: RunSpec, revision: str | None = None) -> dict[str, object]:
-    """Train one run and return its result columns (``test_accuracy`` in percent, ``kept_weights``, ...)."""
+def training_set(spec: RunSpec):
+    """The run's training split; CIFAR-10 with the standard augmentation (pad 4, random 32x32 crop, flip), as the
+    paper's recipe."""
+    train_set = load_split(spec.dataset, "train", spec.train_limit)
+    if spec.dataset == "cifar10":
+        from ..training import RandomCropFlip
+
+        train_set = RandomCropFlip(train_set, padding=4, flip=True)
+    return train_set
+
+
+def run_one(spec: RunSpec, revision: str | None = None, curves: list | None = None) -> dict[str, object]:
+    """Train one run and return its result columns (``test_accuracy`` in percent, ``kept_weights``, ...).
+    ``curves``: if given, the per-epoch test accuracies of the (last) training phase are appended to it."""
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
-    train_set = load_split(spec.dataset, "train", spec.train_limit)
+    train_set = training_set(spec)
     test_set = load_split(spec.dataset, "test", spec.test_limit)
     model = build(spec)
     found_accuracy = None
     if spec.variant == "retrain_found":
-        found_accuracy = engine.fit(
+        found_accuracy, _ = engine.fit(
             model, supermask_parameters(model), train_set, test_set, spec.recipe, spec.epochs, spec.seed
         )
     if spec.variant.startswith("retrain"):
@@ -88,7 +100,11 @@ def run_one(spec: RunSpec, revision: str | None = None) -> dict[str, object]:
         recipe = spec.retrain or spec.recipe
     else:
         recipe = spec.recipe
-    accuracy = engine.fit(model, supermask_parameters(model), train_set, test_set, recipe, spec.epochs, spec.seed)
+    accuracy, curve = engine.fit(
+        model, supermask_parameters(model), train_set, test_set, recipe, spec.epochs, spec.seed
+    )
+    if curves is not None:
+        curves.extend(curve)
     stats = mask_stats(model)
     return {
         "test_accuracy": f"{accuracy:.2f}",
@@ -103,23 +119,35 @@ def run_one(spec: RunSpec, revision: str | None = None) -> dict[str, object]:
 
 
 def run_all(
-    specs: list[RunSpec], csv_path: str | Path, *, log=print, estimates: dict | None = None, shard=(0, 1)
+    specs: list[RunSpec],
+    csv_path: str | Path,
+    *,
+    log=print,
+    estimates: dict | None = None,
+    shard=(0, 1),
+    also_done: tuple[str | Path, ...] = (),
 ) -> int:
-    """Run every spec whose key is not yet in ``csv_path``; append a row after each. Returns runs made.
+    """Run every spec whose key is not yet in ``csv_path`` (nor in the CSVs ``also_done``, read only); append a
+    row after each, and its test-accuracy curve to ``curves.jsonl`` beside the CSV. Returns runs made.
 
     ``shard=(i, n)``: make only the specs at positions i, i + n, ... of ``specs`` (n processes can share one
     CSV without making the same run twice)."""
     index, count = shard
     specs = specs[index::count]
-    done = done_keys(csv_path)
-    todo = [s for s in specs if s.key() not in done]
+
+    def done() -> set:
+        return done_keys(csv_path).union(*(done_keys(p) for p in also_done))
+
+    todo = [s for s in specs if s.key() not in done()]
     log(f"{len(specs) - len(todo)} of {len(specs)} runs already in {csv_path}; {len(todo)} to do")
     revision = git_revision()
     made = 0
     for i, spec in enumerate(todo, 1):
-        if spec.key() in done_keys(csv_path):  # another process may have made it meanwhile
+        if spec.key() in done():  # another process may have made it meanwhile
             continue
-        results = run_one(spec, revision)
+        curve: list[float] = []
+        results = run_one(spec, revision, curves=curve)
+        append_curve(curves_path(csv_path), spec, curve)
         append_row(csv_path, spec, results)
         made += 1
         est = f" (estimated {estimates[spec.key()]:.0f} s)" if estimates and spec.key() in estimates else ""

@@ -32,9 +32,11 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`build_model`.
-MODEL_NAMES: tuple[str, ...] = ("fc", "conv2", "conv4", "conv6", "conv8", "resnet18")
+MODEL_NAMES: tuple[str, ...] = ("fc", "fc1", "fc2", "fc4", "fc6", "conv2", "conv4", "conv6", "conv8", "resnet18")
 
 _FC_HIDDEN = (300, 100)
+#: Depth variants of the FC net (the CPU reproduction's depth claim): ``fcN`` has N hidden layers of 300 units.
+_FC_DEPTHS = {"fc1": 1, "fc2": 2, "fc4": 4, "fc6": 6}
 
 
 def build_model(
@@ -51,7 +53,8 @@ def build_model(
     Args:
         name: one of :data:`MODEL_NAMES` (case-insensitive): ``"fc"`` (784-300-100-10 MLP,
             ``in_features = in_channels * image_size**2``), ``"conv2"`` ... ``"conv8"`` (Table 1 VGG-like
-            nets), ``"resnet18"`` (CIFAR ResNet-18).
+            nets), ``"resnet18"`` (CIFAR ResNet-18); ``"fc1"``, ``"fc2"``, ``"fc4"``, ``"fc6"``: the FC net with
+            1, 2, 4 or 6 hidden layers of 300 units (depth variants; ``"fc2"`` is 784-300-300-10).
         dataset: a data set name (``"fashion_mnist"``, ``"cifar10"``, ... as :func:`supermask_fx.data.dataset_info`
             accepts) or its :class:`~supermask_fx.data.DatasetInfo`; sets ``num_classes``, ``in_channels`` and
             ``image_size`` from it. Explicit sizes may still be given but must agree with it.
@@ -72,6 +75,9 @@ def build_model(
     key = name.lower().strip() if isinstance(name, str) else name
     if key == "fc":
         hidden = tuple(scale_width(h, width) for h in _FC_HIDDEN)
+        return FC(in_features=in_channels * image_size * image_size, hidden=hidden, num_classes=num_classes)
+    if key in _FC_DEPTHS:
+        hidden = (scale_width(300, width),) * _FC_DEPTHS[key]
         return FC(in_features=in_channels * image_size * image_size, hidden=hidden, num_classes=num_classes)
     if key in ("conv2", "conv4", "conv6", "conv8"):
         return ConvNet(
