@@ -60,7 +60,7 @@ def test_smoke_runs_write_rows_and_rerun_skips(tmp_path, restore_threads, capsys
     for name in ("table3_retrain", "fig6_zhou"):
         assert main([name, "--smoke", "--csv", str(path), "--nice", "0"]) == 0
     rows = read_rows(path)
-    expected = plan(["table3_retrain", "fig6_zhou"], "cpu", 1, smoke=True)
+    expected = plan(["table3_retrain", "fig6_zhou"], "small", 1, smoke=True)
     assert len(rows) == len(expected) == 4
     with open(path) as f:
         assert tuple(next(csv.reader(f))) == COLUMNS
@@ -79,7 +79,7 @@ def test_smoke_runs_write_rows_and_rerun_skips(tmp_path, restore_threads, capsys
 
 
 def test_torn_last_line_is_ignored_and_rerun(tmp_path):
-    spec = expand("fig7_distributions", "cpu", 1)[0]
+    spec = expand("fig7_distributions", "small", 1)[0]
     path = tmp_path / "r.csv"
     append_row(path, spec, {"test_accuracy": "50.00"})
     with open(path, "a") as f:
@@ -88,7 +88,7 @@ def test_torn_last_line_is_ignored_and_rerun(tmp_path):
 
 
 def test_configs_are_declarative_grids(cifar_local):
-    cpu = plan(list(ORDER), "cpu", 5)
+    cpu = plan(list(ORDER), "small", 5)
     keys = [s.key() for s in cpu]
     assert len(keys) == len(set(keys)), "shared runs must be planned once"
     fashion = [s for s in cpu if s.dataset == "fashion_mnist"]
@@ -107,8 +107,8 @@ def test_configs_are_declarative_grids(cifar_local):
     # Fig. 5: kept weights fixed at the width-1 count while the width grows.
     from supermask_fx.experiments.configs import gated_weight_count
 
-    fig5 = expand("fig5_fixed_params", "cpu", 1)
-    base = SCALES["cpu"].conv_width
+    fig5 = expand("fig5_fixed_params", "small", 1)
+    base = SCALES["small"].conv_width
     for s in fig5:
         kept = s.k * gated_weight_count(s.model, s.width, "fashion_mnist")
         assert any(
@@ -120,8 +120,8 @@ def test_configs_are_declarative_grids(cifar_local):
 def test_cifar10_k_planned_at_cpu_scale_on_cifar_shapes(cifar_local):
     from supermask_fx.experiments.runner import build
 
-    cpu = SCALES["cpu"]
-    runs = plan(["cifar10_k"], "cpu", 5)
+    cpu = SCALES["small"]
+    runs = plan(["cifar10_k"], "small", 5)
     assert len(runs) == 30 and {s.dataset for s in runs} == {"cifar10"}
     assert {(s.model, s.width, s.epochs, s.train_limit, s.test_limit) for s in runs} == {
         ("conv4", cpu.conv_width, cpu.epochs, cpu.train_limit, cpu.test_limit)
@@ -132,8 +132,8 @@ def test_cifar10_k_planned_at_cpu_scale_on_cifar_shapes(cifar_local):
     dense = [s for s in runs if s.method == "dense"]
     assert len(dense) == 5 and {(s.k, s.optimizer, s.recipe.lr) for s in dense} == {(1.0, "sgd", 0.01)}
     # the current Fashion-MNIST plan is unchanged and comes first, so the shards of a running suite stay the same
-    before = plan([n for n in ORDER if n != "cifar10_k"], "cpu", 5)
-    assert plan(list(ORDER), "cpu", 5) == before + runs
+    before = plan([n for n in ORDER if n != "cifar10_k"], "small", 5)
+    assert plan(list(ORDER), "small", 5) == before + runs
     # built for 32x32x3 inputs
     model = build(runs[0])
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -150,8 +150,8 @@ def test_grid_dataset_sets_shapes_of_kept_refs(monkeypatch, cifar_local):
     monkeypatch.setitem(
         EXPERIMENTS, "tmp_fig5_cifar", [Grid(("conv4",), widths=(1.0, 1.5), kept_refs=(0.5,), dataset="cifar10")]
     )
-    runs = expand("tmp_fig5_cifar", "cpu", 1)
-    base = SCALES["cpu"].conv_width
+    runs = expand("tmp_fig5_cifar", "small", 1)
+    base = SCALES["small"].conv_width
     wide = next(s for s in runs if s.width > base)
     want = 0.5 * gated_weight_count("conv4", base, "cifar10") / gated_weight_count("conv4", 1.5 * base, "cifar10")
     wrong = (
@@ -164,17 +164,17 @@ def test_grid_dataset_sets_shapes_of_kept_refs(monkeypatch, cifar_local):
 
 def test_cifar10_k_skipped_with_reason_when_cifar_is_missing(monkeypatch, capsys):
     _data_here(monkeypatch, cifar=False)
-    assert plan(["cifar10_k"], "cpu", 5) == []
+    assert plan(["cifar10_k"], "small", 5) == []
     out = capsys.readouterr().out
     assert "cifar10_k: 30 runs skipped: CIFAR-10 not found locally" in out and "not downloadable" in out
-    assert plan(list(ORDER), "cpu", 2) == plan([n for n in ORDER if n != "cifar10_k"], "cpu", 2)
+    assert plan(list(ORDER), "small", 2) == plan([n for n in ORDER if n != "cifar10_k"], "small", 2)
     capsys.readouterr()
-    assert main(["cifar10_k", "--scale", "cpu", "--seeds", "5", "--plan-only", "--no-estimate", "--nice", "0"]) == 0
+    assert main(["cifar10_k", "--scale", "small", "--seeds", "5", "--plan-only", "--no-estimate", "--nice", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("cifar10_k: 30 runs skipped: CIFAR-10 not found locally") and out[1] == "0 runs planned"
     # not local, but downloadable: planned (the runner downloads it)
     _data_here(monkeypatch, cifar=False, download=True)
-    assert len(plan(["cifar10_k"], "cpu", 5)) == 30
+    assert len(plan(["cifar10_k"], "small", 5)) == 30
 
 
 def test_cifar10_k_is_a_subset_of_fig3_at_paper_scale(cifar_local):
@@ -214,7 +214,7 @@ def test_imagenet_table2_emits_commands_at_paper_scale_only(capsys):
         "resnet101 ",
         "wide_resnet50_2 ",
     }
-    assert main(["imagenet_table2", "--scale", "cpu"]) == 2
+    assert main(["imagenet_table2", "--scale", "small"]) == 2
 
 
 def test_compare_rules():
@@ -270,7 +270,7 @@ def dense_world(spec) -> float:
 
 def _write(path, world, names=None, seeds=SEEDS):
     for name in names or EXPERIMENTS:
-        for spec in expand(name, "cpu", seeds):
+        for spec in expand(name, "small", seeds):
             append_row(
                 path,
                 spec,
@@ -298,7 +298,7 @@ def _verdicts(md: str) -> dict[str, str]:
 def test_report_paper_world_supports_every_claim(tmp_path, cifar_local):
     path = tmp_path / "r.csv"
     _write(path, paper_world)
-    md = make_report(path, tmp_path / "out", "cpu", SEEDS).read_text()
+    md = make_report(path, tmp_path / "out", "small", SEEDS).read_text()
     verdicts = _verdicts(md)
     assert len(verdicts) == 8
     assert all(v == "supported" for v in verdicts.values()), verdicts
@@ -314,7 +314,7 @@ def test_report_paper_world_supports_every_claim(tmp_path, cifar_local):
 def test_report_dense_world_gives_contradicted(tmp_path, cifar_local):
     path = tmp_path / "r.csv"
     _write(path, dense_world)
-    verdicts = _verdicts(make_report(path, tmp_path / "out", "cpu", SEEDS).read_text())
+    verdicts = _verdicts(make_report(path, tmp_path / "out", "small", SEEDS).read_text())
     assert verdicts["Accuracy is best for k in 30–70 %"] == "contradicted"
     assert verdicts["On CIFAR-10"] == "contradicted"
     assert verdicts["Deeper nets close the gap to learned dense weights"] == "contradicted"
@@ -325,7 +325,7 @@ def test_report_dense_world_gives_contradicted(tmp_path, cifar_local):
 def test_report_shows_missing_runs(tmp_path, cifar_local):
     path = tmp_path / "r.csv"
     _write(path, paper_world, names=["fig3_depth_k"], seeds=2)  # 2 of 3 seeds, one experiment only
-    md = make_report(path, tmp_path / "out", "cpu", SEEDS).read_text()
+    md = make_report(path, tmp_path / "out", "small", SEEDS).read_text()
     verdicts = _verdicts(md)
     assert verdicts["Edge-popup beats Zhou et al.'s sampled supermask"] == "missing runs"
     assert verdicts["Retraining a found subnetwork ≈ retraining a random one of the same size"] == "missing runs"
@@ -338,7 +338,7 @@ def test_report_shows_skipped_cifar_runs_as_missing_with_reason(tmp_path, monkey
     _data_here(monkeypatch, cifar=False)
     path = tmp_path / "r.csv"
     _write(path, paper_world, names=["fig3_depth_k"])
-    md = make_report(path, tmp_path / "out", "cpu", SEEDS).read_text()
+    md = make_report(path, tmp_path / "out", "small", SEEDS).read_text()
     assert _verdicts(md)["On CIFAR-10"] == "missing runs"
     section = md.split("### cifar10_k: 0 of 18 runs done")[1].split("###")[0]
     assert "Missing runs skipped by the planner here: CIFAR-10 not found locally" in section
@@ -372,7 +372,7 @@ def test_cifar10_k_smoke_runs_end_to_end(tmp_path, monkeypatch, restore_threads)
     assert main(["cifar10_k", "--smoke", "--csv", str(path), "--nice", "0"]) == 0
     rows = read_rows(path)
     assert sorted(r["method"] for r in rows) == ["dense", "edge_popup"]
-    width = SCALES["cpu"].conv_width / 4
+    width = SCALES["small"].conv_width / 4
     for row in rows:
         assert row["dataset"] == "cifar10" and row["model"] == "conv4" and float(row["width"]) == width
         assert row["epochs"] == "1" and row["train_limit"] == "256" and 0.0 <= float(row["test_accuracy"]) <= 100.0

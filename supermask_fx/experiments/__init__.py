@@ -1,8 +1,10 @@
-"""Reproduce the experiments of Ramanujan et al. (CVPR 2020) at the paper's scale or a reduced CPU scale.
+"""Reproduce the experiments of Ramanujan et al. (CVPR 2020): the CPU protocol that decides the paper's claims
+(``decide``, protocol.py), and the paper's grids at the paper's scale (GPU) or shrunk to minutes (``small``).
 
-    python -m supermask_fx.experiments fig3_depth_k --scale cpu --seeds 5
-    python -m supermask_fx.experiments all --scale cpu --seeds 5 --csv docs/results/cpu/results.csv
-    python -m supermask_fx.experiments report --scale cpu --seeds 5 --csv docs/results/cpu/results.csv
+    python -m supermask_fx.experiments decide                 # resumable; then: decide --report
+    python -m supermask_fx.experiments fig3_depth_k --scale small --seeds 5
+    python -m supermask_fx.experiments all --scale small --seeds 5 --csv /tmp/small/results.csv
+    python -m supermask_fx.experiments report --scale small --seeds 5 --csv /tmp/small/results.csv
     python -m supermask_fx.experiments imagenet_table2 --scale paper   # prints the accelerate commands
 
 See docs/reproducing.md.

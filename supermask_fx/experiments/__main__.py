@@ -41,9 +41,7 @@ def decide(args) -> int:
     if args.report:
         from .decide_report import make_decide_report
 
-        command = "python -m supermask_fx.experiments decide --report" + (
-            f" --csv {csv_path}" if args.csv else ""
-        )
+        command = "python -m supermask_fx.experiments decide --report" + (f" --csv {csv_path}" if args.csv else "")
         print(f"wrote {make_decide_report(csv_path, args.out or csv_path.parent, seeds, command, also)}")
         return 0
     specs = protocol.plan(seeds)
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"decide (the CPU protocol that decides the paper's claims), or a grid: {', '.join(names)}, all, "
         "report, list",
     )
-    parser.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
+    parser.add_argument("--scale", choices=("small", "paper"), default="small")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 5; decide: 3)")
     parser.add_argument("--csv", type=Path, default=None, help="results CSV (default docs/results/<scale>/results.csv)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: the CSV's folder)")
@@ -123,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.name == "imagenet_table2":
         if args.scale != "paper":
-            print("imagenet_table2 exists at --scale paper only (ImageNet needs GPUs); nothing to run at cpu scale")
+            print(
+                "imagenet_table2 exists at --scale paper only (ImageNet needs GPUs); nothing to run at the small scale"
+            )
             return 2
         print("# Table 2 (ImageNet, k = 30 %): run each on a multi-GPU machine (examples/imagenet.py, issue 5)")
         print("\n".join(imagenet_commands(args.seeds)))

@@ -40,7 +40,9 @@ def describe(spec: RunSpec) -> str:
 
 
 def _values(index: dict, spec: RunSpec, seeds: int) -> list[float]:
-    return [float(index[s.key()]["test_accuracy"]) for s in (spec.with_(seed=i) for i in range(seeds)) if s.key() in index]
+    return [
+        float(index[s.key()]["test_accuracy"]) for s in (spec.with_(seed=i) for i in range(seeds)) if s.key() in index
+    ]
 
 
 def evaluate(comparison: protocol.Comparison, index: dict, seeds: int) -> tuple[Interval, str, str]:
@@ -53,8 +55,10 @@ def evaluate(comparison: protocol.Comparison, index: dict, seeds: int) -> tuple[
             chosen.append(max(done, key=lambda t: t[0])[1] if done and len(done) == len(side) else None)
         if None in chosen:
             missing = [describe(s) for side in comparison.best_of for s in side if not _values(index, s, seeds)]
-            return Interval(float("nan"), float("nan"), float("nan"), float("nan"), ()), "missing runs", ", ".join(
-                missing
+            return (
+                Interval(float("nan"), float("nan"), float("nan"), float("nan"), ()),
+                "missing runs",
+                ", ".join(missing),
             )
         how = f"best k by mean: {chosen[0].k:.0%} vs {chosen[1].k:.0%}"
         terms = [(1.0, chosen[0]), (-1.0, chosen[1])]
@@ -126,21 +130,31 @@ def _plot_curves(claim: protocol.Claim, curves: dict, seeds: int, out: Path) -> 
     return path
 
 
-def make_decide_report(csv_path: str | Path, out_dir: str | Path, seeds: int = protocol.SEEDS, command: str = "",
-                       also: tuple[str | Path, ...] = ()) -> Path:
+def make_decide_report(
+    csv_path: str | Path,
+    out_dir: str | Path,
+    seeds: int = protocol.SEEDS,
+    command: str = "",
+    also: tuple[str | Path, ...] = (),
+) -> Path:
     """Write ``out_dir/report.md`` and the curve figures from ``csv_path`` (and the read-only CSVs ``also``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [*read_rows(csv_path), *(r for p in also for r in read_rows(p))]
     index = {row_key(r): r for r in rows}
-    curves = {**{k: v for p in also for k, v in read_curves(curves_path(p)).items()}, **read_curves(curves_path(csv_path))}
+    curves = {
+        **{k: v for p in also for k, v in read_curves(curves_path(p)).items()},
+        **read_curves(curves_path(csv_path)),
+    }
     planned = protocol.plan(seeds)
     done = [s for s in planned if s.key() in index]
     hours = sum(float(index[s.key()]["wall_time_s"]) for s in done) / 3600
     lines = [
         "# The paper's claims at CPU scale: verdicts",
         "",
-        f"Generated from `{csv_path}`" + "".join(f" and `{p}`" for p in also) + (f" by `{command}`." if command else "."),
+        f"Generated from `{csv_path}`"
+        + "".join(f" and `{p}`" for p in also)
+        + (f" by `{command}`." if command else "."),
         f"{len(done)} of {len(planned)} planned runs done ({hours:.1f} h of run wall time, one thread each). "
         f"{seeds} seeds per configuration. Each comparison is a difference of means over seeds with its "
         f"{LEVEL:.0%} Welch interval, read by the rule fixed before the runs (docs/reproducing.md, "

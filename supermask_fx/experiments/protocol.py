@@ -45,14 +45,30 @@ CIFAR_WIDTH = 0.25
 FC_ADAM = Recipe(optimizer="adam", lr=1.2e-3, momentum=0.0, weight_decay=0.0, batch_size=60, schedule="constant")
 
 
-def fc(model: str = "fc", *, width: float = 1.0, method: str = "edge_popup", init: str = SC, k: float = 0.5,
-       variant: str = "", epochs: int = FC_EPOCHS, recipe: Recipe | None = None) -> RunSpec:
+def fc(
+    model: str = "fc",
+    *,
+    width: float = 1.0,
+    method: str = "edge_popup",
+    init: str = SC,
+    k: float = 0.5,
+    variant: str = "",
+    epochs: int = FC_EPOCHS,
+    recipe: Recipe | None = None,
+) -> RunSpec:
     """A configuration (seed 0) of an FC net on MNIST."""
     return _spec("mnist", model, width, method, init, k, variant, epochs, recipe)
 
 
-def cifar(model: str, *, method: str = "edge_popup", init: str = SC, k: float = 0.5, variant: str = "",
-          recipe: Recipe | None = None) -> RunSpec:
+def cifar(
+    model: str,
+    *,
+    method: str = "edge_popup",
+    init: str = SC,
+    k: float = 0.5,
+    variant: str = "",
+    recipe: Recipe | None = None,
+) -> RunSpec:
     """A configuration (seed 0) of a Conv net on CIFAR-10 at ``CIFAR_WIDTH`` for ``CIFAR_EPOCHS``."""
     return _spec("cifar10", model, CIFAR_WIDTH, method, init, k, variant, CIFAR_EPOCHS, recipe)
 
@@ -224,7 +240,11 @@ def _claims() -> tuple[Claim, ...]:
                     fc(epochs=ANCHOR_EPOCHS),
                     zhou(fc, epochs=ANCHOR_EPOCHS),
                 ),
-                diff("Conv2 CIFAR-10, signed constant: edge-popup minus Zhou et al.", cifar("conv2"), zhou(cifar, "conv2")),
+                diff(
+                    "Conv2 CIFAR-10, signed constant: edge-popup minus Zhou et al.",
+                    cifar("conv2"),
+                    zhou(cifar, "conv2"),
+                ),
             ),
         ),
         Claim(
@@ -266,7 +286,11 @@ def _anchors() -> tuple[tuple[str, RunSpec, str], ...]:
     return (
         ("edge-popup, k = 50 %, signed constant", fc(epochs=e), "97.9 (Ramanujan et al.)"),
         ("learned dense weights, SGD lr 0.01", fc(method="dense", epochs=e), "98.2 (Ramanujan et al.)"),
-        ("learned dense weights, Adam lr 1.2e-3", fc(method="dense", recipe=FC_ADAM, epochs=e), "98.2 (Ramanujan et al.)"),
+        (
+            "learned dense weights, Adam lr 1.2e-3",
+            fc(method="dense", recipe=FC_ADAM, epochs=e),
+            "98.2 (Ramanujan et al.)",
+        ),
         ("Zhou et al. supermask, faithful, signed constant", zhou(fc, epochs=e), "98.0 (Zhou et al.)"),
     )
 

@@ -149,7 +149,8 @@ class Scale:
     """What changes between the paper's scale and the reduced CPU scale.
 
     Attributes:
-        name: ``"cpu"`` or ``"paper"``.
+        name: ``"small"`` (the paper's grids shrunk to minutes: a quick look, the tests; not evidence) or
+            ``"paper"``.
         dataset: data set of the small-scale experiments.
         epochs: training epochs of every phase.
         conv_width: the width multiplier that counts as "width 1" for Conv2-8 (0.25 on the CPU: 16-128 channels).
@@ -209,8 +210,8 @@ SCALES: dict[str, Scale] = {
         fig6_models=("conv2", "conv4", "conv6", "conv8"),
         table3_ks=(0.3, 0.5, 0.7),
     ),
-    "cpu": Scale(
-        name="cpu",
+    "small": Scale(
+        name="small",
         dataset="fashion_mnist",
         epochs=2,
         conv_width=0.25,
