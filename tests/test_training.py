@@ -142,6 +142,28 @@ def test_progress_mode_follows_the_terminal(monkeypatch):
     assert RunLog(True, "auto", stream=io.StringIO()).mode == "lines"
 
 
+def test_a_terminal_without_width_gets_lines(monkeypatch):
+    """A pseudo-terminal opened without a size (``script``, some CI runners) has 0 columns: tqdm would draw nothing,
+    so ``auto`` prints lines there."""
+    import os
+    import pty
+
+    main, child = pty.openpty()  # a fresh pty: 0 x 0 until someone sets its size
+    try:
+        with os.fdopen(child, "w", closefd=False) as stream:
+            assert stream.isatty() and os.get_terminal_size(child).columns == 0
+            assert RunLog(True, "auto", stream=stream).mode == "lines"
+            import fcntl
+            import struct
+            import termios
+
+            fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+            assert RunLog(True, "auto", stream=stream).mode == "bar"
+    finally:
+        os.close(main)
+        os.close(child)
+
+
 def test_progress_lines_say_elapsed_time_and_eta(capsys):
     """Not a terminal (a log file, CI): plain lines, each with the elapsed time and the time left for the run."""
     train_set, test_set = make_data()

@@ -5,6 +5,7 @@ Only the main process prints or writes; the others get a silent ``RunLog``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -51,7 +52,7 @@ class RunLog:
     def __init__(self, enabled: bool, mode: str = "auto", out_dir=None, log_every: int = 50, stream=None) -> None:
         self.enabled = enabled
         if mode == "auto":
-            mode = "bar" if _isatty(stream if stream is not None else sys.stdout) else "lines"
+            mode = "bar" if _draws_bar(stream if stream is not None else sys.stdout) else "lines"
         self.mode = mode if enabled else "none"
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_every = log_every
@@ -207,8 +208,15 @@ def _jsonable(metrics: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
-def _isatty(stream) -> bool:
+def _draws_bar(stream) -> bool:
+    """Whether a bar would be seen on ``stream``: a terminal with a width (a pseudo-terminal opened without a
+    size, as by ``script`` or some CI runners, reports 0 columns, and tqdm then draws nothing at all)."""
     try:
-        return stream.isatty()
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return True  # a terminal whose size cannot be asked: let tqdm decide
