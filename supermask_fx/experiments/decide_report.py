@@ -170,9 +170,8 @@ def make_decide_report(
             interval, verdict, how = evaluate(c, index, seeds)
             verdicts.append(verdict)
             rule = {">": "> 0", ">=": f"> −{c.margin:g}", "~": f"within ±{c.margin:g}"}[c.relation]
-            body.append(
-                f"- {c.label} (claim: {rule}): **{interval.text()}** → **{verdict}**" + (f" ({how})" if how else "")
-            )
+            shown = "no interval until every configuration has runs" if verdict == "missing runs" else interval.text()
+            body.append(f"- {c.label} (claim: {rule}): **{shown}** → **{verdict}**" + (f" ({how})" if how else ""))
         verdict = _combine(verdicts)
         lines.append(f"| {claim.number} | {claim.text} | {claim.tested_at} | **{verdict}** |")
         section = [f"## {claim.number}. {claim.text}", "", f"Tested at: {claim.tested_at}.", "", *body, ""]

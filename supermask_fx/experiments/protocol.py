@@ -155,7 +155,7 @@ class Claim:
 
 
 def _cifar_label() -> str:
-    return f"CIFAR-10 (JPEG copy), Conv2/Conv4 at width {CIFAR_WIDTH:g}, {CIFAR_EPOCHS} epochs"
+    return f"CIFAR-10 (JPEG copy) at width {CIFAR_WIDTH:g}, {CIFAR_EPOCHS} epochs"
 
 
 def _claims() -> tuple[Claim, ...]:
