@@ -42,9 +42,7 @@ def _expected_small_specs():
 @needs_cifar
 def test_small_mode_writes_rows_with_expand_keys_curves_and_resumes(tmp_path, capsys):
     csv_path = tmp_path / "paper" / "results.csv"
-    start = time.perf_counter()
     summary = pg.main(["--small", "--csv", str(csv_path), "--revision", "abc123"])
-    first_s = time.perf_counter() - start
     assert len(summary["done"]) == 6 and not summary["failed"] and not summary["abandoned"]
 
     expected = _expected_small_specs()
@@ -74,14 +72,11 @@ def test_small_mode_writes_rows_with_expand_keys_curves_and_resumes(tmp_path, ca
         assert len(curve) == 2 and curve[-1] == pytest.approx(float(row["test_accuracy"]), abs=0.01)
 
     before = csv_path.read_text()
-    start = time.perf_counter()
     again = pg.main(["--small", "--csv", str(csv_path), "--revision", "abc123"])
     assert again["done"] == [] and again["refused"] == []
     assert csv_path.read_text() == before, "a rerun must skip the runs already in the CSV"
-    assert time.perf_counter() - start < first_s
     out = capsys.readouterr().out
     assert "0 runs to do (6 already in the CSV)" in out and "summary after" in out
-    assert first_s < 60, f"small mode took {first_s:.0f} s"
 
 
 def test_a_budget_already_spent_starts_nothing(tmp_path, capsys):
