@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .config import PopupConfig
@@ -244,9 +246,7 @@ def _read(source) -> tuple[dict, str]:
         if path.is_dir():
             state = _read_directory(path)
         elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(path)
+            state = _load_safetensors(path)
         elif path.is_file():
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
@@ -259,16 +259,23 @@ def _read(source) -> tuple[dict, str]:
 
 def _read_directory(path: Path) -> dict:
     """A Hugging Face save directory: ``model.safetensors``, its sharded index, or ``pytorch_model.bin``."""
-    from safetensors.torch import load_file
-
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return _load_safetensors(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         state = {}
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(path / shard))
+            state.update(_load_safetensors(path / shard))
         return state
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise ValueError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in it")
+
+
+def _load_safetensors(path: Path) -> dict:
+    """Every tensor of a safetensors file (the ``safetensors`` package: a state_dict is loaded whole); a damaged
+    or truncated file is a ``ValueError`` naming it."""
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None

@@ -20,19 +20,29 @@ redrawn from the seed. ``save_subnetwork`` writes a safetensors file (format ver
 checks everything it can: format, checksums (corruption), the metadata field by field, architecture (names and
 shapes), regenerated weights, the masks against their metadata. It reads version 2, including files written
 before the header checksum (then the header is checked field by field only).
+
+The file is written and read by the ``safetensors`` package (``safetensors.torch.save``, ``safe_open``). Reading
+streams: the header (a few kB) is parsed for its checksum, the data section is hashed in 1 MiB chunks, and the
+tensors are read one at a time as the loader needs them, so loading holds about one mask at a time beside the
+model, not the whole file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as serialize
 from torch import Tensor, nn
 
-from . import safetensors_io
+from .atomic import atomic_file
 from .config import PopupConfig
 from .discover import NORM_TYPES, WeightRef
 from .gate import Gate, aliases_of, is_gated
@@ -110,9 +120,53 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
         "torch_version": torch.__version__,
         "layers": layers,
     }
-    return safetensors_io.write(
-        path, tensors, {_META: json.dumps(info)}, checksum_key=_CHECKSUM, header_checksum_key=_HEADER_CHECKSUM
-    )
+    return write_file(path, tensors, {_META: json.dumps(info)}, _CHECKSUM, _HEADER_CHECKSUM)
+
+
+def write_file(
+    path: str | os.PathLike,
+    tensors: dict[str, Tensor],
+    metadata: dict[str, str],
+    checksum_key: str | None = None,
+    header_checksum_key: str | None = None,
+) -> int:
+    """Write ``tensors`` and ``metadata`` as a safetensors file, atomically (``atomic.atomic_file``: a temporary
+    file in the same folder, fsynced, renamed over ``path``); return its size in bytes.
+
+    With ``checksum_key``, the SHA-256 of the data section is stored under that metadata key; with
+    ``header_checksum_key``, the SHA-256 of the rest of the header (``header_sha256``), data checksum included.
+    The package lays the data out by dtype and name, whatever the metadata: a first serialization without
+    metadata gives the data section (and the tensor entries) the checksums cover, the second writes the file.
+    """
+    metadata = dict(metadata)
+    if checksum_key is not None or header_checksum_key is not None:
+        bare = serialize(tensors)
+        size = int.from_bytes(bare[:8], "little")
+        header = json.loads(bare[8 : 8 + size])
+        if checksum_key is not None:
+            metadata[checksum_key] = hashlib.sha256(memoryview(bare)[8 + size :]).hexdigest()
+        del bare
+        if header_checksum_key is not None:
+            header["__metadata__"] = metadata
+            metadata[header_checksum_key] = header_sha256(header, header_checksum_key)
+    data = serialize(tensors, metadata=metadata)
+    if header_checksum_key is not None:  # the layout the checksums describe is the one written
+        size = int.from_bytes(data[:8], "little")
+        if header_sha256(json.loads(data[8 : 8 + size]), header_checksum_key) != metadata[header_checksum_key]:
+            raise RuntimeError("safetensors laid the same tensors out differently in two serializations")
+    with atomic_file(path) as f:
+        f.write(data)
+    return len(data)
+
+
+def header_sha256(header: dict, checksum_key: str) -> str:
+    """SHA-256 of a parsed safetensors header (tensor entries and ``__metadata__``) without
+    ``__metadata__[checksum_key]``, serialized canonically:
+    ``json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True)``. A header that parses to the
+    same JSON (other whitespace or padding) has the same checksum; any other change to it does not."""
+    metadata = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != checksum_key}
+    canonical = {**header, "__metadata__": metadata}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -127,7 +181,7 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             what differs.
     """
     path = Path(path)
-    tensors, info, config = _read_file(path)
+    info, config = _read_file(path)
     model = unwrap(model)
     if any(is_gated(m) for m in model.modules()):
         differs = _config_differences(_single_config(list(gated_layers(model))), config)
@@ -151,39 +205,42 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
                 raise SubnetworkFileError(f"{path}: the model's weights of {gate.name} are not the seed's weights")
         fix_masks(model)
-        for (module, gate), layer in zip(pairs, info["layers"]):
-            data = tensors.get(f"mask/{gate.name}")
-            if data is None:
-                raise SubnetworkFileError(f"{path}: corrupted: the file lacks the mask of {gate.name}")
-            module._buffers[gate.mask_buffer].copy_(decode_mask(data, layer, where=f"{path}: "))
-        stored = {key[len("state/") :]: t for key, t in tensors.items() if key.startswith("state/")}
-        expected = _stored_state(model, pairs, config, include_changed_constants=False)
-        missing = sorted(set(expected) - set(stored))
-        if missing:
-            raise SubnetworkFileError(f"{path}: another architecture: the file lacks state entries {missing[:5]}")
-        own = model.state_dict()
-        for key, value in stored.items():
-            if key not in own:
-                raise SubnetworkFileError(f"{path}: another architecture: the model has no entry {key!r}")
-            if tuple(own[key].shape) != tuple(value.shape):
-                raise SubnetworkFileError(
-                    f"{path}: another architecture: {key} has shape {tuple(value.shape)} in the file, "
-                    f"{tuple(own[key].shape)} in the model"
-                )
-            own[key].copy_(value)
+        with _tensors(path) as file:
+            names = set(file.keys())
+            for (module, gate), layer in zip(pairs, info["layers"]):
+                if f"mask/{gate.name}" not in names:
+                    raise SubnetworkFileError(f"{path}: corrupted: the file lacks the mask of {gate.name}")
+                data = file.get_tensor(f"mask/{gate.name}")
+                module._buffers[gate.mask_buffer].copy_(decode_mask(data, layer, where=f"{path}: "))
+            stored = {name[len("state/") :]: name for name in names if name.startswith("state/")}
+            expected = _stored_state(model, pairs, config, include_changed_constants=False)
+            missing = sorted(set(expected) - set(stored))
+            if missing:
+                raise SubnetworkFileError(f"{path}: another architecture: the file lacks state entries {missing[:5]}")
+            own = model.state_dict(keep_vars=True)  # the tensors themselves: no weight * mask of every layer
+            for key, name in sorted(stored.items()):
+                if key not in own:
+                    raise SubnetworkFileError(f"{path}: another architecture: the model has no entry {key!r}")
+                shape = tuple(file.get_slice(name).get_shape())
+                if tuple(own[key].shape) != shape:
+                    raise SubnetworkFileError(
+                        f"{path}: another architecture: {key} has shape {shape} in the file, "
+                        f"{tuple(own[key].shape)} in the model"
+                    )
+                own[key].copy_(file.get_tensor(name))
     for _, gate in pairs:
         gate.clear_cache()
     return model
 
 
-def _read_file(path: Path) -> tuple[dict[str, Tensor], dict, PopupConfig]:
-    """The file's tensors, its ``supermask_fx`` metadata and config, after every check that needs no model:
-    readable safetensors, both checksums, then the metadata field by field. Every failure is a
-    ``SubnetworkFileError`` naming the file and what is wrong."""
+def _read_file(path: Path) -> tuple[dict, PopupConfig]:
+    """The file's ``supermask_fx`` metadata and config, after every check that needs no model: a readable,
+    complete safetensors header, both checksums (the data section streamed through SHA-256), the ``safetensors``
+    package's own checks of the header, then the metadata field by field. Every failure is a
+    ``SubnetworkFileError`` naming the file and what is wrong. The tensors are read later (``_tensors``)."""
     try:
-        tensors, header, body = safetensors_io.read_with_header(path)
-    except safetensors_io.SafetensorsError as error:
-        raise SubnetworkFileError(str(error)) from None
+        with open(path, "rb") as f:
+            header, data_sha256 = _read_header_and_hash(path, f)
     except FileNotFoundError:
         raise SubnetworkFileError(f"{path}: no such file") from None
     except OSError as error:
@@ -193,7 +250,7 @@ def _read_file(path: Path) -> tuple[dict[str, Tensor], dict, PopupConfig]:
     if not ours & set(metadata):
         raise SubnetworkFileError(f"{path}: a safetensors file, but not a supermask_fx subnetwork (no metadata)")
     if _HEADER_CHECKSUM in metadata:
-        if metadata[_HEADER_CHECKSUM] != safetensors_io.header_sha256(header, _HEADER_CHECKSUM):
+        if metadata[_HEADER_CHECKSUM] != header_sha256(header, _HEADER_CHECKSUM):
             raise SubnetworkFileError(
                 f"{path}: corrupted: the header does not match its SHA-256 checksum ({_HEADER_CHECKSUM})"
             )
@@ -207,8 +264,10 @@ def _read_file(path: Path) -> tuple[dict[str, Tensor], dict, PopupConfig]:
         raise SubnetworkFileError(f"{path}: corrupted: the supermask_fx metadata is missing")
     if _CHECKSUM not in metadata:
         raise SubnetworkFileError(f"{path}: corrupted: the data checksum ({_CHECKSUM}) is missing")
-    if metadata[_CHECKSUM] != hashlib.sha256(body).hexdigest():
+    if metadata[_CHECKSUM] != data_sha256:
         raise SubnetworkFileError(f"{path}: corrupted: the data does not match its SHA-256 checksum")
+    with _tensors(path):  # the package's own checks of the header, before the model is changed
+        pass
     try:
         info = json.loads(metadata[_META])
     except (ValueError, RecursionError) as error:
@@ -230,7 +289,59 @@ def _read_file(path: Path) -> tuple[dict[str, Tensor], dict, PopupConfig]:
         config = PopupConfig.from_dict(info["config"])
     except (ValueError, TypeError, KeyError) as error:
         raise SubnetworkFileError(f"{path}: corrupted: invalid config in the metadata: {error}") from None
-    return tensors, info, config
+    return info, config
+
+
+def _read_header_and_hash(path: Path, f) -> tuple[dict, str]:
+    """The parsed JSON header of the open safetensors file ``f`` (``header["__metadata__"]`` always there: a dict
+    of strings, empty if the file has none) and the SHA-256 of its data section, read in 1 MiB chunks.
+    Raises ``SubnetworkFileError`` for a truncated file or a header that is not a safetensors header."""
+    start = f.read(8)
+    file_size = os.fstat(f.fileno()).st_size
+    if len(start) < 8:
+        raise SubnetworkFileError(
+            f"{path}: only {len(start)} bytes, truncated (a safetensors file starts with 8 bytes)"
+        )
+    size = int.from_bytes(start, "little")
+    if size > file_size - 8:
+        raise SubnetworkFileError(f"{path}: header claims {size} bytes but the file has {file_size - 8}: truncated")
+    try:
+        header = json.loads(f.read(size))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise SubnetworkFileError(
+            f"{path}: header is not valid JSON ({error}): not safetensors, or corrupted"
+        ) from None
+    if not isinstance(header, dict):
+        raise SubnetworkFileError(f"{path}: header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SubnetworkFileError(f"{path}: header's __metadata__ is not a map of strings: corrupted")
+    header["__metadata__"] = metadata
+    data_size = file_size - 8 - size
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) and name != "__metadata__" else None
+        if isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets):
+            if offsets[1] > data_size:
+                raise SubnetworkFileError(
+                    f"{path}: tensor {name!r} ends at byte {offsets[1]}, data has {data_size}: truncated"
+                )
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    return header, digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _tensors(path: Path) -> Iterator:
+    """The file opened by the ``safetensors`` package (``safe_open``: ``keys()``, ``get_tensor(name)`` reads that
+    tensor alone); its errors become a ``SubnetworkFileError`` naming the file."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            yield file
+    except SafetensorError as error:
+        raise SubnetworkFileError(f"{path}: not a readable safetensors file ({error}): corrupted") from None
 
 
 def _check_layer_entries(path: Path, info: dict) -> None:
@@ -309,7 +420,9 @@ def _stored_state(
                 if isinstance(module._parameters.get(name), Tensor):
                     constants[prefix[id(module)] + name] = value
     out = {}
-    for key, value in model.state_dict().items():
+    # keep_vars: gated weights come as the Parameters (skipped here), not as weight * mask: no copy of every layer
+    for key, value in model.state_dict(keep_vars=True).items():
+        value = value.detach()
         if key in regenerated or key.endswith(RECORD_KEY):
             continue
         if key in constants:
@@ -352,4 +465,8 @@ def _check_layers(path: Path, info: dict, pairs: list[tuple[nn.Module, Gate]]) -
 
 
 def _sha(t: Tensor) -> str:
-    return hashlib.sha256(safetensors_io.tensor_bytes(t)).hexdigest()
+    """SHA-256 of the raw little-endian bytes of ``t`` in row-major order."""
+    t = t.detach().to("cpu").contiguous()
+    return hashlib.sha256(
+        ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
+    ).hexdigest()

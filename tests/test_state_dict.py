@@ -141,6 +141,14 @@ def test_restore_refuses_plain_state_and_other_architectures():
         restore(Other(), trained().state_dict())
 
 
+def test_restore_from_a_damaged_safetensors_file_names_it(tmp_path):
+    source = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in trained().state_dict().items()}, source)
+    source.write_bytes(source.read_bytes()[:-5])
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        restore(Net(), source)
+
+
 def test_materialized_model_has_no_hooks_and_a_plain_state_dict():
     model = trained()
     plain = materialize(model)

@@ -1,5 +1,6 @@
 """Compact subnetwork files and materialize: round trips, size, and every error a user can meet."""
 
+import hashlib
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import os
 import pytest
 import torch
 import torchvision
+from safetensors import safe_open
 from torch import nn
 
 from supermask_fx import (
@@ -16,10 +18,9 @@ from supermask_fx import (
     mask_stats,
     materialize,
     popupify,
-    safetensors_io,
     save_subnetwork,
 )
-from supermask_fx.subnetwork import pack_bits, unpack_bits
+from supermask_fx.subnetwork import pack_bits, unpack_bits, write_file
 
 CHECKSUM = "supermask_fx.content_sha256"
 HEADER_CHECKSUM = "supermask_fx.header_sha256"
@@ -33,6 +34,12 @@ def trained_resnet(seed=0, k=0.3):
         model(torch.randn(4, 3, 32, 32)).logsumexp(1).sum().backward()
         opt.step()
     return model.eval()
+
+
+def read(path):
+    """(tensors, metadata) of a safetensors file, by the package."""
+    with safe_open(path, framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,7 @@ def test_file_is_at_most_one_bit_per_weight_plus_bn_stats(saved):
     """Each mask takes the smaller of its bitmap (1 bit per weight) and its Rice code (about H(k) bits per weight)."""
     model, path, size = saved
     assert size == os.path.getsize(path)
-    tensors, metadata, _ = safetensors_io.read(path)
+    tensors, metadata = read(path)
     state_bytes = sum(t.numel() * t.element_size() for name, t in tensors.items() if name.startswith("state/"))
     assert all(name.startswith(("mask/", "state/")) for name in tensors)
     gated = {gate.name for _, gate in gated_layers(model)}
@@ -89,7 +96,7 @@ def test_k_0_3_file_is_smaller_than_k_0_5(saved, tmp_path):
     half_path = tmp_path / "half.safetensors"
     half_size = save_subnetwork(half, half_path)
     assert size < 0.92 * half_size
-    tensors, metadata, _ = safetensors_io.read(half_path)
+    tensors, metadata = read(half_path)
     layers = json.loads(metadata["supermask_fx"])["layers"]
     bitmap_bytes = sum(-(-math.prod(layer["shape"]) // 8) for layer in layers)
     mask_bytes = sum(tensors[f"mask/{layer['name']}"].numel() for layer in layers)
@@ -104,10 +111,10 @@ def test_k_0_3_file_is_smaller_than_k_0_5(saved, tmp_path):
 
 
 def rewrite(source, target, edit):
-    tensors, metadata, _ = safetensors_io.read(source)
+    tensors, metadata = read(source)
     info = json.loads(metadata["supermask_fx"])
     edit(info)
-    safetensors_io.write(
+    write_file(
         target, tensors, {"supermask_fx": json.dumps(info)}, checksum_key=CHECKSUM, header_checksum_key=HEADER_CHECKSUM
     )
 
@@ -140,12 +147,33 @@ def test_mask_not_matching_its_metadata_is_corrupted(saved, tmp_path):
         load_subnetwork(torchvision.models.resnet18(num_classes=10), bad)
 
 
-def test_file_reads_with_the_official_safetensors_package(saved):
-    safetensors = pytest.importorskip("safetensors.torch")
-    _, path, _ = saved
-    ours, _, _ = safetensors_io.read(path)
-    theirs = safetensors.load_file(str(path))
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+def test_files_laid_out_in_name_order_load(saved, tmp_path):
+    """The safetensors package lays data out by dtype, then name; files of the earlier hand-written writer have it
+    in name order. Both are the format: the checksums cover whatever layout the file has. Written here by hand
+    (name order, checksums by their definition), such a file loads with identical logits."""
+    model, path, _ = saved
+    tensors, metadata = read(path)
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        blob = t.numpy().tobytes()
+        dtype = {torch.uint8: "U8", torch.float32: "F32", torch.int64: "I64"}[t.dtype]
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    data = b"".join(blobs)
+    meta = {"supermask_fx": metadata["supermask_fx"], CHECKSUM: hashlib.sha256(data).hexdigest()}
+    header["__metadata__"] = meta
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    meta[HEADER_CHECKSUM] = hashlib.sha256(canonical).hexdigest()
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    by_name = tmp_path / "by_name.safetensors"
+    by_name.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+    assert by_name.read_bytes() != path.read_bytes()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_subnetwork(torchvision.models.resnet18(num_classes=10), by_name).eval()(x), model(x))
 
 
 def test_wrong_architecture_names_what_differs(saved):
@@ -198,28 +226,26 @@ def test_header_edits_are_caught_by_the_header_checksum(saved, tmp_path):
         bad.write_bytes(data.replace(old, new, 1))
         with pytest.raises(SubnetworkFileError, match=r"edited.safetensors: corrupted: the header does not match"):
             load_subnetwork(torchvision.models.resnet18(num_classes=10), bad)
-    tensors, metadata, _ = safetensors_io.read(path)
-    assert metadata[HEADER_CHECKSUM] == safetensors_io.header_sha256(
-        safetensors_io.read_with_header(path)[1], HEADER_CHECKSUM
-    )
+    size = int.from_bytes(data[:8], "little")  # the checksum by hand, as docs/file-formats.md gives it
+    header = json.loads(data[8 : 8 + size])
+    stored = header["__metadata__"].pop(HEADER_CHECKSUM)
+    assert stored == hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def test_missing_checksums_are_named_not_called_a_mismatch(saved, tmp_path):
     _, path, _ = saved
-    tensors, metadata, _ = safetensors_io.read(path)
+    tensors, metadata = read(path)
     bare = tmp_path / "bare.safetensors"
-    safetensors_io.write(bare, tensors, {"supermask_fx": metadata["supermask_fx"]})
+    write_file(bare, tensors, {"supermask_fx": metadata["supermask_fx"]})
     with pytest.raises(SubnetworkFileError, match=r"bare.safetensors: corrupted: the header checksum .* is missing$"):
         load_subnetwork(torchvision.models.resnet18(num_classes=10), bare)
     no_data_sum = tmp_path / "nodata.safetensors"
-    safetensors_io.write(
-        no_data_sum, tensors, {"supermask_fx": metadata["supermask_fx"]}, header_checksum_key=HEADER_CHECKSUM
-    )
+    write_file(no_data_sum, tensors, {"supermask_fx": metadata["supermask_fx"]}, header_checksum_key=HEADER_CHECKSUM)
     with pytest.raises(SubnetworkFileError, match=r"nodata.safetensors: corrupted: the data checksum .* is missing"):
         load_subnetwork(torchvision.models.resnet18(num_classes=10), no_data_sum)
     renamed = tmp_path / "renamed.safetensors"  # a damaged key name: not an older file, a damaged one
     metadata = {"supermask_fx": metadata["supermask_fx"], "supermask_fx.header_sha257": "0"}
-    safetensors_io.write(renamed, tensors, metadata, checksum_key=CHECKSUM)
+    write_file(renamed, tensors, metadata, checksum_key=CHECKSUM)
     with pytest.raises(SubnetworkFileError, match=r"header checksum .* is missing; metadata keys"):
         load_subnetwork(torchvision.models.resnet18(num_classes=10), renamed)
 
@@ -228,7 +254,7 @@ def test_files_without_a_header_checksum_are_checked_field_by_field(saved, tmp_p
     """Files written before the header checksum load (test_version_1_files_still_load); a damaged field in
     one is a SubnetworkFileError naming the file, not a bare JSONDecodeError, KeyError or ValueError."""
     _, path, _ = saved
-    tensors, metadata, _ = safetensors_io.read(path)
+    tensors, metadata = read(path)
     info = json.loads(metadata["supermask_fx"])
     edits = {
         "not valid JSON": metadata["supermask_fx"][:-1],
@@ -246,14 +272,14 @@ def test_files_without_a_header_checksum_are_checked_field_by_field(saved, tmp_p
     }
     for message, meta in edits.items():
         old = tmp_path / "old.safetensors"
-        safetensors_io.write(old, tensors, {"supermask_fx": meta}, checksum_key=CHECKSUM)
+        write_file(old, tensors, {"supermask_fx": meta}, checksum_key=CHECKSUM)
         with pytest.raises(SubnetworkFileError, match=f"old.safetensors: .*{message}"):
             load_subnetwork(torchvision.models.resnet18(num_classes=10), old)
 
 
 def test_not_a_subnetwork_file(tmp_path):
     plain = tmp_path / "plain.safetensors"
-    safetensors_io.write(plain, {"x": torch.zeros(3)}, {})
+    write_file(plain, {"x": torch.zeros(3)}, {})
     with pytest.raises(SubnetworkFileError, match="not a supermask_fx subnetwork"):
         load_subnetwork(nn.Linear(3, 3), plain)
     junk = tmp_path / "junk.bin"
@@ -266,11 +292,11 @@ def test_not_a_subnetwork_file(tmp_path):
 
 def test_weights_regenerating_differently_is_caught(saved, tmp_path):
     _, path, _ = saved
-    tensors, metadata, _ = safetensors_io.read(path)
+    tensors, metadata = read(path)
     info = json.loads(metadata["supermask_fx"])
     info["layers"][3]["sha256"] = "0" * 64  # as if this torch's RNG drew other weights
     forged = tmp_path / "forged.safetensors"
-    safetensors_io.write(
+    write_file(
         forged, tensors, {"supermask_fx": json.dumps(info)}, checksum_key=CHECKSUM, header_checksum_key=HEADER_CHECKSUM
     )
     assert info["layers"][3]["name"] == "layer1.1.conv1.weight"
@@ -287,7 +313,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(saved, tmp_path, monkeypatch
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors_io.os, "fsync", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
         save_subnetwork(model, target)
     assert target.read_bytes() == before
@@ -309,7 +335,7 @@ def test_non_regenerable_parameters_are_stored(tmp_path):
     model = popupify(torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5), k=0.5).eval()
     path = tmp_path / "vit.safetensors"
     save_subnetwork(model, path)
-    tensors, _, _ = safetensors_io.read(path)
+    tensors, _ = read(path)
     assert "state/encoder.pos_embedding" in tensors and "state/class_token" in tensors
     fresh = torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5)
     torch.nn.init.normal_(fresh.encoder.pos_embedding)  # different from the saved one
