@@ -15,8 +15,11 @@ A Parameter tied to other modules (a language model's token embedding and output
 the others get a subclass too, whose attribute reads the owner's effective weight (``alias_parameter``): one mask
 per weight, wherever it is used.
 
-The effective weight is cached and recomputed only when the scores, the weight or a fixed mask change (their
-autograd version counters, bumped by every optimizer step and ``load_state_dict``), so evaluation and gradient
+The gate knows masks, not how they are computed: a top-k method asks its ``selection.LayerMask`` for the mask of
+the layer (``gate.layer_mask``; bits, bands, hints and batch plans stay in ``supermask_fx.selection``). Every cache
+of a mask or of ``weight * mask`` (the selection's, a fixed mask's, the sampled method's threshold mask) is keyed
+by one scheme, the autograd version counters of the scores, the weight and a fixed mask
+(``selection.version_key``, bumped by every optimizer step and ``load_state_dict``), so evaluation and gradient
 accumulation never recompute masks. Writing through ``tensor.data`` bypasses the counters: call
 ``supermask_fx.refresh_masks(model)`` after doing that.
 """
@@ -29,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from . import recompute
-from .kernels import BitMask, masked_weight
+from .kernels import buffer_like, masked_weight
+from .selection import version_key
 
 __all__ = ["Gate", "gated_class", "is_gated", "gates_of", "aliases_of", "scores_name", "mask_name"]
 
@@ -55,12 +59,15 @@ class Gate:
         scores: name of the score parameter, ``None`` for methods without scores.
         k: fraction kept in this layer (for stats; the selector owns the exact count).
         method: the ``Method`` that turns (weight, scores) into the effective weight.
-        selector: the top-k selector shared by the layers ranked together, for top-k methods.
+        selector: the ``selection.TopKSelector`` of the layers ranked together, for top-k methods.
+        layer_mask: this layer's ``selection.LayerMask`` in that selector (the mask a top-k method reads).
         config: the ``PopupConfig`` of the ``popupify`` call.
         fan_in_fan_out: the weight is stored ``(..., in, out)`` (GPT-2's ``Conv1D``); its initialization depends
             on it.
         expert_dims: leading dimensions that index separate matrices (mixture-of-experts tensors): each matrix is
             drawn with its own fans and ranked as a layer of its own (``scope="layer"``).
+        key, mask, effective_buffer: the cache of a fixed mask's ``weight * mask``, and of methods that keep their
+            own mask (``sampled``): what it was computed from, the bool mask, ``weight * mask``.
     """
 
     def __init__(self, layer: str, param: str, method, k: float, selector=None, config=None, layout=None) -> None:
@@ -74,6 +81,7 @@ class Gate:
         self.method = method
         self.k = k
         self.selector = selector
+        self.layer_mask = None
         self.clear_cache()
 
     @property
@@ -81,43 +89,15 @@ class Gate:
         return f"{self.layer}.{self.param}" if self.layer else self.param
 
     def clear_cache(self) -> None:
+        """Forget every cached mask and ``weight * mask`` of this gate (the selection's too)."""
         self.key = None  # what the cached tensors were computed from
         self.effective_buffer: Tensor | None = None  # weight * mask
-        self.mask = None
+        self.mask: Tensor | None = None
+        if self.layer_mask is not None:
+            self.layer_mask.clear()
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.update(key=None, effective_buffer=None, _mask=None, bits=None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.mask = None
-
-    @property
-    def mask(self) -> Tensor | None:
-        """The current mask as a bool tensor shaped like the weight (``None`` before the first read). Where the
-        compiled CPU top-k wrote it as ``bits``, it is unpacked on the first read after each selection (which drops
-        the unpacked copy: ``ensure_bits``)."""
-        if self.bits is not None and self._mask is None:
-            self._mask = self.bits.to_bool()
-        return self._mask
-
-    @mask.setter
-    def mask(self, value: Tensor | None) -> None:
-        self._mask, self.bits = value, None
-
-    def forward_mask(self) -> Tensor | BitMask:
-        """The mask in the form the hot path reads: the ``BitMask`` where one is current, else the bool tensor."""
-        return self.bits if self.bits is not None else self._mask
-
-    def ensure_bits(self, weight: Tensor, effective: bool) -> None:
-        """Make ``bits`` the mask's form (the compiled top-k is about to write it) and drop the bool tensor; with
-        ``effective``, also allocate the ``w * mask`` buffer."""
-        if self.bits is None or self.bits.shape != weight.shape:
-            self.bits = BitMask.empty(weight.shape)
-        self._mask = None
-        self.ensure_effective(weight, effective)
+        return {**self.__dict__, "key": None, "effective_buffer": None, "mask": None}
 
     def effective(self, module: nn.Module) -> Tensor:
         """The weight the forward pass uses."""
@@ -130,7 +110,7 @@ class Gate:
         key = (version_key(weight), version_key(fixed))
         if key != self.key:
             with torch.inference_mode(False), torch.no_grad():
-                self.ensure_buffers(weight)
+                self.effective_buffer = buffer_like(self.effective_buffer, weight)
                 masked_weight(weight.detach(), fixed, self.effective_buffer)
                 self.mask = fixed
             self.key = key
@@ -143,31 +123,13 @@ class Gate:
             return fixed
         return self.method.eval_mask(self, module)
 
-    def ensure_buffers(self, weight: Tensor, effective: bool = True) -> None:
-        """Allocate the cache tensors once (again after a device, dtype or layout change): the bool ``mask``,
-        and with ``effective`` the ``w * mask`` buffer (in the weight's memory format)."""
-        mask = self.forward_mask()
-        if not isinstance(mask, Tensor) or mask.shape != weight.shape or mask.device != weight.device:
+    def ensure_buffers(self, weight: Tensor) -> None:
+        """Allocate this gate's own cache tensors once (again after a device, dtype or layout change): the bool
+        ``mask`` and the ``w * mask`` buffer (in the weight's memory format)."""
+        mask = self.mask
+        if mask is None or mask.shape != weight.shape or mask.device != weight.device:
             self.mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-            self.effective_buffer = None
-        self.ensure_effective(weight, effective)
-
-    def ensure_effective(self, weight: Tensor, effective: bool = True) -> None:
-        """With ``effective``, allocate the ``w * mask`` buffer once (in the weight's memory format)."""
-        buf = self.effective_buffer
-        if effective and (
-            buf is None
-            or buf.shape != weight.shape
-            or buf.stride() != weight.stride()  # memory format, e.g. after .to(memory_format=channels_last)
-            or buf.dtype != weight.dtype
-            or buf.device != weight.device
-        ):
-            self.effective_buffer = torch.empty_like(weight)  # same memory format (channels-last convs stay fast)
-
-
-def version_key(t: Tensor) -> tuple[int, int]:
-    """Changes whenever ``t`` is written in place through autograd-visible ops or replaced (``.to()``)."""
-    return (t._version, t.data_ptr())
+        self.effective_buffer = buffer_like(self.effective_buffer, weight)
 
 
 # ---------------------------------------------------------------------------------------------------------

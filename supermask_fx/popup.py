@@ -13,7 +13,8 @@ from .config import PopupConfig
 from .discover import NORM_TYPES, Discovery, WeightRef, find_weights
 from .gate import Gate, alias_parameter, gate_parameter, is_gated, scores_name
 from .initializers import draw_scores, draw_weight, generator_for, weight_std
-from .methods import METHODS, TopKSelector
+from .methods import METHODS, RankedLayer
+from .selection import TopKSelector
 from .state import attach_hooks
 from .topk import kept_count
 
@@ -263,11 +264,11 @@ def _group(gates: list[tuple[nn.Module, Gate]], config: PopupConfig, layer_k: di
 
 
 def _attach(selector: TopKSelector, members: list[tuple[nn.Module, Gate]], peers: list[TopKSelector]) -> None:
-    selector.members = members
     selector.peers = peers
     peers.append(selector)
-    for _, gate in members:
+    for module, gate in members:
         gate.selector = selector
+        gate.layer_mask = selector.add(RankedLayer(module, gate))
 
 
 def _check_patterns(config: PopupConfig, refs: list[WeightRef]) -> None:

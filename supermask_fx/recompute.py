@@ -4,16 +4,18 @@ A training forward of a gated ``nn.Linear`` / ``nn.Conv{1,2,3}d`` builds ``w_eff
 weight) and the matmul or convolution saves it for its backward. Kept from every layer's forward until its
 backward, these copies make the backward's memory peak hold one more copy of all the model's weights. Inside
 such a forward a pair of saved-tensor hooks stores, for ``w_eff`` (or a view of it, ``w_eff.t()`` in
-``F.linear``), a recipe instead: the frozen weight and the gate, whose mask (one bit per weight on the compiled
-CPU path) is already kept. The backward rebuilds ``w * mask`` (one elementwise pass) when it needs it. Values are
-identical, and ``w_eff`` is freed as soon as the forward returns.
+``F.linear``), a recipe instead: the frozen weight and the layer's mask (a ``selection.LayerMask``), which its
+selection back-end keeps anyway (on the compiled CPU path as one bit per weight). The backward rebuilds
+``w * mask`` (one elementwise pass, ``LayerMask.apply``) when it needs it. Values are identical, and ``w_eff`` is
+freed as soon as the forward returns.
 
 Saved-tensor hooks switch off autograd's check that a saved tensor was not modified in place; the hooks do that
 check themselves for every other tensor the forward saves (``x``, the scores), and the recipe checks that the
-masks did not change between the forward and the backward. They stay out of the way of any other saved-tensor
-hooks (``torch.utils.checkpoint``, CPU offloading: those see every tensor as before), of ``torch.compile``, and
-of every module whose forward is not exactly ``nn.Linear``'s or ``nn.Conv{1,2,3}d``'s (those save only their
-inputs, so holding them here makes no reference cycle).
+mask did not change between the forward and the backward (its ``key``: the version counters it was selected
+from). They stay out of the way of any other saved-tensor hooks (``torch.utils.checkpoint``, CPU offloading: those
+see every tensor as before), of ``torch.compile``, and of every module whose forward is not exactly
+``nn.Linear``'s or ``nn.Conv{1,2,3}d``'s (those save only their inputs, so holding them here makes no reference
+cycle).
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
-
-from .kernels import masked_weight
 
 # Forwards that save only their inputs (x, the weight, the bias): holding what they save makes no cycle.
 _FORWARDS = {cls.forward for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)}
@@ -37,12 +37,13 @@ def supports(base: type) -> bool:
 
 @dataclass
 class _Recipe:
-    """How to rebuild a saved ``w_eff`` (or a view of it): ``weight * gate.mask`` as of ``key``."""
+    """How to rebuild a saved ``w_eff`` (or a view of it): ``mask.apply(weight)`` as of ``key``."""
 
     weight: Tensor
     version: int
-    gate: object
+    mask: object  # a selection.LayerMask: ``apply(weight)`` and ``key``
     key: object
+    name: str
     size: torch.Size
     stride: tuple[int, ...]
     offset: int
@@ -53,7 +54,7 @@ class RecomputeEffective:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.sources: dict[int, tuple[Tensor, object]] = {}  # storage address of a w_eff -> (weight, gate)
+        self.sources: dict[int, tuple[Tensor, object, str]] = {}  # storage of a w_eff -> (weight, mask, name)
         self.hooks = saved_tensors_hooks(self.pack, self.unpack)
 
     @staticmethod
@@ -69,9 +70,10 @@ class RecomputeEffective:
         self.hooks.__exit__(*exc)
         self.module.__dict__.pop("_supermask_recompute", None)
 
-    def register(self, effective: Tensor, weight: Tensor, gate) -> None:
-        """Called by the method that built ``effective = weight * gate.mask`` for this forward."""
-        self.sources[effective.untyped_storage().data_ptr()] = (weight, gate)
+    def register(self, effective: Tensor, weight: Tensor, mask, name: str) -> None:
+        """Called by the method that built ``effective = mask.apply(weight)`` for this forward (``name``: the
+        gated weight's, for errors)."""
+        self.sources[effective.untyped_storage().data_ptr()] = (weight, mask, name)
 
     def pack(self, t: Tensor):
         try:
@@ -80,21 +82,20 @@ class RecomputeEffective:
             source = None
         if source is None:
             return t, t._version
-        weight, gate = source
-        key = gate.selector.key
-        return _Recipe(weight, weight._version, gate, key, t.size(), t.stride(), t.storage_offset())
+        weight, mask, name = source
+        return _Recipe(weight, weight._version, mask, mask.key, name, t.size(), t.stride(), t.storage_offset())
 
     @staticmethod
     def unpack(packed) -> Tensor:
         if isinstance(packed, _Recipe):
-            weight, gate = packed.weight, packed.gate
-            if gate.selector.key != packed.key or weight._version != packed.version:
+            weight, mask = packed.weight, packed.mask
+            if mask.key != packed.key or weight._version != packed.version:
                 raise RuntimeError(
-                    f"supermask_fx: the mask or weight of {gate.name} changed between a forward and its backward "
+                    f"supermask_fx: the mask or weight of {packed.name} changed between a forward and its backward "
                     "(an optimizer step or a load in between?): call backward before changing scores or weights"
                 )
             with torch.no_grad():
-                rebuilt = masked_weight(weight, gate.forward_mask())
+                rebuilt = mask.apply(weight)
             return rebuilt.as_strided(packed.size, packed.stride, packed.offset)
         t, version = packed
         if t._version != version:

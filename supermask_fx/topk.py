@@ -134,7 +134,7 @@ class NativeGroup:
     """One selector's work for ``select_topk_native_many``: the parts ranked together (one layer, or several
     under global scope) and where to write. Every tensor is 1-D, contiguous, on the CPU: scores, weights and
     ``effective`` float32 and equal in size part by part; ``masks`` the int64 words of bit masks
-    (``kernels.BitMask``: ``ceil(n / 64)`` words per part); ``effective``: a list, or ``None`` (not written)."""
+    (``selection.bits.BitMask``: ``ceil(n / 64)`` words per part); ``effective``: a list, or ``None`` (not written)."""
 
     scores: list[Tensor]
     weights: list[Tensor]

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from supermask_fx import native, popupify, supermask_parameters
-from supermask_fx.kernels import BitMask, masked_weight, straight_through_grad
+from supermask_fx.kernels import masked_weight, straight_through_grad
 from supermask_fx.masks import gated_layers
-from supermask_fx.methods import edge_popup
+from supermask_fx.selection import cpu as cpu_backend
 from supermask_fx.selection import set_backend
+from supermask_fx.selection.bits import BitMask
 from supermask_fx.topk import BandHint, NativeGroup, select_topk_native, select_topk_native_many, topk_mask_reference
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason=f"no compiled kernel: {native.unavailable_reason()}")
@@ -162,7 +163,9 @@ def test_one_read_refreshes_every_stale_layer(monkeypatch):
     opt = torch.optim.SGD(supermask_parameters(model), lr=1.0)
     sizes = []
     real = select_topk_native_many
-    monkeypatch.setattr(edge_popup, "select_topk_native_many", lambda groups: sizes.append(len(groups)) or real(groups))
+    monkeypatch.setattr(
+        cpu_backend, "select_topk_native_many", lambda groups: sizes.append(len(groups)) or real(groups)
+    )
     x = torch.randn(4, 20)
     for _ in range(3):
         opt.zero_grad()
@@ -283,9 +286,9 @@ def test_disabled_by_environment(monkeypatch):
 
 
 def test_bit_masks_in_training_and_their_bool_view():
-    """Training on the compiled path keeps each mask as bits (1/8 of a bool tensor) and no bool copy;
-    ``gate.mask`` unpacks them on demand, equal to the rule; a pickled model, and a gate pickled before masks
-    could be bits, load and give the same outputs."""
+    """Training on the compiled path keeps each mask as bits (1/8 of a bool tensor) and no bool copy, inside the
+    selection's ``LayerMask``; its ``tensor()`` unpacks them on demand, equal to the rule; a pickled model, and a
+    gate whose caches were cleared, give the same outputs."""
     import pickle
 
     torch.manual_seed(0)
@@ -298,24 +301,21 @@ def test_bit_masks_in_training_and_their_bool_view():
         opt.step()
     model(x)  # selects the masks of the stepped scores
     gates = [gate for _, gate in gated_layers(model)]
-    assert all(g.bits is not None and g._mask is None for g in gates)
-    assert [g.bits.words.numel() for g in gates] == [-(-70 * 130 // 64), -(-130 * 5 // 64)]
+    assert all(g.layer_mask.bits is not None and g.layer_mask.bool_mask is None for g in gates)
+    assert [g.layer_mask.bits.words.numel() for g in gates] == [-(-70 * 130 // 64), -(-130 * 5 // 64)]
     for module, gate in gated_layers(model):
         want = topk_mask_reference(module.scores.detach().abs(), gate.selector.kept)
-        assert torch.equal(gate.mask, want)
+        assert torch.equal(gate.layer_mask.tensor(), want)
         assert torch.equal(module.weight, module._parameters["weight"] * want)
     model.eval()
     with torch.no_grad():
         out = model(x)
         again = pickle.loads(pickle.dumps(model))
         assert torch.equal(again(x), out)
-        old = gates[0].__getstate__()
-        old["mask"] = None  # what a gate pickled before bits held
-        gates[0].__setstate__(old)
-        gates[0].selector.invalidate()
-        assert torch.equal(model(x), out)
+        gates[0].clear_cache()  # the selection's storage dropped: selected again at the next read
+        assert gates[0].layer_mask.bits is None and torch.equal(model(x), out)
     with pytest.raises(ValueError, match="cannot mask a weight"):
-        masked_weight(torch.randn(3, 4), BitMask.empty(torch.Size([4, 3])))
+        BitMask.empty(torch.Size([4, 3])).apply(torch.randn(3, 4))
 
 
 # ---------------------------------------------------------------------------------------------- non-finite scores

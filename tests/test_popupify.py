@@ -358,7 +358,7 @@ def test_channels_last_in_training_keeps_the_weight_format():
     with torch.enable_grad():
         weight = model.conv.weight
     assert weight.requires_grad and weight.is_contiguous(memory_format=torch.channels_last)
-    mask = model.conv._supermask_gates["weight"].mask
+    mask = model.conv._supermask_gates["weight"].layer_mask.tensor()
     assert torch.equal(weight, model.conv._parameters["weight"] * mask)
     assert int(mask.sum()) == kept_count(mask.numel(), 0.3)
 
@@ -370,17 +370,17 @@ def test_training_holds_no_copy_of_the_weights_and_evaluation_keeps_one():
     gates = [gate for _, gate in gated_layers(model)]
     x = torch.randn(4, 3, 4, 4)
     model(x).sum().backward()
-    assert all(g.effective_buffer is None and g.mask is not None for g in gates)
+    assert all(g.layer_mask.effective_buffer is None and g.layer_mask.tensor() is not None for g in gates)
     model.eval()
     with torch.no_grad():
         model(x)
         weights = [model.conv.weight.clone(), model.fc.weight.clone()]
-    assert all(g.effective_buffer is not None for g in gates)
-    masks = [g.mask.clone() for g in gates]
+    assert all(g.layer_mask.effective_buffer is not None for g in gates)
+    masks = [g.layer_mask.tensor().clone() for g in gates]
     model.train()
     model(x).sum().backward()  # same scores: the masks stay, the cached copies go
-    assert all(g.effective_buffer is None for g in gates)
-    assert all(torch.equal(g.mask, m) for g, m in zip(gates, masks))
+    assert all(g.layer_mask.effective_buffer is None for g in gates)
+    assert all(torch.equal(g.layer_mask.tensor(), m) for g, m in zip(gates, masks))
     model.eval()
     with torch.no_grad():
         assert torch.equal(model.conv.weight, weights[0]) and torch.equal(model.fc.weight, weights[1])

@@ -54,9 +54,9 @@ def test_effective_weights_are_rebuilt_not_kept(monkeypatch):
     alive, recipes = [], []
     real_register, real_pack = RecomputeEffective.register, RecomputeEffective.pack
 
-    def register(self, effective, weight, gate):
+    def register(self, effective, weight, mask, name):
         alive.append(weakref.ref(effective))
-        real_register(self, effective, weight, gate)
+        real_register(self, effective, weight, mask, name)
 
     def pack(self, t):
         packed = real_pack(self, t)

@@ -213,7 +213,7 @@ def test_nan_and_inf_scores_in_a_model(scope):
             gate.selector.strategy = strategy
         model.eval()(torch.randn(2, 20))
         magnitudes = [m.scores.detach().abs().flatten() for m, _ in pairs]
-        masks = [gate.mask.flatten() for _, gate in pairs]
+        masks = [gate.layer_mask.tensor().flatten() for _, gate in pairs]
         if scope == "global":
             kept = pairs[0][1].selector.kept
             assert torch.equal(torch.cat(masks), by_hand(torch.cat(magnitudes), kept))

@@ -36,8 +36,9 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from ..gate import gates_of, version_key
+from ..gate import gates_of
 from ..kernels import masked_weight
+from ..selection import version_key
 from .base import Method
 
 __all__ = ["EVAL_RULES", "ZHOU_ET_AL", "Sampled", "configure", "options"]

@@ -1,20 +1,8 @@
-"""Mask selection behind one seam: which back-end computes the top-k masks.
+"""Which back-end selects the masks, and the one cache key every cache of a mask is checked against.
 
-Every back-end applies the rule of ``supermask_fx.topk`` (the ``K`` largest ``|s|`` of each ranked group, ties by
-lowest flat index, NaN below every number) and gives bit-identical masks; they differ only in how:
-
-``reference``
-    a stable sort per group (``topk.topk_mask_reference``): slow and obviously right;
-``cpu``
-    the band strategy: last step's threshold as a hint, the compiled C pass over all layers of a model at once
-    where it applies (``supermask_fx.native``), PyTorch otherwise;
-``device``
-    all layers of a model in one batched, sync-free radix select (``selection.device``): a fixed number of tensor
-    operations whatever the number of layers, no host synchronisation; built for accelerators, exact on the CPU.
-
-The default follows the scores' device: ``cpu`` on the CPU, ``device`` elsewhere. ``SUPERMASK_FX_SELECT=reference |
-cpu | device`` in the environment, or ``set_backend(name)``, forces one everywhere (tests and benchmarks run any
-back-end on any machine).
+``SUPERMASK_FX_SELECT=reference | cpu | device`` in the environment, or ``set_backend(name)``, forces one back-end
+everywhere (tests and benchmarks run any back-end on any machine); the default follows the scores' device: ``cpu``
+on the CPU, ``device`` elsewhere.
 """
 
 from __future__ import annotations
@@ -22,12 +10,13 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import Tensor
 
 BACKENDS = ("reference", "cpu", "device")
 ENVIRONMENT = "SUPERMASK_FX_SELECT"
 _forced: str | None = None
 
-__all__ = ["BACKENDS", "backend_for", "set_backend"]
+__all__ = ["BACKENDS", "ENVIRONMENT", "backend_for", "set_backend", "version_key"]
 
 
 def set_backend(name: str | None) -> None:
@@ -48,3 +37,10 @@ def backend_for(device: torch.device) -> str:
             raise ValueError(f"{ENVIRONMENT}={forced!r} is not a back-end; choose one of {', '.join(BACKENDS)}")
         return forced
     return "cpu" if device.type == "cpu" else "device"
+
+
+def version_key(t: Tensor) -> tuple[int, int]:
+    """Changes whenever ``t`` is written in place through autograd-visible ops (every optimizer step,
+    ``load_state_dict``) or replaced (``.to()``): its autograd version counter and its storage address. Writes
+    through ``tensor.data`` bypass it (``supermask_fx.refresh_masks``)."""
+    return (t._version, t.data_ptr())

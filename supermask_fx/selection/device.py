@@ -17,16 +17,21 @@ digit where the count of larger keys reaches ``K``, and prefix and remaining cou
 writes ``key > T`` or ``key == T`` and tie rank (a cumulative sum of ``key == T`` minus its value at the segment's
 start) ``<= remaining``. Every shape depends only on the layer sizes, never on the data: no ``.item()``, no
 ``nonzero``, so a step can be captured in a CUDA graph. About 60 tensor operations whatever the number of layers.
+
+**The plan** (``refresh``): for a batch of selectors (every peer of a ``popupify`` call on the device) the layout and
+one bool buffer holding every mask are built once and kept; each ``LayerMask`` is a view of that buffer, so a
+refresh writes all masks in one operation and allocates nothing new.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Segments", "order_keys", "segmented_topk"]
+__all__ = ["Segments", "order_keys", "segmented_topk", "refresh"]
 
 _BINS = 256
 _SHIFTS = (24, 16, 8, 0)
@@ -115,3 +120,36 @@ def segmented_topk(keys: Tensor, segments: Segments, out: Tensor | None = None) 
         out.copy_(keep)
         return out
     return keep
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def refresh(selectors: list, effective: bool) -> None:
+    """Select the masks of every selector of the batch in one ``segmented_topk`` (see the module docstring, "the
+    plan"); with ``effective``, also each member's ``w * mask``."""
+    members = [(scores, weight, mask) for selector in selectors for scores, weight, mask in selector.tensors()]
+    scores = [s for s, _, _ in members]
+    signature = tuple((id(selector), len(selector.members)) for selector in selectors) + tuple(
+        (tuple(s.shape), s.device) for s in scores
+    )
+    plan = _PLANS.get(selectors[0])
+    if plan is None or plan[0] != signature:
+        segments = [segment for selector in selectors for segment in selector.segments()]
+        layout = Segments.build([size for size, _ in segments], [kept for _, kept in segments], scores[0].device)
+        buffer = torch.empty(layout.total, dtype=torch.bool, device=scores[0].device)
+        views, offset = [], 0
+        for s in scores:
+            views.append(buffer[offset : offset + s.numel()].view(s.shape))
+            offset += s.numel()
+        plan = (signature, layout, buffer, views)
+        _PLANS[selectors[0]] = plan
+    _, layout, buffer, views = plan
+    keys = order_keys(torch.cat([s.reshape(-1) for s in scores]).abs_())
+    segmented_topk(keys, layout, out=buffer)
+    for (_, weight, mask), view in zip(members, views):
+        mask.hold_view(view)
+        mask.hold_effective(weight, effective)
+    if effective:
+        for selector in selectors:
+            selector.fill_effective()
