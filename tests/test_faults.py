@@ -304,3 +304,27 @@ def test_kill_9_during_a_checkpoint_write_then_resume_is_bit_exact(tmp_path):
     for key, mask in full["masks"].items():
         assert torch.equal(again["masks"][key], mask), key
     assert again["history"] == full["history"]
+
+
+def test_config_json_write_that_fails_keeps_the_previous_file(tmp_path, one_thread, monkeypatch):
+    """config.json is replaced atomically: a write that fails (full disk at fsync) leaves the previous file whole
+    and no temporary beside it."""
+    import errno
+
+    import supermask_fx.atomic as atomic
+
+    run = tmp_path / "run"
+    train(tiny_trainable(), tiny_data(), None, quiet(epochs=1, out_dir=run))
+    before = (run / "config.json").read_bytes()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if "config.json" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_trainable(), tiny_data(), None, quiet(epochs=2, out_dir=run))
+    assert (run / "config.json").read_bytes() == before
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]

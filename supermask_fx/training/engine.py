@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..atomic import remove_stale_temporaries
+from ..atomic import atomic_file, remove_stale_temporaries
 from ..subnetwork import unwrap
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -266,7 +266,8 @@ class Run:
             ]
             if stale:  # a run killed while writing: its temporary files are useless, the files they replace intact
                 self.log.print(f"removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale)}")
-            (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            with atomic_file(self.out_dir / "config.json") as f:  # a crash mid-write keeps the previous file
+                f.write((json.dumps(config.to_dict(), indent=2) + "\n").encode())
             if self.resumed_from_epoch is not None:
                 self.log.rewrite(self.history)
             elif (self.out_dir / "metrics.jsonl").exists():
