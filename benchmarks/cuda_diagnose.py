@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.speed import CASES, Setting, build, train_step
-from supermask_fx.masks import gated_layers
+from supermask_fx.core.masks import gated_layers
 
 
 def list_syncs(case, setting: Setting) -> None:

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from benchmarks.speed import Setting, Task, interleaved, train_step  # noqa: E402
 from supermask_fx import popupify  # noqa: E402
-from supermask_fx.masks import gated_layers  # noqa: E402
+from supermask_fx.core.masks import gated_layers  # noqa: E402
 from supermask_fx.models import build_model  # noqa: E402
 from supermask_fx.selection import set_backend  # noqa: E402
 

@@ -60,10 +60,11 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from benchmarks.algorithm1 import algorithm1  # noqa: E402
-from supermask_fx import materialize, native, popupify, save_subnetwork  # noqa: E402
-from supermask_fx.masks import gated_layers  # noqa: E402
+from supermask_fx import materialize, popupify, save_subnetwork  # noqa: E402
+from supermask_fx.core.masks import gated_layers  # noqa: E402
 from supermask_fx.models import build_model  # noqa: E402
-from supermask_fx.topk import NativeGroup, select_topk, select_topk_native_many  # noqa: E402
+from supermask_fx.selection import native  # noqa: E402
+from supermask_fx.selection.topk import NativeGroup, select_topk, select_topk_native_many  # noqa: E402
 
 K = 0.5  # fraction kept
 GPU_BATCH = 256

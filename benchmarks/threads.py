@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script: make supermask_fx and benchmar
 import torch  # noqa: E402
 
 from benchmarks.speed import CASES, Setting, Task, build, interleaved, ratio, train_step  # noqa: E402
-from supermask_fx import native  # noqa: E402
+from supermask_fx.selection import native  # noqa: E402
 
 
 class _OneThread:

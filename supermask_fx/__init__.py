@@ -6,9 +6,9 @@ optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.256, momentum=0.87
 save_subnetwork(model, "wrn50-k30.safetensors")
 """
 
-from .config import PopupConfig
-from .initializers import INITIALIZERS
-from .masks import (
+from .core.config import PopupConfig
+from .core.initializers import INITIALIZERS
+from .core.masks import (
     Coverage,
     MaskStats,
     coverage,
@@ -18,11 +18,11 @@ from .masks import (
     refresh_masks,
     supermask_parameters,
 )
-from .materialize import materialize
-from .popup import popupify
-from .state import restore
-from .subnetwork import SubnetworkFileError, load_subnetwork, save_subnetwork
-from .topk import kept_count
+from .core.popup import popupify
+from .core.state import restore
+from .files.materialize import materialize
+from .files.subnetwork import SubnetworkFileError, load_subnetwork, save_subnetwork
+from .selection.topk import kept_count
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supermask_fx import fix_masks, mask_stats, popupify, supermask_parameters
-from supermask_fx.gate import gates_of
+from supermask_fx.core.gate import gates_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

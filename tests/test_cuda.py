@@ -14,9 +14,9 @@ from torch.nn import functional as F
 
 from benchmarks.algorithm1 import GetSubnet, algorithm1  # the paper's reference (path set in conftest.py)
 from supermask_fx import popupify, supermask_parameters
-from supermask_fx.masks import gated_layers
+from supermask_fx.core.masks import gated_layers
 from supermask_fx.models import build_model
-from supermask_fx.topk import select_topk, topk_mask_reference
+from supermask_fx.selection.topk import select_topk, topk_mask_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

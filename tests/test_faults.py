@@ -311,7 +311,7 @@ def test_config_json_write_that_fails_keeps_the_previous_file(tmp_path, one_thre
     and no temporary beside it."""
     import errno
 
-    import supermask_fx.atomic as atomic
+    import supermask_fx.files.atomic as atomic
 
     run = tmp_path / "run"
     train(tiny_trainable(), tiny_data(), None, quiet(epochs=1, out_dir=run))

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from supermask_fx.mask_codec import SubnetworkFileError, decode_mask, encode_mask, pack_bits, unpack_bits
+from supermask_fx.files.mask_codec import SubnetworkFileError, decode_mask, encode_mask, pack_bits, unpack_bits
 
 DENSITIES = [0.0, "one", 0.01, 0.3, 0.5, 0.7, 0.99, "all but one", 1.0]
 LENGTHS = [1, 7, 9, 1000003]

@@ -1,4 +1,4 @@
-"""The compiled CPU top-k (supermask_fx/native/band.c): the same masks as the rule, and the caches it fills.
+"""The compiled CPU top-k (supermask_fx/selection/native/band.c): the same masks as the rule, and the caches it fills.
 
 Skipped, with the reason, where no C compiler can build it (the library then uses the pure-PyTorch path).
 """
@@ -10,13 +10,19 @@ import pytest
 import torch
 from torch import nn
 
-from supermask_fx import native, popupify, supermask_parameters
-from supermask_fx.kernels import masked_weight, straight_through_grad
-from supermask_fx.masks import gated_layers
+from supermask_fx import popupify, supermask_parameters
+from supermask_fx.core.masks import gated_layers
 from supermask_fx.selection import cpu as cpu_backend
-from supermask_fx.selection import set_backend
+from supermask_fx.selection import native, set_backend
 from supermask_fx.selection.bits import BitMask
-from supermask_fx.topk import BandHint, NativeGroup, select_topk_native, select_topk_native_many, topk_mask_reference
+from supermask_fx.selection.kernels import masked_weight, straight_through_grad
+from supermask_fx.selection.topk import (
+    BandHint,
+    NativeGroup,
+    select_topk_native,
+    select_topk_native_many,
+    topk_mask_reference,
+)
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason=f"no compiled kernel: {native.unavailable_reason()}")
 
@@ -343,7 +349,7 @@ def _non_finite_cases(n, g):
 
 @pytest.mark.parametrize("threads", [1, 3], indirect=True)
 def test_non_finite_scores_across_chunks_threads_and_hints(threads, build):
-    """NaN ranks below every number, +-inf above every finite magnitude (supermask_fx/topk.py's rule): the
+    """NaN ranks below every number, +-inf above every finite magnitude (supermask_fx/selection/topk.py's rule): the
     compiled band keeps exactly the reference's entries whatever the hint, across chunks and threads."""
     g = torch.Generator().manual_seed(threads)
     n = 2 * CHUNK + 1234

@@ -21,7 +21,7 @@ from supermask_fx import (
     refresh_masks,
     supermask_parameters,
 )
-from supermask_fx.state import RECORD_KEY
+from supermask_fx.core.state import RECORD_KEY
 
 
 class SmallNet(nn.Module):

@@ -1,4 +1,4 @@
-"""Gated Linear/Conv layers rebuild w * mask in the backward instead of keeping it (supermask_fx/recompute.py)."""
+"""Gated Linear/Conv layers rebuild w * mask in the backward instead of keeping it (supermask_fx/core/recompute.py)."""
 
 import gc
 import weakref
@@ -10,7 +10,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
 from supermask_fx import popupify, supermask_parameters
-from supermask_fx.recompute import RecomputeEffective
+from supermask_fx.core.recompute import RecomputeEffective
 
 
 class Net(nn.Module):

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from supermask_fx import popupify
+from supermask_fx.core.state import RECORD_KEY
 from supermask_fx.methods.sampled import ZHOU_ET_AL, Sampled, configure, options
-from supermask_fx.state import RECORD_KEY
 
 INF = float("inf")
 

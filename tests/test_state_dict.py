@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from supermask_fx import fix_masks, gated_layers, materialize, popupify, restore, supermask_parameters
-from supermask_fx.state import RECORD_KEY
+from supermask_fx.core.state import RECORD_KEY
 
 
 class Net(nn.Module):

@@ -20,7 +20,7 @@ from supermask_fx import (
     popupify,
     save_subnetwork,
 )
-from supermask_fx.subnetwork import pack_bits, unpack_bits, write_file
+from supermask_fx.files.subnetwork import pack_bits, unpack_bits, write_file
 
 CHECKSUM = "supermask_fx.content_sha256"
 HEADER_CHECKSUM = "supermask_fx.header_sha256"

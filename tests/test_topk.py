@@ -9,7 +9,7 @@ from torch import nn
 
 from benchmarks.algorithm1 import GetSubnet
 from supermask_fx import kept_count, popupify
-from supermask_fx.topk import BandHint, select_topk, topk_mask_reference
+from supermask_fx.selection.topk import BandHint, select_topk, topk_mask_reference
 
 
 @pytest.mark.parametrize("strategy", ["band", "select"])

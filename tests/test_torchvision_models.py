@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from supermask_fx import kept_count, mask_stats, popupify
-from supermask_fx.discover import NORM_TYPES
+from supermask_fx.graph.discover import NORM_TYPES
 
 ALL_MODELS = sorted(torchvision.models.list_models(module=torchvision.models))
 FAST = ["resnet18", "mobilenet_v3_small", "convnext_tiny", "googlenet", "swin_t", "vit_b_16", "squeezenet1_1"]

@@ -1,7 +1,7 @@
 """Hugging Face ``transformers``: reload a saved popupified model, and a ``Trainer`` callback.
 
 ``Trainer`` needs no adapter to train (its optimizer takes the parameters with ``requires_grad``: the scores) nor
-to save and resume (``state_dict`` carries the masked weights, the scores and the settings: ``supermask_fx.state``).
+to save and resume (``state_dict`` carries the masked weights, the scores and the settings: ``core.state``).
 This module adds:
 
 * ``from_pretrained(model_class, directory)``: the popupified model back from a ``save_pretrained`` /
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from transformers import AutoConfig, TrainerCallback
 
-from ..masks import gated_layers, mask_statistics
-from ..state import restore
-from ..subnetwork import save_subnetwork, unwrap
+from ..core.masks import gated_layers, mask_statistics
+from ..core.state import restore
+from ..files.subnetwork import save_subnetwork, unwrap
 
 SUBNETWORK_FILE = "subnetwork.safetensors"
 

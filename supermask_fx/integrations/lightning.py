@@ -2,7 +2,7 @@
 
 Lightning needs no adapter to train a popupified network (popupify it in ``__init__``, return an optimizer over
 ``supermask_parameters(self)`` from ``configure_optimizers``) nor to resume (``ckpt_path=``: the module's
-``state_dict`` carries masked weights, scores and settings, checked on load: ``supermask_fx.state``). Import it as
+``state_dict`` carries masked weights, scores and settings, checked on load: ``supermask_fx.core.state``). Import it as
 ``from supermask_fx.integrations.lightning import SupermaskCallback``; it works with ``lightning`` and
 ``pytorch_lightning``.
 """
@@ -16,8 +16,8 @@ try:
 except ImportError:  # the older package name
     from pytorch_lightning.callbacks import Callback
 
-from ..masks import gated_layers, mask_statistics
-from ..subnetwork import save_subnetwork
+from ..core.masks import gated_layers, mask_statistics
+from ..files.subnetwork import save_subnetwork
 
 SUBNETWORK_FILE = "subnetwork.safetensors"
 

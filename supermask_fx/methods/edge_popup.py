@@ -1,6 +1,6 @@
 """edge-popup (Ramanujan et al. 2020): keep the top-k |scores| of each layer, straight-through gradient.
 
-Forward: ``w_eff = w * h(|s|)`` with ``h`` the exact top-k indicator of ``supermask_fx.topk``.
+Forward: ``w_eff = w * h(|s|)`` with ``h`` the exact top-k indicator of ``supermask_fx.selection.topk``.
 Backward: straight through ``h``, so ``dL/ds = sign(s) * w * dL/dw_eff`` (``abs``'s derivative times the
 gradient a dense weight would get times the weight), which is Algorithm 1 of the paper (Appendix B.2).
 ``dL/dw = h(|s|) * dL/dw_eff`` when the weights are trainable too. The score gradient is computed in the
@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..kernels import straight_through_grad
+from ..selection.kernels import straight_through_grad
 from .base import Method
 
 
@@ -34,7 +34,7 @@ class EdgePopup(Method):
             mask = gate.layer_mask.current()
             effective = StraightThrough.apply(scores, weight, mask)
             context = module.__dict__.get("_supermask_recompute")
-            if context is not None:  # the backward rebuilds it instead of keeping it (supermask_fx.recompute)
+            if context is not None:  # the backward rebuilds it instead of keeping it (supermask_fx.core.recompute)
                 context.register(effective, weight, mask, gate.name)
             return effective
         return gate.layer_mask.effective()

@@ -36,9 +36,9 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from ..gate import gates_of
-from ..kernels import masked_weight
+from ..core.gate import gates_of
 from ..selection import version_key
+from ..selection.kernels import masked_weight
 from .base import Method
 
 __all__ = ["EVAL_RULES", "ZHOU_ET_AL", "Sampled", "configure", "options"]

@@ -4,17 +4,17 @@ The seam: a ``TopKSelector`` gets the layers ranked together (one layer, or ever
 each as an object with ``tensors() -> (scores, weight)`` and ``frozen() -> bool`` (a fixed mask: not selected
 ahead of its own read); for each it hands out a ``LayerMask``, which is all the gate and the methods see: the mask
 as a bool tensor, ``w * mask``, and the key it was computed from. Bits, bands, hints, batch plans and caches stay
-here (and in ``supermask_fx.topk`` / ``supermask_fx.native``, the cpu back-end's band select); the cache key is one
+here (and in ``selection.topk`` / ``selection.native``, the cpu back-end's band select); the cache key is one
 scheme, the autograd version counters of the scores and weights (``version_key``).
 
-Every back-end applies the rule of ``supermask_fx.topk`` (the ``K`` largest ``|s|`` of each ranked group, ties by
+Every back-end applies the rule of ``selection.topk`` (the ``K`` largest ``|s|`` of each ranked group, ties by
 lowest flat index, NaN below every number) and gives bit-identical masks; they differ only in how:
 
 ``reference`` (``selection.reference``)
     a stable sort per group (``topk.topk_mask_reference``): slow and obviously right;
 ``cpu`` (``selection.cpu``)
     the band strategy: last step's threshold as a hint, the compiled C pass over all layers of a model at once
-    where it applies (``supermask_fx.native``, masks written as bits: ``selection.bits``), PyTorch otherwise;
+    where it applies (``selection.native``, masks written as bits: ``selection.bits``), PyTorch otherwise;
 ``device`` (``selection.device``)
     all layers of a model in one batched, sync-free radix select: a fixed number of tensor operations whatever the
     number of layers, no host synchronisation; built for accelerators, exact on the CPU.

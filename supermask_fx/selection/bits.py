@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import native
-from ..kernels import compiled, masked_weight
+from . import native
+from .kernels import compiled, masked_weight
 
 __all__ = ["BitMask"]
 

@@ -1,8 +1,8 @@
-"""The ``cpu`` back-end: the exact ``band`` strategy of ``supermask_fx.topk`` (last step's threshold as a hint).
+"""The ``cpu`` back-end: the exact ``band`` strategy of ``selection.topk`` (last step's threshold as a hint).
 
 Two paths, the same masks:
 
-* compiled (``supermask_fx.native``; contiguous float32 CPU tensors, strategy ``auto`` or ``native``, no expert
+* compiled (``selection.native``; contiguous float32 CPU tensors, strategy ``auto`` or ``native``, no expert
   blocks): every stale selector of a ``popupify`` call in one kernel call (``topk.select_topk_native_many``), which
   writes each mask as bits (``selection.bits``: 1/8 of a bool tensor, what the backward's rebuild of ``w * mask``
   reads) and, for reads without autograd, ``w * mask`` in the same pass;
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import native
-from ..topk import NativeGroup, select_topk, select_topk_native_many
+from . import native
+from .topk import NativeGroup, select_topk, select_topk_native_many
 
 __all__ = ["native_fits", "refresh_native", "refresh_torch"]
 

@@ -1,7 +1,7 @@
 """The ``device`` back-end: every layer's top-k at once, in a fixed number of tensor operations, no host sync.
 
 Built for accelerators (one step of a ResNet-50 selects 54 layers; launching sorts layer by layer, and waiting on
-the host for thresholds, costs more than the work), exact by the same rule as ``supermask_fx.topk`` and testable
+the host for thresholds, costs more than the work), exact by the same rule as ``selection.topk`` and testable
 on the CPU, where it gives bit-identical masks.
 
 **The rule, restated as integer keys.** Each magnitude ``a = |s|`` gets an order key: ``0`` for NaN, else the bits

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels import buffer_like, masked_weight
 from .bits import BitMask
+from .kernels import buffer_like, masked_weight
 
 __all__ = ["LayerMask"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..topk import topk_mask_reference
+from .topk import topk_mask_reference
 
 
 def refresh(selector, effective: bool) -> None:

@@ -4,7 +4,7 @@ A selector holds ``members`` (one layer, ``scope="layer"``; every globally ranke
 an object with ``tensors() -> (scores, weight)`` (the current Parameters) and ``frozen() -> bool`` (its mask is
 fixed elsewhere), and one ``LayerMask`` per member. The mask of member ``i`` keeps the ``kept`` largest ``|s|`` of
 the concatenation of all members' scores (flattened row-major, in member order), by the rule of
-``supermask_fx.topk``; with ``blocks > 1`` (one member, a stack of expert matrices) its scores are ``blocks`` equal
+``selection.topk``; with ``blocks > 1`` (one member, a stack of expert matrices) its scores are ``blocks`` equal
 consecutive chunks, each ranked on its own and keeping ``kept``.
 
 ``refresh(effective)`` is called on every read of a member's mask; it selects again only when some member's scores
@@ -31,7 +31,7 @@ __all__ = ["TopKSelector"]
 class TopKSelector:
     def __init__(self, kept: int, strategy: str = "auto", blocks: int = 1) -> None:
         self.kept = kept
-        self.strategy = strategy  # the cpu back-end's: "auto", "native", "band" or "select" (supermask_fx.topk)
+        self.strategy = strategy  # the cpu back-end's: "auto", "native", "band" or "select" (selection.topk)
         self.blocks = blocks
         self.selections = 0  # how many times this selector's masks were computed (diagnostics, tests)
         self.members: list = []

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import atomic_file, remove_stale_temporaries
+from ..files.atomic import atomic_file, remove_stale_temporaries
 
 FORMAT = "supermask_fx.training.checkpoint"
 VERSION = 2  # 2: the archive's SHA-256 in its zip comment; 1: no digest
@@ -212,7 +212,7 @@ def _verify_digest(path: Path) -> bool:
 
 def model_fingerprint(model: nn.Module) -> dict:
     """What identifies a model's architecture and setup: compared when a run resumes from a checkpoint."""
-    from ..masks import gated_layers
+    from ..core.masks import gated_layers
 
     tensors = [[name, list(t.shape), str(t.dtype).replace("torch.", "")] for name, t in model.state_dict().items()]
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]

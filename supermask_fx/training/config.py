@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-from .._dataclass_io import dataclass_from_dict
+from ..core.dataclass_io import dataclass_from_dict
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..atomic import atomic_file, remove_stale_temporaries
-from ..subnetwork import unwrap
+from ..files.atomic import atomic_file, remove_stale_temporaries
+from ..files.subnetwork import unwrap
 from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT,

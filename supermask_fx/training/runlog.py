@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import atomic_file
+from ..files.atomic import atomic_file
 
 METRICS_NAME = "metrics.jsonl"
 

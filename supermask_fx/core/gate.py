@@ -7,7 +7,7 @@ still holds) in which reading the attribute returns the **effective** weight ``w
 method defines. Every way a forward reads the weight sees it: ``nn.Conv2d.forward``, ``F.linear(x, self.w)``,
 ``nn.MultiheadAttention``'s fused kernels, torchvision's ``shifted_window_attention(..., self.qkv.weight)``.
 This is ``torch.nn.utils.parametrize``'s idea with the original names kept. Gated ``nn.Linear`` and
-``nn.Conv{1,2,3}d`` also rebuild ``weight * mask`` in the backward instead of saving it (``supermask_fx.recompute``).
+``nn.Conv{1,2,3}d`` also rebuild ``weight * mask`` in the backward instead of saving it (``core.recompute``).
 Under ``torch.compile`` the read runs outside the graph (one graph break per gated parameter, no recompilation
 from step to step) and the graph receives the effective weight.
 
@@ -31,9 +31,9 @@ import copyreg
 import torch
 from torch import Tensor, nn
 
+from ..selection import version_key
+from ..selection.kernels import buffer_like, masked_weight
 from . import recompute
-from .kernels import buffer_like, masked_weight
-from .selection import version_key
 
 __all__ = ["Gate", "gated_class", "is_gated", "gates_of", "aliases_of", "scores_name", "mask_name"]
 
@@ -157,7 +157,7 @@ def gated_class(base: type, names: tuple[str, ...], aliases: tuple[str, ...] = (
             __reduce_ex__=_reduce_ex,
             __module__=__name__,
             __doc__=f"{base.__name__} whose {', '.join(names + aliases)} read as weight * mask "
-            "(see supermask_fx.gate).",
+            "(see supermask_fx.core.gate).",
         )
         if names and recompute.supports(base):
             namespace["forward"] = recompute.gated_forward(base)
@@ -204,7 +204,7 @@ def _reads(module: nn.Module) -> dict[str, tuple[nn.Module, Gate]]:
 
 def _save_effective(self, destination, prefix, keep_vars):
     """``state_dict``: gated weights as ``weight * mask`` (the evaluation mask): a plain model loading them is the
-    subnetwork (``supermask_fx.state``). ``keep_vars=True`` (finding parameters, not saving) keeps the Parameters."""
+    subnetwork (``state.py``). ``keep_vars=True`` (finding parameters, not saving) keeps the Parameters."""
     type(self)._supermask_base._save_to_state_dict(self, destination, prefix, keep_vars)
     if keep_vars:
         return

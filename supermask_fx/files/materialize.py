@@ -7,9 +7,9 @@ import copy
 import torch
 from torch import nn
 
-from .gate import aliases_of, gates_of, ungate
-from .masks import gated_layers
-from .state import detach_hooks
+from ..core.gate import aliases_of, gates_of, ungate
+from ..core.masks import gated_layers
+from ..core.state import detach_hooks
 from .subnetwork import unwrap
 
 

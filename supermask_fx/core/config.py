@@ -10,7 +10,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, field
 
-from ._dataclass_io import dataclass_from_dict
+from .dataclass_io import dataclass_from_dict
 from .initializers import INITIALIZERS, NONLINEARITIES
 
 METHODS = ("edge_popup", "sampled", "random", "dense")
@@ -103,7 +103,7 @@ class PopupConfig:
                 f"method_options={self.method_options!r} must be a dict of option names to values"
             ) from None
         object.__setattr__(self, "method_options", options)
-        from .methods import METHODS as _METHODS  # methods import nothing from config
+        from ..methods import METHODS as _METHODS  # methods import nothing from config
 
         _METHODS[self.method].check_options(dict(options))
         if self.fan_in_fan_out and not self.include:

@@ -42,14 +42,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 from torch import Tensor, nn
 
+from ..core.config import PopupConfig
+from ..core.gate import Gate, aliases_of, is_gated
+from ..core.masks import fix_masks, gated_layers
+from ..core.popup import _BIAS_OF, draw_layer_weight, popupify
+from ..core.state import RECORD_KEY
+from ..graph.discover import NORM_TYPES, WeightRef
 from .atomic import atomic_file
-from .config import PopupConfig
-from .discover import NORM_TYPES, WeightRef
-from .gate import Gate, aliases_of, is_gated
 from .mask_codec import SubnetworkFileError, decode_mask, encode_mask, pack_bits, unpack_bits
-from .masks import fix_masks, gated_layers
-from .popup import _BIAS_OF, draw_layer_weight, popupify
-from .state import RECORD_KEY
 
 FORMAT = "supermask_fx.subnetwork"
 VERSION = 2  # masks as "bits" or "rice" (per layer); version 1 (bits only) was never released

@@ -14,10 +14,10 @@ weight tied to several modules is gated once (preferably in a module that is not
    ``nn.Conv*``, ``nn.ConvTranspose*``, ``nn.Embedding`` and ``nn.MultiheadAttention`` modules, and every parameter
    the traced graph feeds as the weight of ``F.linear`` / ``F.conv*`` / ``F.embedding``.
 2. ``torch.export`` (non-strict) when fx cannot trace the model, or when the fx graph feeds a parameter to a matrix
-   product that rule 1 cannot lay out: the ATen graph read by ``supermask_fx.graph_rule``, which also tells each
+   product that rule 1 cannot lay out: the ATen graph read by ``supermask_fx.graph.rule``, which also tells each
    weight's layout (``(in, out)`` like GPT-2's ``Conv1D``; stacks of expert matrices). It needs example inputs:
    ``example_inputs=`` or, for Hugging Face ``PreTrainedModel``s and timm models, built from their config
-   (``supermask_fx.example_inputs``). Discovery only: the model stays an eager module of its own class.
+   (``supermask_fx.graph.example_inputs``). Discovery only: the model stays an eager module of its own class.
 3. Without a graph (no inputs, or export failed): the module types of rule 1, and a warning naming the parameters of
    2+ dimensions left ungated, with the fix.
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .example_inputs import example_inputs_for, is_hf_model
-from .graph_rule import GraphUse, read_graph
+from .rule import GraphUse, read_graph
 
 LINEAR_MODULES = (
     nn.Linear,

@@ -1,7 +1,7 @@
 """The elementwise passes of edge-popup's training step: compiled on the CPU, PyTorch ops elsewhere.
 
 Both give the values PyTorch's ops give (tests/test_native.py); the compiled pass runs for contiguous float32
-CPU tensors when ``supermask_fx.native`` is available.
+CPU tensors when ``supermask_fx.selection.native`` is available.
 """
 
 from __future__ import annotations

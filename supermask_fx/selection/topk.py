@@ -17,7 +17,7 @@ Non-finite scores rank by the same rule, with ``|s| = NaN`` placed **below every
 NaNs equal to each other, and ``+inf`` above every finite value as usual. So exactly ``K`` entries are always
 kept: an infinite score is kept before any finite one (ties among infinities by lowest flat index), and a NaN
 score only when fewer than ``K`` entries are numbers (then the NaNs with the lowest flat indices). Every path
-below (the reference, ``band``, ``select`` and the compiled ``band`` of ``supermask_fx.native``) gives this same
+below (the reference, ``band``, ``select`` and the compiled ``band`` of ``selection.native``) gives this same
 mask, bit for bit, whatever the mix of NaN, inf and numbers, per layer and under global scope.
 
 How it is computed
@@ -152,7 +152,7 @@ def select_topk_native(
     effective: list[Tensor] | None,
     hint: BandHint | None = None,
 ) -> BandHint | None:
-    """The ``band`` strategy in C (``supermask_fx.native``) for one selector; see ``select_topk_native_many``."""
+    """The ``band`` strategy in C (``selection.native``) for one selector; see ``select_topk_native_many``."""
     return select_topk_native_many([NativeGroup(scores, weights, masks, effective, kept, hint)])[0]
 
 
@@ -167,7 +167,7 @@ def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
     (``None`` after an infinite or NaN threshold).
 
     Raises:
-        RuntimeError: if the compiled kernel is not available (``supermask_fx.native.unavailable_reason()``).
+        RuntimeError: if the compiled kernel is not available (``supermask_fx.selection.native.unavailable_reason()``).
     """
     from . import native
 
@@ -207,7 +207,7 @@ def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
                 previous = None if groups[i].hint is None else groups[i].hint.threshold
                 hints[i] = _next_hint(native.from_order_key(threshold_key), previous, torch.float32, None)
             elif tries >= 2:  # cannot happen: every magnitude has an integer key, so [T, T + 1) holds T
-                raise RuntimeError(f"supermask_fx.native: the exact band missed the threshold (group {i})")
+                raise RuntimeError(f"supermask_fx.selection.native: the exact band missed the threshold (group {i})")
             else:
                 bands[i] = _native_band(groups[i], tries + 1)
     return hints
@@ -250,7 +250,9 @@ def _band_search(
         return None
     found = try_band(threshold, _next_float(threshold, dtype))
     if found is None:  # cannot happen: [T, next float) holds T, and a finite T leaves no NaN above the band
-        raise RuntimeError(f"supermask_fx.topk: the band [T, next float) missed the threshold T = {threshold!r}")
+        raise RuntimeError(
+            f"supermask_fx.selection.topk: the band [T, next float) missed the threshold T = {threshold!r}"
+        )
     # Keep last step's movement in the next hint: a fresh hint's band is tiny and would miss again.
     return _next_hint(found, None if hint is None else hint.threshold, dtype, scratch)
 

@@ -9,14 +9,14 @@ import warnings
 import torch
 from torch import nn
 
+from ..graph.discover import NORM_TYPES, Discovery, WeightRef, find_weights
+from ..methods import METHODS, RankedLayer
+from ..selection import TopKSelector
+from ..selection.topk import kept_count
 from .config import PopupConfig
-from .discover import NORM_TYPES, Discovery, WeightRef, find_weights
 from .gate import Gate, alias_parameter, gate_parameter, is_gated, scores_name
 from .initializers import draw_scores, draw_weight, generator_for, weight_std
-from .methods import METHODS, RankedLayer
-from .selection import TopKSelector
 from .state import attach_hooks
-from .topk import kept_count
 
 # The bias that goes with a gated weight, for the ``bias`` rule.
 _BIAS_OF = {
@@ -38,7 +38,7 @@ def popupify(
 ) -> nn.Module:
     """Turn ``model`` into a supermask network in place and return it.
 
-    Every weight found by ``supermask_fx.discover`` (the weight operands of linear maps, convolutions, embeddings
+    Every weight found by ``supermask_fx.graph.discover`` (the weight operands of linear maps, convolutions, embeddings
     and matrix products in the model's graph) is gated: it is redrawn from ``init`` with ``seed`` and frozen, it
     gains a score Parameter (for methods with scores), and reading it gives ``weight * mask``. Module classes,
     paths and ``state_dict`` names are unchanged. Then every other parameter is frozen: normalization scales and

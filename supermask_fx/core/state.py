@@ -33,8 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..graph.discover import WeightRef
 from .config import PopupConfig
-from .discover import WeightRef
 from .gate import Gate, gates_of
 
 RECORD_KEY = "supermask_fx.popupified__load_with_supermask_fx.restore__or_strict_False_for_the_plain_subnetwork"

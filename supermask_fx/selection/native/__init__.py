@@ -11,7 +11,7 @@ pass over the model). Where no compiler is found, the build fails, or ``SUPERMAS
 ``kernel()`` returns ``None`` and the selector uses the pure-PyTorch path; ``unavailable_reason()`` says why.
 
 The shared library is compiled once per source, compiler, machine type and thread pool into
-``<cache>/native/band-<hash>.so`` (``<cache>`` is ``supermask_fx.data.default_cache_dir()``, i.e.
+``<cache>/native/band-<hash>.so`` (``<cache>`` is ``supermask_fx.cache.default_cache_dir()``, i.e.
 ``$SUPERMASK_FX_CACHE`` or ``~/.cache/supermask_fx``), written atomically, and loaded with ``ctypes`` (whose
 foreign calls release the GIL).
 
@@ -70,7 +70,7 @@ class NativeKernel:
         tables, contiguous on the CPU; the kernel writes the bit masks and caches and ``groups[:, 3:]``."""
         status = self.lib.sfx_topk(segments.data_ptr(), segments.shape[0], groups.data_ptr(), groups.shape[0], threads)
         if status != 0:
-            raise MemoryError("supermask_fx.native: cannot allocate the top-k pass's scratch memory")
+            raise MemoryError("supermask_fx.selection.native: cannot allocate the top-k pass's scratch memory")
 
     def straight_through(self, grad: Tensor, scores: Tensor, weight: Tensor, out: Tensor, threads: int) -> None:
         """``out = grad * weight * sign(scores)``: contiguous float32 CPU tensors of one size (``band.c``)."""
@@ -217,7 +217,7 @@ def _id(runtime: Path | None) -> bytes:
 def _build(cc: str, digest: str, runtime: Path | None = None) -> Path:
     """Compile ``band.c`` into the cache (once per digest). With ``runtime``: ``-fopenmp``, linked against that
     ``libgomp`` file (so the loader reuses the copy already loaded), else with pthreads."""
-    from ..data.paths import default_cache_dir, is_writable_dir
+    from ...cache import default_cache_dir, is_writable_dir
 
     folder = default_cache_dir() / "native"
     if not is_writable_dir(folder):
