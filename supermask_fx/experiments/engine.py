@@ -12,7 +12,7 @@ from torch import nn
 from ..training import TrainConfig, train
 from .specs import Recipe
 
-__all__ = ["fit", "engine_name"]
+__all__ = ["fit", "engine_name", "train_config"]
 
 TRAINING = "supermask_fx.training"
 
@@ -20,6 +20,22 @@ TRAINING = "supermask_fx.training"
 def engine_name() -> str:
     """The training loop recorded in each CSV row."""
     return TRAINING
+
+
+def train_config(recipe: Recipe, epochs: int, seed: int, **options) -> TrainConfig:
+    """The engine's ``TrainConfig`` for ``recipe`` (optimizer, learning rate, momentum, weight decay, batch size,
+    schedule), ``epochs`` and ``seed``; ``options``: other ``TrainConfig`` fields."""
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=recipe.batch_size,
+        optimizer=recipe.optimizer,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        schedule=recipe.schedule,
+        seed=seed,
+        **options,
+    )
 
 
 def fit(
@@ -30,15 +46,10 @@ def fit(
 
     ``params`` (``supermask_parameters(model)``) is the same set the engine trains: the parameters that require grad.
     """
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=recipe.batch_size,
-        optimizer=recipe.optimizer,
-        lr=recipe.lr,
-        momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay,
-        schedule=recipe.schedule,
-        seed=seed,
+    config = train_config(
+        recipe,
+        epochs,
+        seed,
         eval_every=1,
         topk=(1,),
         out_dir=None,

@@ -284,7 +284,8 @@ def train_run(spec: RunSpec, data: DeviceData, options: Options, on_epoch=None) 
     ``runner.run_one`` and the per-epoch test accuracies. ``on_epoch(epoch, seconds)`` after each epoch.
     Raises ``Abandoned`` when the run cannot end before ``options.deadline``."""
     from .. import mask_stats, supermask_parameters
-    from ..training import EpochBatchSampler, TrainConfig, build_optimizer, warmup_cosine
+    from ..training import EpochBatchSampler, build_optimizer, warmup_cosine
+    from .engine import train_config
     from .runner import build
 
     if spec.variant or spec.method not in ("edge_popup", "dense"):
@@ -297,16 +298,7 @@ def train_run(spec: RunSpec, data: DeviceData, options: Options, on_epoch=None) 
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in supermask_parameters(model) if p.requires_grad]
     r = spec.recipe
-    config = TrainConfig(
-        epochs=spec.epochs,
-        batch_size=r.batch_size,
-        optimizer=r.optimizer,
-        lr=r.lr,
-        momentum=r.momentum,
-        weight_decay=r.weight_decay,
-        schedule=r.schedule,
-        seed=spec.seed,
-    )
+    config = train_config(r, spec.epochs, spec.seed)
     n = data.train_targets.shape[0]
     sampler = EpochBatchSampler(n, r.batch_size, seed=spec.seed)
     optimizer = build_optimizer(params, config)
