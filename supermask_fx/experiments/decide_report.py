@@ -74,7 +74,11 @@ def evaluate(comparison: protocol.Comparison, index: dict, seeds: int) -> tuple[
 
 def _combine(verdicts: list[str]) -> str:
     if any(v == "missing runs" for v in verdicts):
-        return "missing runs"
+        decided = [v for v in verdicts if v != "missing runs"]
+        if not decided:
+            return "missing runs"
+        counts = ", ".join(f"{decided.count(v)} {v}" for v in sorted(set(decided)))
+        return f"missing runs (so far {counts} of {len(verdicts)} comparisons)"
     if any(v == CONTRADICTED for v in verdicts):
         return CONTRADICTED
     if all(v == SUPPORTED for v in verdicts):
