@@ -116,10 +116,12 @@ def _plot_curves(claim: protocol.Claim, curves: dict, seeds: int, out: Path) -> 
         return None
     datasets = sorted({d for _, d, _ in lines})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        for label, d, ys in lines:
+        for i, (label, d, ys) in enumerate(lines):
             if d == dataset:
-                ax.plot(range(1, len(ys) + 1), ys, label=label, lw=1)
+                style = "--" if " dense " in f" {label} " else "-"
+                ax.plot(range(1, len(ys) + 1), ys, style, label=label, lw=1, color=colors[i % len(colors)])
         tops = [max(ys) for _, d, ys in lines if d == dataset]
         ax.set_ylim(max(0.0, min(tops) - 8), max(tops) + 0.5)
         ax.set_xlabel("epoch")
