@@ -160,3 +160,17 @@ def test_shrunken_protocol_runs_write_rows_and_curves_and_resume(tmp_path, capsy
     for spec, row in zip(small, rows, strict=True):
         curve = curves[spec.key()]
         assert len(curve) == 2 and curve[-1] == pytest.approx(float(row["test_accuracy"]), abs=0.01)
+
+
+def test_runs_on_a_data_set_that_is_not_here_are_skipped_with_the_reason(tmp_path, monkeypatch, capsys):
+    import supermask_fx.data as sdata
+    from supermask_fx.experiments.__main__ import main
+
+    monkeypatch.setattr(sdata, "is_available_offline", lambda name, root=None: name != "cifar10")
+    monkeypatch.setattr(sdata, "download_possible", lambda name, timeout=3.0: False)
+    csv_path = tmp_path / "results.csv"
+    assert main(["decide", "--plan-only", "--csv", str(csv_path), "--also"]) == 0
+    out = capsys.readouterr().out
+    cifar_runs = sum(r.dataset == "cifar10" for r in protocol.plan())
+    assert f"{cifar_runs} runs on cifar10 skipped: CIFAR-10 not found locally" in out
+    assert "(cifar10)" not in out and f"0 of {len(protocol.plan()) - cifar_runs} runs done" in out

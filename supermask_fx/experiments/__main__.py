@@ -44,7 +44,15 @@ def decide(args) -> int:
         command = "python -m supermask_fx.experiments decide --report" + (f" --csv {csv_path}" if args.csv else "")
         print(f"wrote {make_decide_report(csv_path, args.out or csv_path.parent, seeds, command, also)}")
         return 0
+    from .configs import missing_data_reason
+
     specs = protocol.plan(seeds)
+    for dataset in sorted({s.dataset for s in specs}):
+        reason = missing_data_reason(dataset)
+        if reason is not None:  # run what can run here; the report lists the rest as missing
+            skipped = [s for s in specs if s.dataset == dataset]
+            specs = [s for s in specs if s.dataset != dataset]
+            print(f"{len(skipped)} runs on {dataset} skipped: {reason}")
     if args.plan_only:
         from .decide_report import describe
         from .results import done_keys
