@@ -365,3 +365,26 @@ def test_saved_file_has_the_usual_permissions(saved):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_load_installs_the_files_masks_without_selecting_any(saved, monkeypatch):
+    """The masks come from the file: no top-k is computed only to be overwritten (a WRN-50-2 file's load peak
+    held every layer's selected mask besides the file's). Loading into a channels_last model keeps its layout."""
+    model, path, _ = saved
+    fresh = popupify(torchvision.models.resnet18(num_classes=10), k=0.3, seed=0).to(memory_format=torch.channels_last)
+    methods = {type(gate.method) for _, gate in gated_layers(fresh)}
+
+    def no_selection(self, gate, module):
+        raise AssertionError(f"{gate.name}: a mask was selected during load_subnetwork")
+
+    for method in methods:
+        monkeypatch.setattr(method, "eval_mask", no_selection)
+    load_subnetwork(fresh, path)
+    monkeypatch.undo()
+    for (module, gate), (saved_module, saved_gate) in zip(gated_layers(fresh), gated_layers(model), strict=True):
+        mask, weight = module._buffers[gate.mask_buffer], module._parameters[gate.param]
+        assert mask.dtype == torch.bool and mask.stride() == weight.stride()
+        assert torch.equal(mask, saved_gate.current_mask(saved_module))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():  # channels_last convolutions round differently: close, not bit-equal
+        torch.testing.assert_close(fresh.eval()(x), model(x))

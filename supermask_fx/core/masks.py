@@ -108,19 +108,37 @@ def fix_masks(model: nn.Module, *, train_weights: bool = False) -> nn.Module:
     of a found subnetwork (the paper's Table 3; with ``method="random"``, of a random subnetwork).
     """
     pairs = list(gated_layers(model))
-    if not pairs:
-        raise ValueError("the model has no gated layer: call supermask_fx.popupify(model, k) first")
+    _check_fixable(pairs)
     with torch.no_grad():
         masks = [gate.current_mask(module).clone() for module, gate in pairs]
-    for (module, gate), mask in zip(pairs, masks):
+    install_fixed_masks(model, pairs, masks, train_weights=train_weights)
+    return model
+
+
+def _check_fixable(pairs) -> None:
+    if not pairs:
+        raise ValueError("the model has no gated layer: call supermask_fx.popupify(model, k) first")
+    for _, gate in pairs:
         if gate.method.name == "dense":
             raise ValueError("method='dense' has no mask to fix: its weights are trained directly")
+
+
+def install_fixed_masks(model: nn.Module, pairs, masks, *, train_weights: bool = False) -> None:
+    """``fix_masks`` with the masks given: ``masks[i]`` (bool, shaped like the weight of ``pairs[i]``) becomes
+    that layer's ``mask`` buffer, on the weight's device and in its memory format. No mask is selected, so
+    ``load_subnetwork`` installs the file's masks without first computing the ones they replace."""
+    _check_fixable(pairs)
+    for (module, gate), mask in zip(pairs, masks, strict=True):
+        weight = module._parameters[gate.param]
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"{gate.name}: a mask of shape {tuple(mask.shape)} for a weight {tuple(weight.shape)}")
+        if mask.device != weight.device or mask.dtype != torch.bool or mask.stride() != weight.stride():
+            mask = torch.empty_like(weight, dtype=torch.bool).copy_(mask)
         module.register_buffer(gate.mask_buffer, mask)
         if gate.scores is not None:
             module._parameters[gate.scores].requires_grad_(False)
-        module._parameters[gate.param].requires_grad_(train_weights)
+        weight.requires_grad_(train_weights)
     refresh_masks(model)
-    return model
 
 
 def refresh_masks(model: nn.Module) -> None:

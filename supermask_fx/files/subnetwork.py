@@ -30,7 +30,6 @@ model, not the whole file.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 
 from ..core.config import PopupConfig
 from ..core.gate import Gate, aliases_of, is_gated
-from ..core.masks import fix_masks, gated_layers
+from ..core.masks import gated_layers, install_fixed_masks
 from ..core.popup import _BIAS_OF, draw_layer_weight, popupify
 from ..core.state import RECORD_KEY
 from ..graph.discover import NORM_TYPES, WeightRef
@@ -204,14 +203,15 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 )
             if not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
                 raise SubnetworkFileError(f"{path}: the model's weights of {gate.name} are not the seed's weights")
-        fix_masks(model)
         with _tensors(path) as file:
             names = set(file.keys())
-            for (module, gate), layer in zip(pairs, info["layers"]):
+            masks = []
+            for (_, gate), layer in zip(pairs, info["layers"]):
                 if f"mask/{gate.name}" not in names:
                     raise SubnetworkFileError(f"{path}: corrupted: the file lacks the mask of {gate.name}")
-                data = file.get_tensor(f"mask/{gate.name}")
-                module._buffers[gate.mask_buffer].copy_(decode_mask(data, layer, where=f"{path}: "))
+                masks.append(decode_mask(file.get_tensor(f"mask/{gate.name}"), layer, where=f"{path}: "))
+            install_fixed_masks(model, pairs, masks)  # the file's masks; none is selected first
+            del masks
             stored = {name[len("state/") :]: name for name in names if name.startswith("state/")}
             expected = _stored_state(model, pairs, config, include_changed_constants=False)
             missing = sorted(set(expected) - set(stored))
@@ -466,7 +466,5 @@ def _check_layers(path: Path, info: dict, pairs: list[tuple[nn.Module, Gate]]) -
 
 def _sha(t: Tensor) -> str:
     """SHA-256 of the raw little-endian bytes of ``t`` in row-major order."""
-    t = t.detach().to("cpu").contiguous()
-    return hashlib.sha256(
-        ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
-    ).hexdigest()
+    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy()).hexdigest()  # hashed in place: no copy of the bytes
