@@ -1,3 +1,4 @@
+import functools
 import sys
 from pathlib import Path
 
@@ -13,3 +14,42 @@ sys.path.insert(0, str(REPO))  # benchmarks.algorithm1: the paper's Algorithm 1,
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+#: How to get each data set the tests read without a network (a skip names it).
+HOW_TO_GET = {
+    "fashion_mnist": "apt-get install dataset-fashion-mnist",
+    "mnist": "a copy in ../shared/data/mnist or SUPERMASK_FX_DATA (see docs/install.md)",
+    "cifar10": "a copy in ../shared/data/cifar10-jpeg or SUPERMASK_FX_DATA (see docs/install.md)",
+}
+
+
+@functools.cache
+def dataset_is_local(name: str) -> bool:
+    """Whether ``name`` loads without a download. A local copy that is there but broken raises: it fails the
+    tests instead of skipping them."""
+    from supermask_fx.data import DatasetNotFoundError, load_dataset
+
+    try:
+        load_dataset(name, "test", download=False, limit=1)
+    except DatasetNotFoundError:
+        return False
+    return True
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_data(*names): skip unless each data set loads without a download")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs_data"):
+        missing = [name for name in mark.args if not dataset_is_local(name)]
+        if missing:
+            how = (f"{name} ({HOW_TO_GET.get(name, 'download it')})" for name in missing)
+            pytest.skip("not local: " + "; ".join(how))
+
+
+@pytest.fixture
+def local_dataset():
+    """``dataset_is_local`` for tests that compare against it."""
+    return dataset_is_local

@@ -18,16 +18,6 @@ from supermask_fx.models import build_model
 scipy_stats = pytest.importorskip("scipy.stats")
 
 
-def _have(dataset: str) -> bool:
-    try:
-        from supermask_fx.data import load_dataset
-
-        load_dataset(dataset, "test", download=False, limit=1)
-    except Exception:
-        return False
-    return True
-
-
 def test_plan_gives_every_configuration_three_seeds_mnist_first():
     runs = protocol.plan()
     keys = [r.key() for r in runs]
@@ -139,7 +129,7 @@ def test_report_lists_missing_runs_and_never_fills_them_in(tmp_path):
     assert "## Missing runs (3)" in md and "fc Zhou et al. signed constant k=0.5 50 ep (mnist): seeds [0, 1, 2]" in md
 
 
-@pytest.mark.skipif(not (_have("mnist") and _have("cifar10")), reason="MNIST or CIFAR-10 not local (../shared/data)")
+@pytest.mark.needs_data("mnist", "cifar10")
 def test_shrunken_protocol_runs_write_rows_and_curves_and_resume(tmp_path, capsys):
     threads = torch.get_num_threads()
     runs = protocol.plan(1)

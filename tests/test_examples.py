@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("accelerate")
 
 from supermask_fx import load_subnetwork, mask_stats  # noqa: E402
-from supermask_fx.data import DatasetNotFoundError, load_dataset  # noqa: E402
+from supermask_fx.data import DatasetNotFoundError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -29,14 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def have(name: str) -> bool:
-    try:
-        load_dataset(name, "test", download=False, limit=1)
-    except DatasetNotFoundError:
-        return False
-    return True
 
 
 def script(name: str):
@@ -57,9 +49,7 @@ def run(args, cwd, timeout=300, **env):
 # ---------------------------------------------------------------------------------------------- the main job
 
 
-@pytest.mark.skipif(
-    not have("fashion_mnist"), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
-)
+@pytest.mark.needs_data("fashion_mnist")
 def test_fashion_mnist_quick_finds_saves_and_plots(tmp_path):
     parent = tmp_path / "fm"
     done = run([EXAMPLES / "fashion_mnist.py", "--quick", "--out", parent], cwd=tmp_path)
@@ -93,7 +83,7 @@ def test_fashion_mnist_quick_finds_saves_and_plots(tmp_path):
 # ---------------------------------------------------------------------------------------------- cifar.py
 
 
-@pytest.mark.skipif(not have("mnist"), reason="MNIST not available offline")
+@pytest.mark.needs_data("mnist")
 def test_cifar_script_small_run_in_bf16(tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", "mnist", "--model", "conv2", "--width", "0.25", "--epochs", "1", "--limit", "256"]
@@ -150,7 +140,7 @@ def test_cifar_script_rejects_bad_arguments(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not have("mnist"), reason="MNIST not available offline")
+@pytest.mark.needs_data("mnist")
 def test_cifar_script_batch_larger_than_data_and_existing_run(tmp_path):
     cifar = script("cifar")
     base = ["--dataset", "mnist", "--model", "fc", "--width", "0.1", "--epochs", "1", "--mixed-precision", "no"]

@@ -42,19 +42,7 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def _have_fashion_mnist() -> bool:
-    try:
-        from supermask_fx.data import load_dataset
-
-        load_dataset("fashion_mnist", "test", download=False, limit=1)
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(
-    not _have_fashion_mnist(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
-)
+@pytest.mark.needs_data("fashion_mnist")
 def test_smoke_runs_write_rows_and_rerun_skips(tmp_path, restore_threads, capsys):
     path = tmp_path / "results.csv"
     for name in ("table3_retrain", "fig6_zhou"):
@@ -187,7 +175,7 @@ def test_cifar10_k_is_a_subset_of_fig3_at_paper_scale(cifar_local):
     assert len(plan(list(ORDER), "paper", 2)) == len({s.key() for n in ORDER for s in expand(n, "paper", 2)})
 
 
-def test_availability_and_exactness_of_a_local_copy(tmp_path, monkeypatch):
+def test_availability_and_exactness_of_a_local_copy(tmp_path, monkeypatch, local_dataset):
     from PIL import Image
 
     monkeypatch.setenv(sdata.ENV_VAR, str(tmp_path))
@@ -202,7 +190,7 @@ def test_availability_and_exactness_of_a_local_copy(tmp_path, monkeypatch):
         assert sdata.local_copy_is_exact("cifar10", root=root) is exact
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert sdata.is_available_offline("fashion_mnist", root=empty) == _have_fashion_mnist()
+    assert sdata.is_available_offline("fashion_mnist", root=empty) == local_dataset("fashion_mnist")
 
 
 def test_imagenet_table2_emits_commands_at_paper_scale_only(capsys):
