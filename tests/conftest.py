@@ -16,6 +16,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after: the ops of small models are short, and on a busy
+    machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 #: How to get each data set the tests read without a network (a skip names it).
 HOW_TO_GET = {
     "fashion_mnist": "apt-get install dataset-fashion-mnist",

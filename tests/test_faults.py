@@ -129,14 +129,6 @@ def quiet(**kw):
     return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 0.1, "progress": "none", **kw})
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @needs_accelerate
 def test_checkpoint_bytes_flipped_all_over_the_file_are_damage(tmp_path, one_thread):
     """Every 7th byte, and every byte of the first and last 256 (zip headers, central directory, end record,

@@ -14,14 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from supermask_fx import mask_stats, popupify, supermask_parameters
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these ops are small, and on a busy machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):  # a user's own model

@@ -30,14 +30,7 @@ from supermask_fx.training import (  # noqa: E402
 )
 from supermask_fx.training.runlog import RunLog  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these ops are small, and on a busy machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_data(n_train=96, n_test=37, seed=0):
