@@ -17,10 +17,12 @@ from .stats import CONTRADICTED, INCONCLUSIVE, LEVEL, SUPPORTED, Interval, contr
 
 __all__ = ["make_decide_report", "evaluate", "describe"]
 
-#: Measured on this project's copies (docs/reproducing.md): the JPEG copy of CIFAR-10 costs about 2-3 points.
+#: The JPEG copy's cost (about 2-3 points) is the figure its provider reports (../shared/data/README.md); the
+#: original pixels are not available offline, so it is not measured here.
 JPEG_NOTE = (
     "CIFAR-10 here is the project's JPEG copy (`../shared/data/cifar10-jpeg`), not the original pixels: models "
-    "score about 2-3 points lower on it (measured on this project's nets), so its accuracies are not comparable "
+    "are reported to score about 2-3 points lower on it (by the copy's README; not measured here: the original "
+    "files cannot be read offline), so its accuracies are not comparable "
     "with published CIFAR-10 figures; the comparisons inside it are unaffected (every side sees the same images)."
 )
 
