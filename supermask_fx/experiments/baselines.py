@@ -1,7 +1,7 @@
 """The baselines at their published figures: FC 784-300-100-10 on MNIST (docs/reproducing.md, "Baselines at their
 published figures").
 
-``python -m supermask_fx.experiments.baselines [--epochs 50] [--seeds 2] [--csv ...] [--plan-only]``
+``python -m supermask_fx.experiments.baselines [--epochs 50] [--seeds 2] [--runs 1 5] [--csv ...] [--plan-only]``
 
 Runs, in this order (all of seed 0 first, then seed 1, ...), each a row of the CSV through the usual runner (a
 rerun skips the rows already there, so the command resumes where it stopped):
@@ -43,7 +43,9 @@ RUNS: tuple[tuple[str, str, float, str, Recipe], ...] = (
 )
 
 
-def plan(epochs: int, seeds: int) -> list[RunSpec]:
+def plan(epochs: int, seeds: int, runs: tuple[int, ...] | None = None) -> list[RunSpec]:
+    """The specs of ``RUNS`` (only the entries numbered ``runs``, from 1, if given) for each seed."""
+    chosen = [RUNS[i - 1] for i in runs] if runs else RUNS
     return [
         RunSpec(
             experiment=EXPERIMENT,
@@ -59,7 +61,7 @@ def plan(epochs: int, seeds: int) -> list[RunSpec]:
             variant=variant,
         )
         for seed in range(seeds)
-        for method, init, k, variant, recipe in RUNS
+        for method, init, k, variant, recipe in chosen
     ]
 
 
@@ -99,14 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m supermask_fx.experiments.baselines", description=__doc__)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--runs",
+        type=int,
+        nargs="+",
+        choices=range(1, len(RUNS) + 1),
+        metavar="N",
+        help="only these entries of the list above (numbered from 1); the table needs all of them",
+    )
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: share the CPU)")
     parser.add_argument("--nice", type=int, default=10, help="raise niceness by this much (default 10)")
     parser.add_argument("--plan-only", action="store_true", help="print the runs, run nothing")
     parser.add_argument("--table", action="store_true", help="print the CSV's accuracies as a markdown table")
     args = parser.parse_args(argv)
-    specs = plan(args.epochs, args.seeds)
+    specs = plan(args.epochs, args.seeds, args.runs)
     if args.table:
+        if args.runs:
+            parser.error("--table prints every entry: leave out --runs")
         print(table(specs, args.csv))
         return 0
     if args.plan_only:
