@@ -6,13 +6,14 @@ published figures").
 Runs, in this order (all of seed 0 first, then seed 1, ...), each a row of the CSV through the usual runner (a
 rerun skips the rows already there, so the command resumes where it stopped):
 
-1. Zhou et al.'s supermask, faithful (``method="sampled"``, variant ``"zhou"``: sampled evaluation, dynamic weight
-   rescaling, scores 0), signed constant weights, the edge-popup authors' recipe for it (SGD lr 200, momentum 0.9,
-   no weight decay, cosine, batch 128);
+1. Zhou et al.'s supermask (``method="sampled"``, variant ``"zhou"``: sampled evaluation, dynamic weight
+   rescaling, scores 0) on the project's Kaiming signed constant weights (Zhou et al. use a Glorot signed constant:
+   the deciding protocol's Zhou runs do, see ``protocol.zhou``), the edge-popup authors' recipe for it (SGD lr 200,
+   momentum 0.9, no weight decay, cosine, batch 128);
 2. edge-popup, k = 50 %, signed constant, SGD lr 0.1, momentum 0.9, weight decay 1e-4, cosine, batch 128;
 3. learned dense weights, Kaiming normal, SGD lr 0.01, momentum 0.9, weight decay 1e-4, cosine, batch 128;
 4. learned dense weights, Kaiming normal, Adam lr 1.2e-3, batch 60, constant (the authors' ``fc_adam_baseline.yml``);
-5. Zhou et al.'s supermask, faithful, with Zhou et al.'s own recipe (their README: SGD lr 100, momentum 0.9,
+5. Zhou et al.'s supermask as in 1, with Zhou et al.'s own recipe (their README: SGD lr 100, momentum 0.9,
    constant learning rate, batch 250 (their default), no weight decay);
 6. the project's earlier ``sampled`` (threshold evaluation, no rescaling) with recipe 1, for comparison.
 """
@@ -69,11 +70,11 @@ def plan(epochs: int, seeds: int, runs: tuple[int, ...] | None = None) -> list[R
 #: figures quoted in the reproduction issue for the same setting).
 PUBLISHED = ("98.0 (Zhou et al.)", "97.9", "98.2", "98.2", "98.0 (Zhou et al.)", "98.0 (Zhou et al.)")
 LABELS = (
-    "Zhou et al. supermask, faithful (`zhou`), SGD lr 200, cosine, batch 128",
+    "Zhou et al. supermask (`zhou`), Kaiming signed constant, SGD lr 200, cosine, batch 128",
     "edge-popup, k = 50 %, SGD lr 0.1, cosine, batch 128",
     "dense, SGD lr 0.01, cosine, batch 128",
     "dense, Adam lr 1.2e-3, constant, batch 60",
-    "Zhou et al. supermask, faithful (`zhou`), SGD lr 100, constant, batch 250",
+    "Zhou et al. supermask (`zhou`), Kaiming signed constant, SGD lr 100, constant, batch 250",
     "`sampled` as before (threshold evaluation), SGD lr 200, cosine, batch 128",
 )
 

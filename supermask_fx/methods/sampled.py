@@ -18,7 +18,10 @@ Two options make it the method of Zhou et al.'s code (uber-research/deconstructi
   multiplied by ``numel / kept``, the ratio of the layer's weights to the ones its current mask keeps, at every
   forward. In training ``kept`` is the sum of the straight-through mask (value ``m``, gradient ``sigmoid'(s)``),
   so the gradient also flows through the multiplier, as in their TensorFlow graph. Under ``"threshold"``
-  evaluation the multiplier uses the threshold mask.
+  evaluation the multiplier uses the threshold mask. Pair it with their weights,
+  ``init="xavier_signed_constant"`` (a Glorot-std signed constant): at p = 0.5 the multiplier (about 2) doubles
+  each layer's output variance relative to the unmasked layer, which Glorot-std weights absorb and Kaiming-std
+  weights do not (a 5-layer conv net then starts with logits about 5 times too large and its scores saturate).
 
 ``mask_stats``, ``fix_masks``, ``materialize`` and subnetwork files always use the threshold mask without the
 multiplier (one deterministic mask is what a file can hold); with ``eval_rule="sample"`` or ``rescale=True`` they
@@ -45,7 +48,7 @@ __all__ = ["EVAL_RULES", "ZHOU_ET_AL", "Sampled", "configure", "options"]
 
 EVAL_RULES = ("threshold", "sample")
 #: The settings of Zhou et al.'s code: sampled evaluation, dynamic weight rescaling, initial scores 0 (p = 0.5;
-#: their ``--sigmoid_bias`` default).
+#: their ``--sigmoid_bias`` default). Their weights are ``popupify(..., init="xavier_signed_constant")``.
 ZHOU_ET_AL = {"eval_rule": "sample", "rescale": True, "score_init": 0.0}
 
 
