@@ -181,3 +181,32 @@ def test_experiment_variant_zhou_builds_the_faithful_method():
     assert options(model) == {"eval_rule": "sample", "rescale": True}
     assert all(torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if n.endswith("scores"))
     assert options(build(spec.with_(variant=""))) == {"eval_rule": "threshold", "rescale": False}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rescaling_keeps_the_scale_of_glorot_weights_and_doubles_kaiming_variance_per_layer(seed):
+    """Why Zhou et al.'s method needs their Glorot signed constant (docs/reproducing.md, "Zhou et al. on Conv2").
+
+    Five square layers (n = 256), ReLU between, masks sampled at p = 0.5 and rescaled by numel / kept (about 2).
+    A layer's pre-activation second moment is n * w^2 * 0.5 * 2^2 * E[input^2], with E[relu(z)^2] = E[z^2] / 2
+    after the first layer: Glorot (w^2 = 1/n) gives x 2 for the first layer (its input is not rectified) and x 1
+    after, so the output RMS is about sqrt(2) times the input's; Kaiming (w^2 = 2/n) doubles every layer's second
+    moment, so its output RMS is 2^(5/2) ~ 5.7 times Glorot's.
+    """
+    n, depth = 256, 5
+
+    def output_rms(init: str) -> float:
+        torch.manual_seed(seed)
+        layers = []
+        for i in range(depth):
+            layers.append(nn.Linear(n, n, bias=False))
+            if i < depth - 1:
+                layers.append(nn.ReLU())
+        model = popupify(nn.Sequential(*layers), k=0.5, method="sampled", method_options=ZHOU_ET_AL, init=init)
+        x = torch.randn(512, n, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            return model.train()(x).pow(2).mean().sqrt().item()
+
+    glorot, kaiming = output_rms("xavier_signed_constant"), output_rms("signed_constant")
+    assert 0.7 < glorot < 2.8  # about sqrt(2): the scale is kept
+    assert 4.0 < kaiming / glorot < 8.0  # about 2 ** 2.5
