@@ -92,6 +92,13 @@ def test_configs_are_declarative_grids(cifar_local):
     assert {(s.model, s.recipe.lr, s.recipe.batch_size) for s in adam} >= {("conv2", 2e-4, 60), ("conv4", 3e-4, 60)}
     zhou = [s for s in expand("fig6_zhou", "paper", 1) if s.method == "sampled"]
     assert zhou and all(s.recipe.lr == 200 and s.recipe.weight_decay == 0 for s in zhou)
+    # the edge-popup authors' baseline: sampled masks in evaluation too, no rescaling (their SampleSubnetConv)
+    assert {s.variant for s in zhou} == {"sample_eval"}
+    from supermask_fx.experiments.runner import build
+    from supermask_fx.methods.sampled import options
+
+    small = zhou[0].with_(model="fc", dataset="mnist", width=1.0)
+    assert options(build(small)) == {"eval_rule": "sample", "rescale": False}
     # Fig. 5: kept weights fixed at the width-1 count while the width grows.
     from supermask_fx.experiments.configs import gated_weight_count
 
@@ -238,7 +245,7 @@ def paper_world(spec) -> float:
     acc += {"signed_constant": 1.0, "kaiming_normal": 0.0}.get(spec.init, -10.0)
     if spec.method == "sampled":
         acc -= 15.0
-    if spec.variant:  # retrained subnetworks, found or random: the same
+    if spec.variant.startswith("retrain"):  # retrained subnetworks, found or random: the same
         acc = 83.0 + noise
     return acc
 
@@ -318,7 +325,7 @@ def test_report_shows_missing_runs(tmp_path, cifar_local):
     assert verdicts["Edge-popup beats Zhou et al.'s sampled supermask"] == "missing runs"
     assert verdicts["Retraining a found subnetwork ≈ retraining a random one of the same size"] == "missing runs"
     assert "1 missing" in md  # the fig3 groups: n=2 done, 1 seed missing
-    assert "| conv4 | 0.25 | sampled | xavier_normal | False | 0.5 | sgd |  | missing |" in md
+    assert "| conv4 | 0.25 | sampled | xavier_normal | False | 0.5 | sgd | sample_eval | missing |" in md
     assert "fig4_width: 12 of 54 runs done" in md  # width-1 points are fig3 runs (2 seeds x 6 configs)
 
 

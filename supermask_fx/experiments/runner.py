@@ -65,6 +65,8 @@ def build(spec: RunSpec) -> torch.nn.Module:
         from ..methods.sampled import ZHOU_ET_AL
 
         options = ZHOU_ET_AL  # sampled evaluation, weight rescaling, scores 0
+    elif spec.method == "sampled" and spec.variant == "sample_eval":
+        options = {"eval_rule": "sample"}  # the edge-popup authors' SampleSubnetConv
     popupify(
         model, spec.k, method=spec.method, init=spec.init, scaled=spec.scaled, seed=spec.seed, method_options=options
     )

@@ -55,7 +55,9 @@ class RunSpec:
     ``variant`` distinguishes runs whose popupify settings alone do not say what was done:
     ``""`` (train the method), ``"retrain_found"`` (edge-popup finds a mask, then its weights are retrained under
     it), ``"retrain_random"`` (a random mask of the same size, weights retrained: Table 3), ``"zhou"`` (``sampled``
-    with Zhou et al.'s settings: sampled evaluation, dynamic weight rescaling, scores 0; ``methods/sampled.py``).
+    with Zhou et al.'s settings: sampled evaluation, dynamic weight rescaling, scores 0; ``methods/sampled.py``),
+    ``"sample_eval"`` (``sampled`` evaluated with sampled masks, no rescaling, the project's scores: the edge-popup
+    authors' ``SampleSubnetConv``, their Fig. 6 baseline).
     ``k`` of ``method="dense"`` is 1.0; of ``method="sampled"`` it is nominal (Zhou et al. learn the fraction).
     """
 
