@@ -104,8 +104,9 @@ def zhou(spec_of, *args, init: str = XSC, **kwargs) -> RunSpec:
     Changed after the first Conv2 run, and marked so: the protocol first gave this method the project's Kaiming
     signed constant (``init=SC``). Their rescaling multiplies each layer by about 2 (numel / kept at p = 0.5),
     which keeps the activations' scale with Glorot-std weights but doubles their variance per layer with
-    Kaiming-std ones: Conv2 (5 layers) started at loss 9.3 instead of 2.6, its keep probabilities saturated in the
-    first 100 steps and it ended at 13.6 % (docs/reproducing.md, "Zhou et al. on Conv2"). FC (3 layers) trained
+    Kaiming-std ones: Conv2's (5 layers) logits start about 5 times too large (loss 7.78 instead of 2.66 on 1,000
+    test images), its keep probabilities saturated in the first 100 steps and it ended at 13.6 %
+    (docs/reproducing.md, "Zhou et al. on Conv2"). FC (3 layers) trained
     either way; its Kaiming-signed-constant runs are kept in claim 5's figure and the anchors.
     """
     return spec_of(*args, method="sampled", variant="zhou", init=init, **kwargs)
