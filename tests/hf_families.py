@@ -117,7 +117,82 @@ def qwen2_moe():
     return Qwen2MoeForCausalLM(config), {"input_ids": _ids()}
 
 
-FAMILIES = {f.__name__: f for f in (bert, gpt2, llama, t5, vit, clip, whisper, wav2vec2, mixtral, qwen2_moe)}
+def bigbird():  # block-sparse attention, which falls back to full attention on short inputs (in place)
+    from transformers import BigBirdConfig, BigBirdForSequenceClassification
+
+    config = BigBirdConfig(
+        **TEXT, max_position_embeddings=128, attention_type="block_sparse", block_size=4, num_random_blocks=1
+    )
+    config.num_labels = 3
+    return BigBirdForSequenceClassification(config), {"input_ids": _ids(length=48)}
+
+
+def granitemoe():  # takes use_cache through **kwargs
+    from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
+
+    return GraniteMoeForCausalLM(GraniteMoeConfig(**LM, num_local_experts=4, num_experts_per_tok=2)), {
+        "input_ids": _ids()
+    }
+
+
+def mobilebert():  # its output layer joins two weights with torch.cat before the matmul
+    from transformers import MobileBertConfig, MobileBertForMaskedLM
+
+    config = MobileBertConfig(**TEXT, embedding_size=16, intra_bottleneck_size=16, max_position_embeddings=64)
+    return MobileBertForMaskedLM(config), {"input_ids": _ids()}
+
+
+def pegasus():  # fixed sinusoidal position tables (requires_grad=False)
+    from transformers import PegasusConfig, PegasusForConditionalGeneration
+
+    config = PegasusConfig(
+        vocab_size=96,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+    )
+    return PegasusForConditionalGeneration(config), {"input_ids": _ids(), "decoder_input_ids": _ids(length=5)}
+
+
+def roberta():  # embeddings with a padding row, tied to the output layer
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    return RobertaForMaskedLM(RobertaConfig(**TEXT, max_position_embeddings=64)), {"input_ids": _ids()}
+
+
+def gemma3():  # RMS norms that scale by (1 + w)
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(**LM, head_dim=16, sliding_window=4)
+    return Gemma3ForCausalLM(config), {"input_ids": _ids()}
+
+
+FAMILIES = {
+    f.__name__: f
+    for f in (
+        bert,
+        gpt2,
+        llama,
+        t5,
+        vit,
+        clip,
+        whisper,
+        wav2vec2,
+        mixtral,
+        qwen2_moe,
+        bigbird,
+        granitemoe,
+        mobilebert,
+        pegasus,
+        roberta,
+        gemma3,
+    )
+}
 
 
 def build(name: str):

@@ -1,12 +1,15 @@
 """Hugging Face ``Trainer`` with a popupified model: train, save, reload the documented way and the plain way,
 resume bit-exactly; the callback's logs and subnetwork files."""
 
+import warnings
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 from hf_families import build  # noqa: E402
-from transformers import Trainer, TrainingArguments, logging  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments, logging  # noqa: E402
 
 from supermask_fx import load_subnetwork, materialize, popupify  # noqa: E402
 from supermask_fx.integrations.huggingface import SUBNETWORK_FILE, SupermaskCallback, from_pretrained  # noqa: E402
@@ -107,3 +110,68 @@ def test_resume_is_bit_exact(run, tmp_path):
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     for (name, a), b in zip(trainer.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def default_trainer(out_dir, callbacks=(), **overrides):
+    """The ``Trainer``'s own defaults (its fused AdamW, lr 5e-5, linear decay): only what a CPU test needs."""
+    model, _ = build("bert")
+    popupify(model, k=0.5)
+    settings = dict(
+        output_dir=str(out_dir),
+        max_steps=8,
+        save_steps=2,
+        logging_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        disable_tqdm=True,
+    )
+    args = TrainingArguments(**{**settings, **overrides})
+    return Trainer(model=model, args=args, train_dataset=Pairs(), eval_dataset=Pairs(8), callbacks=list(callbacks))
+
+
+def test_resume_is_bit_exact_with_the_default_fused_optimizer(tmp_path):
+    whole = default_trainer(tmp_path / "whole")
+    assert whole.args.optim.value == "adamw_torch_fused"  # the default this test is about
+    whole.train()
+    stopped = default_trainer(tmp_path / "stopped", callbacks=[_StopAt(4)])
+    stopped.train()
+    resumed = default_trainer(tmp_path / "stopped")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "stopped" / "checkpoint-4"))
+    for step in (6, 8):
+        a = load_file(tmp_path / "whole" / f"checkpoint-{step}" / "model.safetensors")
+        b = load_file(tmp_path / "stopped" / f"checkpoint-{step}" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (step, key)
+
+
+def test_callback_warns_once_when_no_mask_changes_and_prefixes_eval_metrics(tmp_path):
+    trainer = default_trainer(tmp_path, callbacks=[SupermaskCallback(write_subnetwork=False)], learning_rate=1e-12)
+    with pytest.warns(UserWarning, match=r"no mask bit changed in the first 2 steps.*learning_rate=0.1") as caught:
+        trainer.train()
+    assert sum("no mask bit changed" in str(w.message) for w in caught) == 1
+    metrics = trainer.evaluate()
+    assert "eval_supermask/kept_fraction" in metrics and "supermask/kept_fraction" not in metrics
+    assert abs(metrics["eval_supermask/kept_fraction"] - 0.5) < 0.01
+
+
+def test_callback_does_not_warn_when_masks_move(tmp_path):
+    trainer = default_trainer(
+        tmp_path, callbacks=[SupermaskCallback(write_subnetwork=False)], learning_rate=0.1, optim="sgd", max_steps=4
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer.train()
+    changed = [e["supermask/mask_changed"] for e in trainer.state.log_history if "supermask/mask_changed" in e]
+    assert changed and changed[0] > 0

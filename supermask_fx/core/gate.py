@@ -20,8 +20,11 @@ the layer (``gate.layer_mask``; bits, bands, hints and batch plans stay in ``sup
 of a mask or of ``weight * mask`` (the selection's, a fixed mask's, the sampled method's threshold mask) is keyed
 by one scheme, the autograd version counters of the scores, the weight and a fixed mask
 (``selection.version_key``, bumped by every optimizer step and ``load_state_dict``), so evaluation and gradient
-accumulation never recompute masks. Writing through ``tensor.data`` bypasses the counters: call
-``supermask_fx.refresh_masks(model)`` after doing that.
+accumulation never recompute masks. Fused optimizers (``torch.optim.AdamW(fused=True)``, the Hugging Face
+``Trainer``'s default ``adamw_torch_fused``) and optimizers from other packages write the parameters without
+bumping the counters; ``watch_optimizers`` (a global optimizer step post-hook, registered by the first ``popupify``)
+bumps them after such a step, so a mask never outlives the scores it was computed from. Writing through
+``tensor.data`` bypasses the counters too: call ``supermask_fx.refresh_masks(model)`` after doing that.
 """
 
 from __future__ import annotations
@@ -35,7 +38,42 @@ from ..selection import version_key
 from ..selection.kernels import buffer_like, masked_weight
 from . import recompute
 
-__all__ = ["Gate", "gated_class", "is_gated", "gates_of", "aliases_of", "scores_name", "mask_name"]
+__all__ = [
+    "Gate",
+    "gated_class",
+    "is_gated",
+    "gates_of",
+    "aliases_of",
+    "scores_name",
+    "mask_name",
+    "watch_optimizers",
+]
+
+
+_step_hook = None
+
+
+def watch_optimizers() -> None:
+    """Register, once per process, the global optimizer step post-hook that bumps the autograd version counter of
+    every parameter an optimizer step may have written without bumping it: all parameters of a fused param group
+    (``fused=True``) and of optimizers outside ``torch.optim`` (bitsandbytes, apex, ...). Parameters of other
+    ``torch.optim`` steps are left alone (their in-place ops bump the counters already), so the usual step costs
+    nothing more. The counter only says that the tensor changed, which it did."""
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_bump_after_step)
+
+
+def _bump_after_step(optimizer, args, kwargs) -> None:
+    in_torch = type(optimizer).__module__.startswith("torch.optim")
+    for group in optimizer.param_groups:
+        if in_torch and not group.get("fused"):
+            continue
+        params = [p for p in group["params"] if isinstance(p, Tensor)]
+        if params:
+            torch.autograd.graph.increment_version(params)
 
 
 def scores_name(param: str) -> str:
@@ -66,12 +104,16 @@ class Gate:
             on it.
         expert_dims: leading dimensions that index separate matrices (mixture-of-experts tensors): each matrix is
             drawn with its own fans and ranked as a layer of its own (``scope="layer"``).
+        padding_idx: the row an embedding keeps at zero (``nn.Embedding(padding_idx=...)``), or ``None``.
         key, mask, effective_buffer: the cache of a fixed mask's ``weight * mask``, and of methods that keep their
             own mask (``sampled``): what it was computed from, the bool mask, ``weight * mask``.
     """
 
-    def __init__(self, layer: str, param: str, method, k: float, selector=None, config=None, layout=None) -> None:
+    def __init__(
+        self, layer: str, param: str, method, k: float, selector=None, config=None, layout=None, padding_idx=None
+    ) -> None:
         self.config = config  # the PopupConfig that made this gate
+        self.padding_idx = padding_idx  # an embedding's zero row, kept zero when the weight is drawn
         self.layer = layer
         self.param = param
         self.fan_in_fan_out = bool(getattr(layout, "fan_in_fan_out", False))
@@ -294,6 +336,16 @@ def alias_parameter(module: nn.Module, name: str, owner: nn.Module, gate: Gate) 
 def _swap_class(module: nn.Module) -> None:
     base = getattr(type(module), "_supermask_base", type(module))
     module.__class__ = gated_class(base, tuple(gates_of(module)), tuple(aliases_of(module)))
+
+
+def adapter_modules(model: nn.Module) -> list[str]:
+    """Names (with their class) of the PEFT adapter modules in ``model`` (``PeftModel``, LoRA layers, ...): classes
+    defined in the ``peft`` package. Masks and adapters do not combine (see ``popupify``)."""
+    return [
+        f"{name or 'the model'}: {type(m).__name__}"
+        for name, m in model.named_modules()
+        if type(m).__module__.split(".")[0] == "peft"
+    ]
 
 
 def ungate(module: nn.Module) -> None:

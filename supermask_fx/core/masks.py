@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .gate import Gate, aliases_of, gates_of
+from ..graph.rule import NORM_ROLES
+from .gate import Gate, adapter_modules, aliases_of, gates_of
 
 __all__ = [
     "gated_layers",
@@ -21,6 +22,7 @@ __all__ = [
     "coverage",
     "Coverage",
     "mask_statistics",
+    "check_no_adapters",
 ]
 
 
@@ -33,12 +35,31 @@ def gated_layers(model: nn.Module) -> Iterator[tuple[nn.Module, Gate]]:
 
 def supermask_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The parameters the method trains: the scores (edge_popup, sampled), the weights (dense, or retraining
-    after ``fix_masks(train_weights=True)``); nothing for ``random``. Give them to your optimizer."""
+    after ``fix_masks(train_weights=True)``); nothing for ``random``. Give them to your optimizer.
+
+    Raises:
+        ValueError: PEFT adapters were added to the popupified model (``get_peft_model``): PEFT froze the scores,
+            so no mask would train.
+    """
+    check_no_adapters(model)
     seen: set[int] = set()
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             yield p
+
+
+def check_no_adapters(model: nn.Module) -> None:
+    """Refuse a popupified model wrapped with PEFT adapters (``get_peft_model(popupify(m, k), ...)``): PEFT marks
+    only its adapters trainable, so the scores stop training and the masks never change."""
+    adapters = adapter_modules(model)
+    if adapters and any(True for _ in gated_layers(model)):
+        raise ValueError(
+            f"PEFT adapters were added to a popupified model ({adapters[0]}): PEFT froze the scores, so no mask "
+            "would train, and its saves hold only the adapters. supermask_fx does not combine masks with PEFT "
+            "adapters: train the popupified model without get_peft_model (its scores are the trainable part, "
+            "about 1 bit per weight in a subnetwork file)"
+        )
 
 
 @dataclass(frozen=True)
@@ -202,12 +223,7 @@ def coverage(model: nn.Module) -> Coverage:
             layout = f"{' x '.join(map(str, shape[: gate.expert_dims]))} experts x {layout}"
         gated.append((gate.name, shape, layout))
     known = dict(discovery.frozen) if discovery else {}
-    known.update(
-        {
-            n: "normalization scale (1)" if kind == "norm_scale" else "normalization shift (0)"
-            for n, kind in (discovery.norms.items() if discovery else ())
-        }
-    )
+    known.update({n: NORM_ROLES[kind] for n, kind in (discovery.norms.items() if discovery else ())})
     frozen = []
     seen = set(gated_ids) | score_ids
     for module_name, module in model.named_modules():

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from ..graph.discover import NORM_TYPES, Discovery, WeightRef, find_weights
+from ..graph.rule import NORM_IDENTITY
 from ..methods import METHODS, RankedLayer
 from ..selection import TopKSelector
 from ..selection.topk import kept_count
 from .config import PopupConfig
-from .gate import Gate, alias_parameter, gate_parameter, is_gated, scores_name
+from .gate import Gate, adapter_modules, alias_parameter, gate_parameter, is_gated, scores_name, watch_optimizers
 from .initializers import draw_scores, draw_weight, generator_for, weight_std
 from .state import attach_hooks
 
@@ -74,6 +75,8 @@ def popupify(
     else:
         config = PopupConfig(k=k, **options)
     _check_model(model)
+    if weights is None:
+        _check_not_saved_subnetwork(model)
     if any(is_gated(m) for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} is already popupified; popupify a freshly built model instead "
@@ -85,6 +88,12 @@ def popupify(
         found = find_weights(model, config.include, config.fan_in_fan_out, example_inputs)
         _warn_coverage(model, found)
     refs = found.refs
+    if not refs and found.untrained:
+        raise ValueError(
+            f"every weight of {type(model).__name__} has requires_grad=False ({_shown(found.untrained)}): popupify "
+            "leaves parameters the model does not train exactly as they are. Call model.requires_grad_(True) first "
+            "to gate them, or name the ones to gate with include="
+        )
     if not refs:
         raise ValueError(f"{type(model).__name__} has no Linear, Conv or other weight-bearing layer to gate")
     _check_patterns(config, refs)
@@ -92,20 +101,23 @@ def popupify(
     method = METHODS[config.method].from_options(dict(config.method_options))
     layer_k = {ref: config.k_for(ref.module) for ref in refs}
     gates: list[tuple[nn.Module, Gate]] = []
+    padding = _padding_rows(model)
     with torch.no_grad():
         for ref in refs:
             module = model.get_submodule(ref.module)
             k_layer = layer_k[ref] if layer_k[ref] is not None else config.k
-            _redraw_weight(module, ref, config, k_layer, method.has_scores)
+            padding_idx = padding.get(id(module._parameters[ref.param]))
+            _redraw_weight(module, ref, config, k_layer, method.has_scores, padding_idx)
             if config.bias == "zero":
                 bias = module._parameters.get(_BIAS_OF.get(ref.param, ""))
-                if bias is not None:
+                if bias is not None and bias.requires_grad:
                     bias.zero_()
-            gate = Gate(ref.module, ref.param, method, k_layer, config=config, layout=ref)
+            gate = Gate(ref.module, ref.param, method, k_layer, config=config, layout=ref, padding_idx=padding_idx)
             gate_parameter(module, gate)
             gates.append((module, gate))
         _alias_tied(model, gates)
         _reset_norms(model, found.norms)
+    untrained = [name for name, p in model.named_parameters() if not p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)
     for module, gate in gates:
@@ -115,15 +127,83 @@ def popupify(
     if method.uses_topk:
         _group(gates, config, layer_k)
     attach_hooks(model)
+    watch_optimizers()
     model.__dict__["_supermask_discovery"] = Discovery(
-        [], found.path, found.trace_error, found.export_error, found.ungated, found.norms, found.frozen, found.seconds
+        [],
+        found.path,
+        found.trace_error,
+        found.export_error,
+        found.ungated,
+        found.norms,
+        found.frozen,
+        found.seconds,
+        untrained,
     )
+    _mark_config(model, config)
     return model
+
+
+# The key a popupified Hugging Face model's config carries (saved in config.json by save_pretrained).
+CONFIG_KEY = "supermask_fx"
+
+
+class _LiveSettings(dict):
+    """The settings popupify wrote into a config in this process. Copies of the config (``from_config`` deep-copies
+    it) keep this same object, so a model built in memory from a config another popupify call marked is not taken
+    for a saved subnetwork; a config read from ``config.json`` holds a plain ``dict`` instead."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+
+def _mark_config(model: nn.Module, config: PopupConfig) -> None:
+    """Write the settings into a Hugging Face model's config, so that ``config.json`` says the saved weights are a
+    subnetwork: a plain ``from_pretrained`` of it and ``popupify`` again would start over from new random weights
+    (``_check_not_saved_subnetwork`` refuses that)."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_json_string"):
+        setattr(hf_config, CONFIG_KEY, _LiveSettings(popupify=config.to_dict(), reload_with="supermask_fx.restore"))
+
+
+def unmark_config(model: nn.Module) -> None:
+    """Remove the settings ``popupify`` wrote into a Hugging Face config (``materialize``: the copy is a plain
+    model)."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and CONFIG_KEY in vars(hf_config):
+        delattr(hf_config, CONFIG_KEY)
+
+
+def _check_not_saved_subnetwork(model: nn.Module) -> None:
+    hf_config = getattr(model, "config", None)
+    saved = getattr(hf_config, CONFIG_KEY, None)
+    if not isinstance(saved, dict) or isinstance(saved, _LiveSettings):
+        return
+    raise ValueError(
+        f"{type(model).__name__}'s config carries supermask_fx settings ({CONFIG_KEY!r}): it was loaded from a "
+        "popupified model's save. Its weights are that subnetwork's masked random weights, and popupify would "
+        "replace them with new random ones. To continue training the saved model, rebuild it with "
+        "supermask_fx.restore(model, directory) (or supermask_fx.integrations.huggingface.from_pretrained(cls, "
+        f"directory)); to start over on purpose, delete the key first: del model.config.{CONFIG_KEY}"
+    )
+
+
+def _check_no_adapters(model: nn.Module) -> None:
+    adapters = adapter_modules(model)
+    if adapters:
+        raise ValueError(
+            f"popupify got a model with PEFT adapters ({adapters[0]}): it would gate and redraw the adapter matrices "
+            "(lora_B, zero by design, would become random). supermask_fx does not combine masks with PEFT adapters: "
+            "popupify the base model without adapters to train masks, or train the adapters without popupify"
+        )
 
 
 def _check_model(model: nn.Module) -> None:
     """Refuse models popupify cannot rewrite correctly: wrapped ones (the wrapper would not learn of the scores, and
-    names would carry its prefix) and ones without real tensors."""
+    names would carry its prefix), ones with PEFT adapters, and ones without real tensors."""
+    _check_no_adapters(model)
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     fsdp = any(
         type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") or "FSDP" in type(m).__name__
@@ -181,10 +261,19 @@ def _warn_coverage(model: nn.Module, found: Discovery) -> None:
 
 
 def draw_layer_weight(
-    config: PopupConfig, name: str, shape: tuple[int, ...], k: float, layout: WeightRef | None = None
+    config: PopupConfig,
+    name: str,
+    shape: tuple[int, ...],
+    k: float,
+    layout: WeightRef | None = None,
+    padding_idx: int | None = None,
 ) -> torch.Tensor:
     """The float32 CPU weight ``popupify`` gives the gated parameter ``name`` (``"<module>.<param>"``), its fans
-    read from ``layout`` (``fan_in_fan_out``: stored ``(in, out, ...)``; ``expert_dims``: a stack of matrices)."""
+    read from ``layout`` (``fan_in_fan_out``: stored ``(in, out, ...)``; ``expert_dims``: a stack of matrices).
+    An embedding's ``padding_idx`` row (given, or the layout's ``padding_idx``: a ``Gate``) stays zero, as
+    ``nn.Embedding`` keeps it."""
+    if padding_idx is None:
+        padding_idx = getattr(layout, "padding_idx", None)
     fan_in_fan_out = layout.fan_in_fan_out if layout is not None else False
     expert_dims = layout.expert_dims if layout is not None else 0
     std = weight_std(
@@ -197,20 +286,38 @@ def draw_layer_weight(
         fan_in_fan_out=fan_in_fan_out,
         expert_dims=expert_dims,
     )
-    return draw_weight(shape, config.init, std=std, generator=generator_for(config.seed, name, "weight"))
+    weight = draw_weight(shape, config.init, std=std, generator=generator_for(config.seed, name, "weight"))
+    if padding_idx is not None:
+        weight[padding_idx] = 0.0
+    return weight
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
 def _ungated_note(names: list[str]) -> str:
-    if not names:
-        return ""
-    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    return f" Not gated (frozen at their values): {shown}."
+    return f" Not gated (frozen at their values): {_shown(names)}." if names else ""
 
 
-def _redraw_weight(module: nn.Module, ref: WeightRef, config: PopupConfig, k: float, with_scores: bool) -> None:
+def _padding_rows(model: nn.Module) -> dict[int, int]:
+    """``{id(weight): padding_idx}`` of the embeddings that keep a zero padding row (also when the weight is gated
+    in another module it is tied to: RoBERTa's output layer)."""
+    rows = {}
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.padding_idx is not None:
+            weight = module._parameters.get("weight")
+            if weight is not None:
+                rows[id(weight)] = module.padding_idx % weight.shape[0]
+    return rows
+
+
+def _redraw_weight(
+    module: nn.Module, ref: WeightRef, config: PopupConfig, k: float, with_scores: bool, padding_idx: int | None
+) -> None:
     weight = module._parameters[ref.param]
     shape = tuple(weight.shape)
-    weight.copy_(draw_layer_weight(config, ref.name, shape, k, ref))
+    weight.copy_(draw_layer_weight(config, ref.name, shape, k, ref, padding_idx))
     if with_scores:
         name = scores_name(ref.param)
         if name in module._parameters or hasattr(module, name):
@@ -235,16 +342,16 @@ def _alias_tied(model: nn.Module, gates: list[tuple[nn.Module, Gate]]) -> None:
 
 def _reset_norms(model: nn.Module, graph_norms: dict[str, str]) -> None:
     """Normalization scales to 1 and shifts to 0: modules of ``NORM_TYPES`` and the parameters the graph showed in
-    that role (``{name: "norm_scale" | "norm_shift"}``: hand-written RMS norms)."""
+    that role (``{name: role}``, roles of ``graph.rule.NORM_IDENTITY``: hand-written RMS norms, Gemma's ``1 + w``)."""
     for module in model.modules():
         if isinstance(module, NORM_TYPES):
-            if isinstance(getattr(module, "weight", None), torch.Tensor):
-                module.weight.fill_(1.0)
-            if isinstance(getattr(module, "bias", None), torch.Tensor):
-                module.bias.fill_(0.0)
+            for name, value in (("weight", 1.0), ("bias", 0.0)):
+                param = module._parameters.get(name)
+                if isinstance(param, torch.Tensor) and param.requires_grad:  # a norm the model does not train: data
+                    param.fill_(value)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, kind in graph_norms.items():
-        params[name].fill_(1.0 if kind == "norm_scale" else 0.0)
+        params[name].fill_(NORM_IDENTITY[kind])
 
 
 def _group(gates: list[tuple[nn.Module, Gate]], config: PopupConfig, layer_k: dict) -> None:

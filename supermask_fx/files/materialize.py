@@ -9,6 +9,7 @@ from torch import nn
 
 from ..core.gate import aliases_of, gates_of, ungate
 from ..core.masks import gated_layers
+from ..core.popup import unmark_config
 from ..core.state import detach_hooks
 from .subnetwork import unwrap
 
@@ -19,7 +20,8 @@ def materialize(model: nn.Module) -> nn.Module:
     The copy has no scores, no mask buffers and no supermask code: its ``state_dict`` loads into a freshly built
     model of the original architecture with ``load_state_dict`` and gives the same eval outputs; it exports with
     ``torch.export`` / ``torch.onnx.export``. Masks are the evaluation masks (for ``sampled``: ``scores >= 0``).
-    All parameters of the copy require grad, like a freshly built model's. ``model`` itself is unchanged.
+    The parameters of the copy require grad as they did before ``popupify`` (a fixed position table stays
+    ``requires_grad=False``). ``model`` itself is unchanged.
     """
     out = copy.deepcopy(unwrap(model))
     pairs = list(gated_layers(out))
@@ -35,11 +37,14 @@ def materialize(model: nn.Module) -> nn.Module:
             if gate.scores is not None:
                 del module._parameters[gate.scores]
             module._buffers.pop(gate.mask_buffer, None)
+    discoveries = [m.__dict__["_supermask_discovery"] for m in out.modules() if "_supermask_discovery" in m.__dict__]
+    untrained = {name for discovery in discoveries for name in getattr(discovery, "untrained", ())}
     for module in out.modules():
         if gates_of(module) or aliases_of(module):
             ungate(module)
         module.__dict__.pop("_supermask_discovery", None)
     detach_hooks(out)
-    for p in out.parameters():
-        p.requires_grad_(True)
+    unmark_config(out)
+    for name, p in out.named_parameters():
+        p.requires_grad_(name not in untrained)
     return out

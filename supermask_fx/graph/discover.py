@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .example_inputs import example_inputs_for, is_hf_model
-from .rule import GraphUse, read_graph
+from .rule import NORM_IDENTITY, GraphUse, read_graph
 
 LINEAR_MODULES = (
     nn.Linear,
@@ -132,10 +132,11 @@ class Discovery:
         ungated: names of parameters with 2+ dimensions that are not gated and look like weights (path
             ``"modules"``: every such parameter outside embeddings and normalization layers; path ``"fx"``: those
             fed to a matrix product).
-        norms: ``{parameter name: "norm_scale" | "norm_shift"}`` found by the ATen graph (normalization classes
-            other than ``NORM_TYPES``).
+        norms: ``{parameter name: role}`` (``rule.NORM_IDENTITY``: scale, shift, ``1 + w`` scale) found by the
+            ATen graph (normalization classes other than ``NORM_TYPES``).
         frozen: ``{parameter name: why it is not gated}`` for every other parameter.
         seconds: time spent capturing the graph.
+        untrained: names of the parameters the model did not train (``requires_grad=False``), left as they are.
     """
 
     refs: list[WeightRef]
@@ -146,6 +147,7 @@ class Discovery:
     norms: dict[str, str] = field(default_factory=dict)
     frozen: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    untrained: list[str] = field(default_factory=list)
 
 
 def find_weights(
@@ -155,6 +157,9 @@ def find_weights(
     example_inputs=None,
 ) -> Discovery:
     """The weights to gate (see the module docstring for the rule and the three ways of reading the graph).
+
+    A parameter with ``requires_grad=False`` (a fixed sinusoidal position table, a part the user froze) is data,
+    not a weight: it is neither gated nor reset, unless an ``include`` pattern names it.
 
     Args:
         model: the model, unchanged.
@@ -169,6 +174,28 @@ def find_weights(
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     included = _included(params, include)
+    found = _find_weights(model, params, included, fan_in_fan_out, example_inputs)
+    return _leave_untrained(found, params, included)
+
+
+def _leave_untrained(found: Discovery, params: dict[str, nn.Parameter], included: list[str]) -> Discovery:
+    """Drop the parameters the model does not train (``requires_grad=False``) from the weights and the norms: they
+    stay exactly as they are."""
+    untrained = {id(p) for name, p in params.items() if not p.requires_grad and name not in included}
+    if not untrained:
+        return found
+    why = "requires_grad=False in the model: not trained by it, kept exactly as it is"
+    kept = [r for r in found.refs if id(params[r.name]) not in untrained]
+    left = [r.name for r in found.refs if id(params[r.name]) in untrained]
+    found.untrained = left + [n for n in found.norms if id(params[n]) in untrained]
+    found.refs = kept
+    found.norms = {n: kind for n, kind in found.norms.items() if id(params[n]) not in untrained}
+    found.ungated = [n for n in found.ungated if id(params[n]) not in untrained]
+    found.frozen = {**found.frozen, **{n: why for n, p in params.items() if id(p) in untrained}}
+    return found
+
+
+def _find_weights(model, params, included, fan_in_fan_out, example_inputs) -> Discovery:
     found: dict[str, WeightRef] = {}
     for name, module in model.named_modules():
         for param in module_weights(module):
@@ -179,7 +206,8 @@ def find_weights(
             found[name] = WeightRef(module_name, param, fan_in_fan_out)
     trace_error, products = None, []
     try:
-        graph = fx.Tracer().trace(model)
+        with _unchanged(model):
+            graph = fx.Tracer().trace(model)
     except Exception as error:  # torch.fx raises TraceError, TypeError, NotImplementedError, ...
         trace_error = _reason(error)
     else:
@@ -236,7 +264,7 @@ def _from_graph(model, params, uses: dict[str, GraphUse], included, fan_in_fan_o
             found[name] = WeightRef(module_name, param, use.fan_in_fan_out, use.expert_dims)
         elif name in included:
             found[name] = WeightRef(module_name, param, fan_in_fan_out)
-        elif use.kind in ("norm_scale", "norm_shift"):
+        elif use.kind in NORM_IDENTITY:
             norms[name] = use.kind
         else:
             frozen[name] = _describe(use, name)
@@ -259,23 +287,36 @@ def _describe(use: GraphUse, name: str) -> str:
 
 
 def _export_uses(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, GraphUse]:
-    """Capture ``model``'s ATen graph (eval mode, non-strict ``torch.export``) and read it. For a Hugging Face MoE
-    model whose experts loop over ``nonzero()`` (not exportable), retry with its ``grouped_mm`` experts."""
-    with _eval_mode(model):
+    """Capture ``model``'s ATen graph (eval mode, non-strict ``torch.export``, no key/value cache) and read it; the
+    model is left exactly as it was (``_unchanged``). For a Hugging Face MoE model whose experts loop over
+    ``nonzero()`` (not exportable), retry with its ``grouped_mm`` experts; if that is not possible either, the
+    first export's error is the one raised."""
+    with _eval_mode(model), _unchanged(model), _without_cache(model):
         try:
             program = torch.export.export(model, args, kwargs, strict=False)
-        except Exception:
-            if not (is_hf_model(model) and hasattr(model, "set_experts_implementation")):
-                raise
-            before = model.get_experts_implementation()
-            if all(v in (None, "grouped_mm") for v in before.values()):
-                raise
-            try:
-                model.set_experts_implementation("grouped_mm")
-                program = torch.export.export(model, args, kwargs, strict=False)
-            finally:
-                model.set_experts_implementation(before)
+        except Exception as error:
+            program = _export_with_grouped_experts(model, args, kwargs, error)
     return read_graph(program.graph, program.graph_signature.inputs_to_parameters)
+
+
+def _export_with_grouped_experts(model: nn.Module, args: tuple, kwargs: dict, error: Exception):
+    """Retry the export with ``grouped_mm`` experts, or raise ``error`` (the real cause) when the model has no
+    experts implementation to switch or the retry fails too."""
+    if not (is_hf_model(model) and hasattr(model, "set_experts_implementation")):
+        raise error
+    before = model.get_experts_implementation()
+    if all(v in (None, "grouped_mm") for v in before.values()):
+        raise error
+    try:
+        model.set_experts_implementation("grouped_mm")
+    except Exception:
+        raise error from None  # no experts to switch (Longformer): the first export's error is the cause
+    try:
+        return torch.export.export(model, args, kwargs, strict=False)
+    except Exception:
+        raise error from None
+    finally:
+        model.set_experts_implementation(before)
 
 
 @contextlib.contextmanager
@@ -287,6 +328,76 @@ def _eval_mode(model: nn.Module):
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+@contextlib.contextmanager
+def _unchanged(model: nn.Module):
+    """Leave ``model`` as it was, whatever its forward did while the graph was captured: the submodules,
+    parameters and buffers each module holds, and its plain attributes (strings, numbers, flags) and those of its
+    Hugging Face configs. BigBird, given a sequence too short for block-sparse attention, swaps its attention
+    modules for full ones and records that in an attribute; capturing the graph must not do that to the user's
+    model."""
+    modules = list(model.modules())
+    configs = _configs(model)
+    saved = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), _plain_attributes(m)) for m in modules]
+    saved_configs = [(c, _plain_attributes(c)) for c in configs]
+    try:
+        yield
+    finally:
+        for module, children, params, buffers, plain in saved:
+            stores = ((module._modules, children), (module._parameters, params), (module._buffers, buffers))
+            for store, before in stores:
+                if store != before or any(store[key] is not value for key, value in before.items()):
+                    store.clear()
+                    store.update(before)
+            _restore_plain(module, plain)
+        for config, plain in saved_configs:
+            _restore_plain(config, plain)
+
+
+def _plain_attributes(obj) -> dict:
+    return {key: value for key, value in vars(obj).items() if isinstance(value, _PLAIN)}
+
+
+def _restore_plain(obj, plain: dict) -> None:
+    current = vars(obj)
+    for key, value in plain.items():
+        if current.get(key, _MISSING) is not value and current.get(key, _MISSING) != value:
+            current[key] = value
+
+
+_MISSING = object()
+
+
+def _configs(model: nn.Module) -> list:
+    """A Hugging Face model's config and its sub-configs (text, vision, ...), each once."""
+    root = getattr(model, "config", None) if is_hf_model(model) else None
+    out, stack = [], [root] if root is not None else []
+    while stack:
+        config = stack.pop()
+        if any(config is seen for seen in out):
+            continue
+        out.append(config)
+        stack.extend(v for v in vars(config).values() if type(v).__name__.endswith("Config") and hasattr(v, "to_dict"))
+    return out
+
+
+@contextlib.contextmanager
+def _without_cache(model: nn.Module):
+    """``use_cache=False`` in a Hugging Face model's config and sub-configs while the graph is captured: models that
+    take ``use_cache`` through ``**kwargs`` (GraniteMoE, Llava, BLIP-2) otherwise return a ``DynamicCache``, which
+    export cannot flatten. Restored afterwards (``_unchanged`` restores it too)."""
+    configs = [c for c in _configs(model) if getattr(c, "use_cache", None)]
+    for config in configs:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs:
+            config.use_cache = True
 
 
 def _normalize_inputs(example_inputs) -> tuple[tuple, dict]:

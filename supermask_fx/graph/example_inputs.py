@@ -2,10 +2,13 @@
 ``pretrained_cfg["input_size"]``): what ``popupify`` exports the model with when ``torch.fx`` cannot trace it and the
 user gave no ``example_inputs``.
 
-Export in non-strict mode runs the forward on fake tensors, so the sizes cost nothing; they only have to be valid:
-two sequences of 8 token ids (from 3 up, clear of the usual special tokens), images of the config's size, audio
-of one second, mel features of the encoder's full length, and 4 decoder ids for encoder-decoders. Causal language
-models get ``use_cache=False`` (a ``DynamicCache`` output is not a pytree). ``transformers`` is never imported here:
+Export in non-strict mode runs the forward on fake tensors, so the sizes cost nothing; they only have to be valid
+and take the model's usual path: two sequences of token ids (from 3 up, clear of the usual special tokens), 8 long
+or as long as the config's attention pattern needs (``sequence_length``: BigBird's block-sparse attention needs more
+than ``(5 + 2 * num_random_blocks) * block_size`` tokens, Longformer-style local attention two windows), images of
+the config's size, audio of one second, mel features of the encoder's full length, and 4 decoder ids for
+encoder-decoders. Models that name ``use_cache`` get ``use_cache=False`` (a ``DynamicCache`` output is not a pytree;
+discovery also turns it off in the config while it captures the graph). ``transformers`` is never imported here:
 a model is recognised as a Hugging Face one only when ``transformers`` is already loaded.
 """
 
@@ -85,8 +88,29 @@ def _input(name: str, config, device: torch.device) -> torch.Tensor | None:
     return None
 
 
-def _ids(config, device: torch.device, length: int = 8) -> torch.Tensor:
+def sequence_length(config, shortest: int = 8) -> int:
+    """A token count long enough for the model's own attention pattern (so that capturing the graph takes the path
+    real inputs take), at most its number of positions: ``shortest``, or more for block-sparse attention (BigBird:
+    more than ``(5 + 2 * num_random_blocks) * block_size`` tokens, a multiple of ``block_size``) and local attention
+    windows (Longformer, LED: two of the widest window)."""
     text = getattr(config, "text_config", None) or config
+    length = shortest
+    block, random_blocks = getattr(text, "block_size", None), getattr(text, "num_random_blocks", None)
+    if getattr(text, "attention_type", None) == "block_sparse" and isinstance(block, int) and block > 0:
+        length = max(length, (6 + 2 * int(random_blocks or 0)) * block)
+    window = getattr(text, "attention_window", None)
+    windows = [w for w in (window if isinstance(window, (list, tuple)) else [window]) if isinstance(w, int) and w > 0]
+    if windows:
+        length = max(length, 2 * max(windows))
+    positions = getattr(text, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        length = min(length, positions - 2) if positions > shortest + 2 else min(length, positions)
+    return length
+
+
+def _ids(config, device: torch.device, length: int | None = None) -> torch.Tensor:
+    text = getattr(config, "text_config", None) or config
+    length = sequence_length(config) if length is None else length
     vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or 16
     return torch.arange(length, device=device).repeat(2, 1) % max(1, vocab - 3) + min(3, vocab - 1)
 

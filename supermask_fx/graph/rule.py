@@ -17,9 +17,13 @@ and ranked as a layer of its own. Convolution weights keep ``torch.nn.init``'s l
 A parameter is a **normalization** parameter when it is the weight or bias of ``layer_norm``, ``group_norm``,
 ``batch_norm``, ``instance_norm``, ``rms_norm``, or, for the RMS norms that models write out by hand
 (``LlamaRMSNorm``, ``T5LayerNorm``: ``weight * (x * rsqrt(mean(x^2) + eps))``), a factor of ``mul`` whose other
-operand comes from ``x * rsqrt(...)``. Everything else (biases, position tables added to activations, class tokens,
-layer scales) is neither: it is frozen at its value. Where a parameter has several uses (tied weights), the first
-weight use in graph order sets its layout.
+operand comes from ``x * rsqrt(...)``. Parameters joined by ``cat`` / ``stack`` into one weight (MobileBERT's
+output layer, ``cat([decoder.weight.t(), dense.weight])``) are each a weight, laid out and ranked as a layer of their
+own (fans of their own shape). Norms that scale by ``(1 + w)`` (Gemma's ``Gemma3RMSNorm``, its ``q_norm`` /
+``k_norm``: ``x_normed * (1 + w)``) are recognised by the ``add 1`` before that ``mul``: their identity is ``w = 0``
+(kind ``norm_offset_scale``), whatever values the model was loaded with. Everything else (biases, position tables
+added to activations, class tokens, layer scales) is neither: it is frozen at its value. Where a parameter has
+several uses (tied weights), the first weight use in graph order sets its layout.
 """
 
 from __future__ import annotations
@@ -32,7 +36,15 @@ from torch import fx
 
 aten = torch.ops.aten
 
-__all__ = ["GraphUse", "read_graph"]
+__all__ = ["GraphUse", "read_graph", "NORM_IDENTITY", "NORM_ROLES"]
+
+# Normalization roles and the value that makes each one the identity (what popupify sets them to).
+NORM_IDENTITY = {"norm_scale": 1.0, "norm_shift": 0.0, "norm_offset_scale": 0.0}
+NORM_ROLES = {
+    "norm_scale": "normalization scale (1)",
+    "norm_shift": "normalization shift (0)",
+    "norm_offset_scale": "normalization scale 1 + w (w = 0)",
+}
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,8 @@ class GraphUse:
     """How the graph uses one parameter.
 
     Attributes:
-        kind: ``"weight"``, ``"norm_scale"``, ``"norm_shift"``, ``"added"`` (added to activations: position tables,
+        kind: ``"weight"``, ``"norm_scale"``, ``"norm_shift"``, ``"norm_offset_scale"`` (a norm scaling by
+            ``1 + w``), ``"added"`` (added to activations: position tables,
             biases), ``"concatenated"`` (class tokens), ``"scale"`` (multiplies activations: layer scales) or
             ``"other"``.
         op: the ATen op of that use (``"aten.addmm"``), for reports.
@@ -156,11 +169,14 @@ def read_graph(graph: fx.Graph, placeholders: dict[str, str]) -> dict[str, Graph
     """
     uses: dict[str, GraphUse] = {}
     for node in graph.nodes:
+        if node.op == "placeholder" and node.name in placeholders:
+            node.meta["parameter"] = placeholders[node.name]
+    for node in graph.nodes:
         if node.op != "placeholder" or node.name not in placeholders:
             continue
         name = placeholders[node.name]
         found = [use for use in _walk(node, node) if use is not None]
-        rank = {"weight": 0, "norm_scale": 1, "norm_shift": 1, "concatenated": 2, "added": 3, "scale": 4}
+        rank = {"weight": 0, **dict.fromkeys(NORM_IDENTITY, 1), "concatenated": 2, "added": 3, "scale": 4}
         uses[name] = min(found, key=lambda use: rank.get(use.kind, 5)) if found else GraphUse("other", "")
     return uses
 
@@ -205,11 +221,30 @@ def _walk(source: fx.Node, node: fx.Node, swapped: bool = False, depth: int = 0)
             else:
                 yield GraphUse("scale", _name(target))
         elif target in _ADD:
-            yield GraphUse("added", _name(target))
+            yield GraphUse("norm_offset_scale" if _scales_rms_by_one_plus(user, node) else "added", _name(target))
         elif target in _CAT:
+            if _all_parameters(user.args[0] if user.args else []):  # parameters joined into one weight: follow it
+                found = [use for use in _walk(source, user, swapped, depth + 1) if use is not None]
+                if any(use.kind == "weight" for use in found):
+                    yield from found
+                    continue
             yield GraphUse("concatenated", _name(target))
         else:
             yield GraphUse("other", _name(target))
+
+
+def _all_parameters(nodes, depth: int = 0) -> bool:
+    """Whether every tensor of a ``cat`` / ``stack`` comes from parameters (through views and casts): the pieces of
+    one weight (MobileBERT's output layer: ``cat([decoder.weight.t(), dense.weight])``), not activations joined to
+    a class token."""
+    if not isinstance(nodes, (list, tuple)) or not nodes:
+        return False
+    for node in nodes:
+        while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _PASS_THROUGH and depth < 32:
+            node, depth = node.args[0], depth + 1
+        if not (isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and node.meta.get("parameter")):
+            return False
+    return True
 
 
 def _product_operands(target) -> tuple[int, int] | None:
@@ -242,6 +277,33 @@ def _einsum_use(source: fx.Node, user: fx.Node, node: fx.Node, swapped: bool) ->
     row, col = (term[-1], term[-2]) if swapped else (term[-2], term[-1])
     stored_in_out = row not in output and col in output
     return _weight(source, aten.einsum.default, fan_in_fan_out=stored_in_out, product=True)
+
+
+def _scales_rms_by_one_plus(add: fx.Node, node: fx.Node) -> bool:
+    """Whether ``add`` is ``node + 1`` (or ``1 + node``) and its result, after casts, multiplies RMS-normalized
+    activations: Gemma's ``x_normed * (1 + w)``."""
+    if add.target not in _packets("add") or _operand_index(add, node) is None:
+        return False
+    constants = [a for a in add.args if not isinstance(a, fx.Node)]
+    if constants != [1] and constants != [1.0]:
+        return False
+    if add.kwargs.get("alpha", 1) != 1:
+        return False
+    frontier = [add]
+    for _ in range(4):  # through casts and views
+        following = []
+        for current in frontier:
+            for user in current.users:
+                if user.op != "call_function":
+                    continue
+                if user.target in _MUL:
+                    other = [a for a in user.args if isinstance(a, fx.Node) and a is not current]
+                    if other and _is_rms_normalized(other[0]):
+                        return True
+                elif user.target in _PASS_THROUGH and _operand_index(user, current) == 0:
+                    following.append(user)
+        frontier = following
+    return False
 
 
 def _is_rms_normalized(node: fx.Node, depth: int = 0) -> bool:

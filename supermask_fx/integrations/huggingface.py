@@ -6,8 +6,10 @@ This module adds:
 
 * ``from_pretrained(model_class, directory)``: the popupified model back from a ``save_pretrained`` /
   ``Trainer.save_model`` directory (scores, settings, same logits), ready to train further or to evaluate;
-* ``SupermaskCallback``: logs the kept fraction and how much of the mask changed since the last log, and writes the
-  compact subnetwork file (``save_subnetwork``) into every checkpoint folder and the output folder.
+* ``SupermaskCallback``: logs the kept fraction and how much of the mask changed since the last log, warns once when
+  the first logging interval changed no mask bit (the learning rate is far too small for scores), refuses a model
+  wrapped with PEFT adapters, and writes the compact subnetwork file (``save_subnetwork``) into every checkpoint
+  folder and the output folder.
 
 A plain ``model_class.from_pretrained(directory)`` of such a directory gives the subnetwork itself (the masked
 weights are stored under the usual names; ``transformers`` reports the scores and the settings record as unused).
@@ -16,11 +18,12 @@ weights are stored under the usual names; ``transformers`` reports the scores an
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from transformers import AutoConfig, TrainerCallback
 
-from ..core.masks import gated_layers, mask_statistics
+from ..core.masks import check_no_adapters, gated_layers, mask_statistics
 from ..core.state import restore
 from ..files.subnetwork import save_subnetwork, unwrap
 
@@ -44,17 +47,39 @@ class SupermaskCallback(TrainerCallback):
     """Mask statistics in the logs, and the subnetwork file in every checkpoint folder.
 
     Logged (and written to ``trainer_state.json``'s history): ``supermask/kept_fraction`` (evaluation masks) and
-    ``supermask/mask_changed`` (fraction of gated weights whose mask bit flipped since the previous log).
+    ``supermask/mask_changed`` (fraction of gated weights whose mask bit flipped since the previous training log,
+    the first one counted from the start of training). In the logs of ``trainer.evaluate()`` the kept fraction is
+    ``eval_supermask/kept_fraction``, like the other evaluation metrics.
+
+    Warns once (``UserWarning``) when no mask bit changed over the first logging interval: the optimizer moves the
+    scores too little to cross the threshold. Edge-popup needs learning rates far above fine-tuning's (the paper:
+    SGD lr 0.1, momentum 0.9); ``Trainer``'s default AdamW at 5e-5 flips almost nothing.
     """
 
     def __init__(self, write_subnetwork: bool = True) -> None:
         self.write_subnetwork = write_subnetwork
-        self._previous: list | None = None  # the masks at the previous log
+        self._previous: list | None = None  # the masks at the previous training log
+        self._warned = False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        check_no_adapters(unwrap(model))
+        _, self._previous = mask_statistics(unwrap(model))
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if model is None or logs is None:
             return
-        stats, self._previous = mask_statistics(unwrap(model), self._previous)
+        if any(key.startswith("eval_") for key in logs):  # trainer.evaluate(): its metrics carry the prefix
+            stats, _ = mask_statistics(unwrap(model))
+            stats = {"eval_" + key: value for key, value in stats.items() if key.endswith("kept_fraction")}
+        else:
+            first = not self._warned
+            stats, self._previous = mask_statistics(unwrap(model), self._previous)
+            if first and stats.get("supermask/mask_changed", 1.0) == 0.0 and state.global_step > 0:
+                self._warned = True
+                _warn_no_change(args, state, logs)
+            self._warned = True
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)
@@ -70,6 +95,17 @@ class SupermaskCallback(TrainerCallback):
         if self.write_subnetwork and model is not None and state.is_world_process_zero and _has_masks(model):
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             save_subnetwork(unwrap(model), Path(args.output_dir) / SUBNETWORK_FILE)
+
+
+def _warn_no_change(args, state, logs) -> None:
+    lr = logs.get("learning_rate", args.learning_rate)
+    warnings.warn(
+        f"supermask_fx: no mask bit changed in the first {state.global_step} steps (optimizer {args.optim}, "
+        f"learning rate {lr:g}): the scores move too little to change the subnetwork. Edge-popup trains scores with "
+        "far larger steps than fine-tuning: the paper's recipe is TrainingArguments(optim='sgd', learning_rate=0.1, "
+        "weight_decay=1e-4, lr_scheduler_type='cosine') (see docs/plugging-in.md)",
+        stacklevel=2,
+    )
 
 
 def _has_masks(model) -> bool:

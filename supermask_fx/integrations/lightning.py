@@ -16,7 +16,7 @@ try:
 except ImportError:  # the older package name
     from pytorch_lightning.callbacks import Callback
 
-from ..core.masks import gated_layers, mask_statistics
+from ..core.masks import check_no_adapters, gated_layers, mask_statistics
 from ..files.subnetwork import save_subnetwork
 
 SUBNETWORK_FILE = "subnetwork.safetensors"
@@ -32,6 +32,9 @@ class SupermaskCallback(Callback):
     def __init__(self, write_subnetwork: bool = True) -> None:
         self.write_subnetwork = write_subnetwork
         self._previous: list | None = None  # the masks at the previous log
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        check_no_adapters(pl_module)  # PEFT adapters froze the scores: no mask would train
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         stats, self._previous = mask_statistics(pl_module, self._previous)
