@@ -172,6 +172,16 @@ def gemma3():  # RMS norms that scale by (1 + w)
     return Gemma3ForCausalLM(config), {"input_ids": _ids()}
 
 
+def funnel():  # einsum weights: r_kernel (d_model, heads, d_head) contracted over d_model; seg_embed per head
+    from transformers import FunnelConfig, FunnelForSequenceClassification
+
+    config = FunnelConfig(
+        vocab_size=96, d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1], num_decoder_layers=1
+    )
+    config.num_labels = 3
+    return FunnelForSequenceClassification(config), {"input_ids": _ids()}
+
+
 FAMILIES = {
     f.__name__: f
     for f in (
@@ -191,6 +201,7 @@ FAMILIES = {
         pegasus,
         roberta,
         gemma3,
+        funnel,
     )
 }
 

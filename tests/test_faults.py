@@ -6,7 +6,11 @@
 * a checkpoint written onto a full file system (a small tmpfs, when running as root): ``CheckpointError``
   naming the cause, the previous checkpoint intact, no temporary file left, and the run resumes once there is room;
 * ``kill -9`` of a real training process in the middle of a checkpoint write: the next run removes the
-  temporary file, resumes, and ends bit-identical to an uninterrupted run (one thread each).
+  temporary file, resumes, and ends bit-identical to an uninterrupted run (one thread each);
+* errors that name the target and the cause: subnetwork files onto a directory, a read-only folder or a full disk,
+  a training run started on a full disk;
+* a second run in a run folder another run holds: refused naming the holder; a holder killed with ``kill -9``
+  does not block.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import errno
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -316,7 +322,172 @@ def test_config_json_write_that_fails_keeps_the_previous_file(tmp_path, one_thre
         return real_fsync(fd)
 
     monkeypatch.setattr(atomic.os, "fsync", fsync)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=r"cannot write .*run/config.json: no space left on device") as error:
         train(tiny_trainable(), tiny_data(), None, quiet(epochs=1, out_dir=run))  # resumes: rewrites config.json
+    assert isinstance(error.value.__cause__, OSError) and error.value.__cause__.errno == errno.ENOSPC
     assert (run / "config.json").read_bytes() == before
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------- errors that name the target
+
+
+def _saved_tiny():
+    model = popupify(tiny_net(), k=0.4, seed=3).eval()
+    return model
+
+
+def test_save_subnetwork_to_a_directory_names_it(tmp_path):
+    """A directory given as the file: a SubnetworkFileError naming that path (not the hidden temporary file) and
+    saying what to give instead; nothing is written into the directory."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(
+        SubnetworkFileError, match=rf"cannot write {folder}: it is a directory: give the path of a file"
+    ):
+        save_subnetwork(_saved_tiny(), folder)
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_save_subnetwork_into_a_read_only_folder_names_it(tmp_path, monkeypatch):
+    """A folder this user cannot write: the error names the file and the folder, not the hidden temporary file
+    that mkstemp's PermissionError names. As root (chmod does not stop root) the refusal is mkstemp's own, made
+    to happen: the same PermissionError, with the temporary file's name in it."""
+    import supermask_fx.files.atomic as atomic
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+
+            def refused(prefix="", suffix="", dir=None):
+                raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, f"{prefix}x1y2z3{suffix}"))
+
+            monkeypatch.setattr(atomic.tempfile, "mkstemp", refused)
+        target = folder / "model.safetensors"
+        with pytest.raises(SubnetworkFileError) as error:
+            save_subnetwork(_saved_tiny(), target)
+        message = str(error.value)
+        assert message.startswith(f"cannot write {target}: permission denied: {folder} is not writable"), message
+        assert ".tmp" not in message and isinstance(error.value.__cause__, PermissionError)
+        assert not target.exists()
+    finally:
+        folder.chmod(0o755)
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` up to the last byte; returns the filler file."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for chunk in (b"\0" * 65536, b"\0"):
+            with contextlib.suppress(OSError):
+                while os.write(fd, chunk):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@needs_accelerate
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_disk_errors_name_the_target_and_the_cause(tmp_path, one_thread):
+    """On a full file system: save_subnetwork raises a SubnetworkFileError naming the file and "no space left on
+    device" (the original OSError chained), an existing file unchanged; a training run started there raises a
+    CheckpointError naming the file it could not write, not a bare OSError from config.json."""
+    model = _saved_tiny()
+    with small_tmpfs(tmp_path / "small", "256k") as small:
+        target = small / "model.safetensors"
+        save_subnetwork(model, target)
+        before = target.read_bytes()
+        filler = _fill(small)
+        with pytest.raises(SubnetworkFileError, match=rf"cannot write {target}: no space left on device") as error:
+            save_subnetwork(model, target)
+        assert "unchanged" in str(error.value) and target.read_bytes() == before
+        assert isinstance(error.value.__cause__, OSError) and error.value.__cause__.errno == errno.ENOSPC
+        fresh = small / "other.safetensors"
+        with pytest.raises(SubnetworkFileError, match=rf"cannot write {fresh}: no space left on device"):
+            save_subnetwork(model, fresh)
+
+        run = small / "run"
+        with pytest.raises(CheckpointError, match=rf"cannot (write|create) {run}.*: no space left on device") as error:
+            train(tiny_trainable(), tiny_data(), None, quiet(epochs=1, out_dir=run))
+        assert isinstance(error.value.__cause__, OSError)
+        assert not [p.name for p in small.rglob("*.tmp")] and not run.exists()  # no empty run folder either
+        filler.unlink()
+        result = train(tiny_trainable(), tiny_data(), None, quiet(epochs=1, out_dir=run))  # room again: it runs
+        assert result["final"]["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- one run per out_dir
+
+# Another process that holds a run folder, written without the library (and without importing torch): an exclusive
+# flock on run.lock, with its pid, host and start time in it, as a run writes them.
+HOLDER = textwrap.dedent(
+    """
+    import datetime, fcntl, json, os, socket, sys, time
+
+    os.makedirs(sys.argv[1], exist_ok=True)
+    fd = os.open(os.path.join(sys.argv[1], "run.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode())
+    print("locked", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _holder(tmp_path: Path, out_dir: Path) -> subprocess.Popen:
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    process = subprocess.Popen([sys.executable, str(script), str(out_dir)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+@needs_accelerate
+def test_a_second_run_in_the_same_out_dir_is_refused_naming_the_holder(tmp_path, one_thread):
+    """Another process holds the folder: a run there is refused with a RunLockedError (a CheckpointError) that
+    names the folder and the holder's pid; it writes nothing. kill -9 of the holder frees the folder: the OS drops
+    the lock with the process, and the next run goes ahead over the stale lock file."""
+    from supermask_fx.training import RunLockedError
+
+    run = tmp_path / "run"
+    holder = _holder(tmp_path, run)
+    try:
+        with pytest.raises(RunLockedError, match=rf"{run} is in use by another training run \(pid {holder.pid} on "):
+            train(tiny_trainable(), tiny_data(), None, quiet(epochs=1, out_dir=run))
+        assert sorted(p.name for p in run.iterdir()) == ["run.lock"]  # no config.json, no metrics of its own
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert holder.returncode == -signal.SIGKILL and (run / "run.lock").exists()  # left behind, unlocked
+    result = train(tiny_trainable(), tiny_data(), None, quiet(epochs=1, out_dir=run))
+    assert result["final"]["epoch"] == 1
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+
+
+@needs_accelerate
+def test_two_runs_in_one_process_conflict_and_the_lock_goes_with_the_run(tmp_path, one_thread):
+    """flock locks belong to an open file, not a process: a second Run on the folder in the same process is
+    refused too, naming this process. Closing the first (train does it when the run ends, however it ends) frees
+    the folder; a run that failed is no holder either."""
+    from supermask_fx.training import Run, RunLockedError
+
+    run = tmp_path / "run"
+    first = Run(tiny_trainable(), tiny_data(), None, quiet(epochs=1, out_dir=run))
+    with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on .*that is this process"):
+        train(tiny_trainable(), tiny_data(), None, quiet(epochs=1, out_dir=run))
+    assert json.loads((run / "run.lock").read_text())["pid"] == os.getpid()
+    first.close()
+    assert not (run / "run.lock").exists()
+
+    def fail(metrics):
+        raise KeyError("a callback that fails")
+
+    with pytest.raises(KeyError):
+        train(tiny_trainable(), tiny_data(), None, quiet(epochs=2, out_dir=run), callbacks=[fail])
+    result = train(tiny_trainable(), tiny_data(), None, quiet(epochs=2, out_dir=run))  # resumes: not locked
+    assert result["resumed_from_epoch"] == 1

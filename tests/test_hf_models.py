@@ -38,6 +38,9 @@ NOT_WEIGHTS = {
     ("vit", "embeddings.position_embeddings"): "added to the tokens",
     ("whisper", "decoder.embed_positions.weight"): "WhisperPositionalEmbedding slices it and adds it",
     ("wav2vec2", "parametrizations.weight.original0"): "weight norm's magnitude g of the positional conv",
+    ("funnel", "attention.r_w_bias"): "added to the query heads (q_head + r_w_bias)",
+    ("funnel", "attention.r_r_bias"): "added to the query heads (q_head + r_r_bias)",
+    ("funnel", "attention.r_s_bias"): "added to the query heads (q_head + r_s_bias)",
 }
 PRODUCT_OPS = ("linear", "conv", "embedding", "mm", "addmm", "bmm", "matmul", "einsum", "grouped_mm")
 

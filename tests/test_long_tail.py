@@ -252,3 +252,45 @@ def test_models_built_in_memory_from_one_config_are_each_popupified():
     third = type(model)._from_config(copy.deepcopy(model.config))
     popupify(second, k=0.5)
     popupify(third, k=0.5)
+
+
+# ------------------------------------------------------------------------------------------------ einsum layouts
+
+
+class _Einsums(nn.Module):
+    """Weights read by einsum in three layouts; fan-ins and ranking units written out by hand below."""
+
+    def __init__(self):
+        super().__init__()
+        self.r_kernel = nn.Parameter(torch.randn(12, 3, 4))  # "td,dnh->tnh": contract d=12, out n*h = 12
+        self.experts = nn.Parameter(torch.randn(5, 12, 6))  # "ebd,edf->ebf": 5 experts, contract d=12, out 6
+        self.seg = nn.Parameter(torch.randn(2, 3, 4))  # "bind,snd->bnis": per head n (batch, middle), contract d=4
+
+    def forward(self, x):  # x: (t, 12)
+        r = torch.einsum("td,dnh->tnh", x, self.r_kernel)  # (t, 3, 4)
+        e = torch.einsum("ebd,edf->ebf", x.expand(5, -1, -1), self.experts)  # (5, t, 6)
+        s = torch.einsum("bind,snd->bnis", r.unsqueeze(0), self.seg)  # (1, 3, t, 2)
+        return r.sum() + e.sum() + s.sum()
+
+
+@pytest.mark.parametrize(
+    "name, fan_in, blocks",
+    [("r_kernel", 12, 1), ("experts", 12, 5), ("seg", 4, 1)],
+)
+def test_einsum_weights_take_fans_and_ranking_from_their_subscripts(name, fan_in, blocks):
+    model = popupify(_Einsums(), k=0.3, example_inputs=(torch.randn(7, 12),))
+    assert coverage(model).path == "export"
+    weight = model._parameters[name]
+    assert torch.allclose(weight.abs(), torch.full_like(weight, (2 / fan_in) ** 0.5))  # signed constant
+    gate = next(g for _, g in gated_layers(model) if g.name == name)
+    kept = gate.current_mask(model).reshape(blocks, -1).sum(1)
+    assert kept.tolist() == [kept_count(weight.numel() // blocks, 0.3)] * blocks
+
+
+def test_einsum_layouts_survive_files_and_restore(tmp_path):
+    model = popupify(_Einsums(), k=0.3, example_inputs=(torch.randn(7, 12),))
+    x = torch.randn(7, 12)
+    save_subnetwork(model, tmp_path / "e.safetensors")
+    again = load_subnetwork(_Einsums(), tmp_path / "e.safetensors")
+    assert torch.equal(again(x), model(x))
+    assert torch.equal(restore(_Einsums(), model.state_dict())(x), model(x))

@@ -141,6 +141,36 @@ def test_restore_refuses_plain_state_and_other_architectures():
         restore(Other(), trained().state_dict())
 
 
+def test_restore_into_another_width_is_a_value_error_naming_the_shapes():
+    """A model built with another width: torch's load_state_dict raised its RuntimeError ("size mismatch") where
+    restore promises a ValueError; it names each tensor and both shapes, and a plain model is left plain."""
+
+    class Wide(Net):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3)
+            self.bn = nn.BatchNorm2d(16)
+            self.fc = nn.Linear(16, 5)
+
+    state = trained().state_dict()
+    wide = Wide()
+    with pytest.raises(ValueError, match="another architecture") as error:
+        restore(wide, state)
+    message = str(error.value)
+    for name, saved, mine in [("conv.weight", (8, 3, 3, 3), (16, 3, 3, 3)), ("fc.weight", (5, 8), (5, 16))]:
+        assert f"{name}: {saved} in the source, {mine} in this model" in message, message
+    assert not isinstance(error.value, RuntimeError)
+    assert not any("scores" in name for name in wide.state_dict())  # refused before popupify changed it
+    with pytest.raises(ValueError, match=r"conv.scores: \(8, 3, 3, 3\) in the source, \(16, 3, 3, 3\) in this model"):
+        restore(popupify(Wide(), k=0.5), state)  # already popupified: its scores are named too
+
+
+def test_restore_with_other_settings_is_a_value_error():
+    with pytest.raises(ValueError, match="k: 0.5 in the state_dict, 0.3 in this model") as error:
+        restore(popupify(Net(), k=0.3), trained().state_dict())
+    assert isinstance(error.value.__cause__, RuntimeError)
+
+
 def test_restore_from_a_damaged_safetensors_file_names_it(tmp_path):
     source = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in trained().state_dict().items()}, source)

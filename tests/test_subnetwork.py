@@ -237,7 +237,7 @@ def test_missing_checksums_are_named_not_called_a_mismatch(saved, tmp_path):
     tensors, metadata = read(path)
     bare = tmp_path / "bare.safetensors"
     write_file(bare, tensors, {"supermask_fx": metadata["supermask_fx"]})
-    with pytest.raises(SubnetworkFileError, match=r"bare.safetensors: corrupted: the header checksum .* is missing$"):
+    with pytest.raises(SubnetworkFileError, match=r"bare.safetensors: corrupted: the header checksum .* is missing; "):
         load_subnetwork(torchvision.models.resnet18(num_classes=10), bare)
     no_data_sum = tmp_path / "nodata.safetensors"
     write_file(no_data_sum, tensors, {"supermask_fx": metadata["supermask_fx"]}, header_checksum_key=HEADER_CHECKSUM)
@@ -246,13 +246,73 @@ def test_missing_checksums_are_named_not_called_a_mismatch(saved, tmp_path):
     renamed = tmp_path / "renamed.safetensors"  # a damaged key name: not an older file, a damaged one
     metadata = {"supermask_fx": metadata["supermask_fx"], "supermask_fx.header_sha257": "0"}
     write_file(renamed, tensors, metadata, checksum_key=CHECKSUM)
-    with pytest.raises(SubnetworkFileError, match=r"header checksum .* is missing; metadata keys"):
+    with pytest.raises(SubnetworkFileError, match=r"header checksum .* is missing \(metadata keys"):
         load_subnetwork(torchvision.models.resnet18(num_classes=10), renamed)
 
 
-def test_files_without_a_header_checksum_are_checked_field_by_field(saved, tmp_path):
-    """Files written before the header checksum load (test_version_1_files_still_load); a damaged field in
-    one is a SubnetworkFileError naming the file, not a bare JSONDecodeError, KeyError or ValueError."""
+def test_files_without_the_header_checksum_are_refused(saved, tmp_path):
+    """No released file lacks the header checksum: one without it is refused, even when everything else is intact
+    (the data checksum matches, the masks agree with the header), so an edited header cannot pass itself off as a
+    file of an older format. The issue's case: k changed in the header (0.3 -> 0.5) and the checksum key removed,
+    which used to load and report k=0.5 over masks that keep 30 %."""
+    _, path, _ = saved
+    tensors, metadata = read(path)
+    info = json.loads(metadata["supermask_fx"])
+    for name, meta in [
+        ("intact", metadata["supermask_fx"]),
+        ("edited", json.dumps({**info, "config": {**info["config"], "k": 0.5}})),
+    ]:
+        target = tmp_path / f"{name}.safetensors"
+        write_file(target, tensors, {"supermask_fx": meta}, checksum_key=CHECKSUM)
+        assert set(read(target)[1]) == {"supermask_fx", CHECKSUM}
+        with pytest.raises(
+            SubnetworkFileError,
+            match=rf"{name}.safetensors: corrupted: the header checksum \({HEADER_CHECKSUM}\) is missing",
+        ):
+            load_subnetwork(torchvision.models.resnet18(num_classes=10), target)
+
+
+def test_kept_counts_that_k_does_not_give_are_refused(saved, tmp_path):
+    """A file whose header says another k than its masks keep, checksums recomputed (a forged or mis-written
+    file): each layer's kept count must be what top-k keeps at the header's k, int((1 - k) * n) dropped of n."""
+    model, path, _ = saved
+    first = next(iter(gated_layers(model)))[1].name  # conv1.weight, 64 * 3 * 7 * 7 = 9408 weights
+    assert first == "conv1.weight"
+    kept_at_half = 9408 - int(0.5 * 9408)  # 4704
+    kept_at_0_3 = 9408 - int((1 - 0.3) * 9408)  # 2823: what the file's masks keep
+    edited = tmp_path / "k.safetensors"
+    rewrite(path, edited, lambda info: info["config"].update(k=0.5))
+    with pytest.raises(
+        SubnetworkFileError,
+        match=rf"k.safetensors: corrupted: conv1.weight keeps {kept_at_0_3:,} weights in the file, but k=0.5 keeps "
+        rf"exactly {kept_at_half:,}",
+    ):
+        load_subnetwork(torchvision.models.resnet18(num_classes=10), edited)
+    # and the file's own count is the one k = 0.3 gives: the unedited file passes the same check
+    layer = json.loads(read(path)[1]["supermask_fx"])["layers"][0]
+    assert layer["name"] == "conv1.weight" and layer["kept"] == kept_at_0_3
+
+
+def test_global_scope_and_sampled_files_pass_the_kept_count_check(tmp_path):
+    """The check follows each method's rule: scope="global" keeps kept_count over all layers together (each layer
+    keeps its own share), "sampled" keeps what its threshold gives (no count to check); both load."""
+    torch.manual_seed(0)
+    for options in ({"scope": "global"}, {"method": "sampled"}):
+        model = popupify(nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4)), k=0.3, seed=2, **options)
+        target = tmp_path / "model.safetensors"
+        save_subnetwork(model.eval(), target)
+        kept = [layer["kept"] for layer in json.loads(read(target)[1]["supermask_fx"])["layers"]]
+        if options.get("scope") == "global":  # not each layer's own k share: a per-layer check would refuse it
+            assert sum(kept) == 280 - int(0.7 * 280) and kept[0] != 200 - int(0.7 * 200)
+        fresh = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4))
+        x = torch.randn(3, 10)
+        with torch.no_grad():
+            assert torch.equal(load_subnetwork(fresh, target).eval()(x), model(x))
+
+
+def test_damaged_fields_are_named(saved, tmp_path):
+    """A damaged field in a file whose checksums match (a bug in a writer) is a SubnetworkFileError naming the
+    file, not a bare JSONDecodeError, KeyError or ValueError."""
     _, path, _ = saved
     tensors, metadata = read(path)
     info = json.loads(metadata["supermask_fx"])
@@ -271,10 +331,10 @@ def test_files_without_a_header_checksum_are_checked_field_by_field(saved, tmp_p
         "unknown format": json.dumps({**info, "version": "2"}),
     }
     for message, meta in edits.items():
-        old = tmp_path / "old.safetensors"
-        write_file(old, tensors, {"supermask_fx": meta}, checksum_key=CHECKSUM)
-        with pytest.raises(SubnetworkFileError, match=f"old.safetensors: .*{message}"):
-            load_subnetwork(torchvision.models.resnet18(num_classes=10), old)
+        damaged = tmp_path / "damaged.safetensors"
+        write_file(damaged, tensors, {"supermask_fx": meta}, checksum_key=CHECKSUM, header_checksum_key=HEADER_CHECKSUM)
+        with pytest.raises(SubnetworkFileError, match=f"damaged.safetensors: .*{message}"):
+            load_subnetwork(torchvision.models.resnet18(num_classes=10), damaged)
 
 
 def test_not_a_subnetwork_file(tmp_path):
@@ -314,8 +374,10 @@ def test_atomic_write_keeps_the_old_file_on_failure(saved, tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(SubnetworkFileError, match=r"cannot write .*keep.safetensors: no space left on device") as error:
         save_subnetwork(model, target)
+    assert isinstance(error.value.__cause__, OSError) and error.value.__cause__.errno == 28
+    assert "previous keep.safetensors is unchanged" in str(error.value)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]  # no temporary left behind
 

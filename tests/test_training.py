@@ -561,3 +561,146 @@ def test_metrics_file_write_failure_is_a_checkpoint_error_naming_the_file(tmp_pa
     (tmp_path / METRICS_NAME).mkdir()  # cannot be opened for appending: an OSError, as a full disk gives
     with pytest.raises(CheckpointError, match=rf"cannot append to .*{METRICS_NAME}.*run again to resume"):
         log.epoch({"epoch": 1, "train_loss": 0.5})
+
+
+# ---------------------------------------------------------------------------------------------- resume with other data
+
+
+def test_resume_with_other_data_is_refused(tmp_path):
+    """A checkpoint records each data set's length and a hash of a fixed sample of items: resuming with another
+    training set of the same length (other examples) or another length is refused, naming the set and the
+    difference, before the model is touched; the same data (a fresh but equal TensorDataset) resumes."""
+    train_set, test_set = make_data()
+    with pytest.raises(Stop):
+        train(make_model(), train_set, test_set, quiet(epochs=2, out_dir=tmp_path), callbacks=[stop_after(1)])
+    other_items, _ = make_data(seed=1)  # 96 examples as well, other values
+    shorter = TensorDataset(*train_set[:80])
+    for data, reason in [
+        (other_items, r"the training set: 96 examples both times, but other items"),
+        (shorter, r"the training set: 96 examples in the checkpoint, 80 now"),
+    ]:
+        model = make_model()
+        before = scores(model)
+        with pytest.raises(CheckpointMismatchError, match=rf"checkpoint.pt was made with other data: {reason}"):
+            train(model, data, test_set, quiet(epochs=2, out_dir=tmp_path))
+        assert all(torch.equal(before[k], v) for k, v in scores(model).items())
+    _, other_test = make_data(seed=2)
+    with pytest.raises(CheckpointMismatchError, match=r"the test set: 37 examples both times, but other items"):
+        train(make_model(), train_set, other_test, quiet(epochs=2, out_dir=tmp_path))
+    same = TensorDataset(train_set.tensors[0].clone(), train_set.tensors[1].clone())
+    result = train(make_model(), same, test_set, quiet(epochs=2, out_dir=tmp_path))
+    assert result["resumed_from_epoch"] == 1
+
+
+def test_dataset_fingerprint_is_stable_and_leaves_the_random_streams_alone():
+    """The sample is read under fixed seeds: a randomly augmented data set gives one fingerprint every time, and
+    the python, numpy and torch streams are where they were. One changed sampled item changes it; items that
+    cannot be hashed leave the length alone to compare."""
+    import random
+
+    import numpy as np
+
+    from supermask_fx.data import ImageTensorDataset, dataset_info
+    from supermask_fx.training import RandomCropFlip, dataset_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8)
+    targets = torch.randint(0, 10, (40,), generator=g)
+    augmented = RandomCropFlip(ImageTensorDataset(images, targets, dataset_info("cifar10")), padding=2)
+    assert not torch.equal(augmented[3][0], augmented[3][0])  # it does draw random crops
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    first = dataset_fingerprint(augmented)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()
+    assert dataset_fingerprint(augmented) == first and first["length"] == 40 and first["sampled"] == 16
+    assert first["items"] is not None
+    images[39, :, 4, 4] ^= 1  # the last example is always sampled; a central pixel survives every crop
+    assert dataset_fingerprint(augmented)["items"] != first["items"]
+
+    class Opaque(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return object(), i
+
+    assert dataset_fingerprint(Opaque()) == {"length": 5, "items": None, "sampled": 0}
+
+
+# ---------------------------------------------------------------------------------------------- NaN and inf
+
+
+def nan_on_call(*bad_calls, value=float("nan")):
+    """A cross-entropy loss that returns ``value`` on the given calls (0-based, counted over the whole run)."""
+    calls = []
+
+    def loss_fn(logits, targets):
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        calls.append(len(calls))
+        return loss * value if len(calls) - 1 in bad_calls else loss
+
+    loss_fn.calls = calls
+    return loss_fn
+
+
+@pytest.mark.parametrize("where", ["at once", "at the epoch's end", "at a progress line"])
+def test_a_non_finite_loss_stops_the_run_naming_the_batch(tmp_path, monkeypatch, where, capsys):
+    """96 examples in batches of 16: 6 batches and optimizer steps an epoch. The loss of the 9th batch of the run
+    (epoch 2, batch 3, step 9) is NaN: a NonFiniteLossError names them, the checkpoint of epoch 1 is left as it was
+    and metrics.jsonl holds epoch 1 only. On the CPU the loss is checked at once, before its backward pass; on an
+    accelerator (emulated) a flag on the device is read at the end of the epoch, or at the progress lines that
+    read the loss anyway."""
+    import supermask_fx.training.engine as engine
+    from supermask_fx.training import NonFiniteLossError
+
+    train_set, _ = make_data()
+    if where != "at once":
+        monkeypatch.setattr(engine, "_loss_on_host", lambda device: False)
+    progress = dict(progress="lines", log_every=1) if where == "at a progress line" else {}
+    loss_fn = nan_on_call(8)
+    model = make_model()
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, batch 3 of 6 \(optimizer step 9\)") as error:
+        train(model, train_set, None, quiet(epochs=3, out_dir=tmp_path, **progress), loss_fn=loss_fn)
+    assert (error.value.epoch, error.value.batch, error.value.step) == (2, 3, 9)
+    assert "checkpoint.pt (epoch 1) is unchanged" in str(error.value) and "on_nonfinite='skip'" in str(error.value)
+    assert len(loss_fn.calls) == {"at once": 9, "at the epoch's end": 12, "at a progress line": 9}[where]
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for k, v in state["model"].items() if "scores" in k)
+    assert [m["epoch"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+    # the run resumes from there, here skipping that batch
+    result = train(make_model(), train_set, None, quiet(epochs=3, out_dir=tmp_path, on_nonfinite="skip"))
+    assert result["resumed_from_epoch"] == 1 and result["final"]["epoch"] == 3
+
+
+def test_skip_drops_the_steps_of_non_finite_batches_and_counts_them(tmp_path):
+    """on_nonfinite="skip": one example with NaN inputs lands in exactly one batch per epoch, so each epoch has
+    one non-finite batch and (with two micro-batches per step) one skipped optimizer step of its 3; the optimizer
+    steps 3 - 1 times an epoch, the scores and the BatchNorm statistics stay finite, the loss and accuracy average
+    the other batches."""
+    train_set, _ = make_data()
+    inputs = train_set.tensors[0].clone()
+    inputs[17, 1, 2, 3] = float("nan")
+    poisoned = TensorDataset(inputs, train_set.tensors[1])
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda *args: steps.append(1))
+    try:
+        model = make_model()
+        config = quiet(epochs=2, batch_size=16, grad_accum_steps=2, on_nonfinite="skip", out_dir=tmp_path)
+        result = train(model, poisoned, None, config)
+    finally:
+        hook.remove()
+    for metrics in result["history"]:
+        assert metrics["nonfinite_batches"] == 1 and metrics["skipped_steps"] == 1 and metrics["step"] % 3 == 0
+        assert math.isfinite(metrics["train_loss"]) and 0 <= metrics["train_top1"] <= 1
+    assert len(steps) == 2 * (3 - 1)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["skipped_steps"] == 1
+
+
+def test_on_nonfinite_is_checked_and_not_a_resume_setting():
+    with pytest.raises(ValueError, match="unknown on_nonfinite 'ignore'; choose one of raise, skip"):
+        TrainConfig(on_nonfinite="ignore")
+    assert "on_nonfinite" not in TrainConfig().result_fields()

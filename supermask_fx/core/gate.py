@@ -34,6 +34,7 @@ import copyreg
 import torch
 from torch import Tensor, nn
 
+from ..graph.discover import WeightRef
 from ..selection import version_key
 from ..selection.kernels import buffer_like, masked_weight
 from . import recompute
@@ -104,6 +105,8 @@ class Gate:
             on it.
         expert_dims: leading dimensions that index separate matrices (mixture-of-experts tensors): each matrix is
             drawn with its own fans and ranked as a layer of its own (``scope="layer"``).
+        fans: ``(fan_in, fan_out)`` read off the graph where the weight's shape does not tell them (an einsum's
+            contracted dimensions, a weight joined by ``cat``), else ``None``.
         padding_idx: the row an embedding keeps at zero (``nn.Embedding(padding_idx=...)``), or ``None``.
         key, mask, effective_buffer: the cache of a fixed mask's ``weight * mask``, and of methods that keep their
             own mask (``sampled``): what it was computed from, the bool mask, ``weight * mask``.
@@ -118,6 +121,8 @@ class Gate:
         self.param = param
         self.fan_in_fan_out = bool(getattr(layout, "fan_in_fan_out", False))
         self.expert_dims = int(getattr(layout, "expert_dims", 0))
+        fans = getattr(layout, "fans", None)
+        self.fans = (int(fans[0]), int(fans[1])) if fans is not None else None
         self.scores = scores_name(param) if method.has_scores else None
         self.mask_buffer = mask_name(param)
         self.method = method
@@ -129,6 +134,12 @@ class Gate:
     @property
     def name(self) -> str:
         return f"{self.layer}.{self.param}" if self.layer else self.param
+
+    def ref(self, module_name: str | None = None) -> WeightRef:
+        """The gated weight and its layout as a ``WeightRef`` (under ``module_name``, default the name at
+        ``popupify`` time): what records and files store of it."""
+        layer = self.layer if module_name is None else module_name
+        return WeightRef(layer, self.param, self.fan_in_fan_out, self.expert_dims, getattr(self, "fans", None))
 
     def clear_cache(self) -> None:
         """Forget every cached mask and ``weight * mask`` of this gate (the selection's too)."""

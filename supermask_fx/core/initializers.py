@@ -46,10 +46,16 @@ def generator_for(seed: int, name: str, role: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def fans(shape: tuple[int, ...], fan_in_fan_out: bool = False, expert_dims: int = 0) -> tuple[int, int]:
+def fans(
+    shape: tuple[int, ...], fan_in_fan_out: bool = False, expert_dims: int = 0, given: tuple[int, int] | None = None
+) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a weight stored ``(out, in, *kernel)``, or ``(in, out, *kernel)`` with
     ``fan_in_fan_out`` (GPT-2's ``Conv1D``, ``x @ W``). With ``expert_dims``, the leading dimensions index separate
-    matrices (mixture-of-experts tensors ``(experts, out, in)``) and the fans are those of one matrix."""
+    matrices (mixture-of-experts tensors ``(experts, out, in)``) and the fans are those of one matrix. ``given``:
+    the fans the model's graph reads (an einsum's contracted dimensions, a weight joined by ``cat``), used as
+    they are."""
+    if given is not None:
+        return int(given[0]), int(given[1])
     shape = tuple(shape)[expert_dims:]
     if len(shape) < 2:
         raise ValueError(f"a gated weight needs at least 2 dimensions, got shape {tuple(shape)}")
@@ -68,8 +74,9 @@ def weight_std(
     scaled: bool,
     fan_in_fan_out: bool = False,
     expert_dims: int = 0,
+    given_fans: tuple[int, int] | None = None,
 ) -> float:
-    fan_in, fan_out = fans(shape, fan_in_fan_out, expert_dims)
+    fan_in, fan_out = fans(shape, fan_in_fan_out, expert_dims, given_fans)
     if INITIALIZERS[init][1] == "xavier":
         std = math.sqrt(2.0 / (fan_in + fan_out))
     else:
@@ -91,8 +98,12 @@ def draw_weight(shape: tuple[int, ...], init: str, *, std: float, generator: tor
 
 
 def draw_scores(
-    shape: tuple[int, ...], generator: torch.Generator, fan_in_fan_out: bool = False, expert_dims: int = 0
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    fan_in_fan_out: bool = False,
+    expert_dims: int = 0,
+    given_fans: tuple[int, int] | None = None,
 ) -> Tensor:
     """Kaiming-uniform with ``a = sqrt(5)``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32 on the CPU."""
-    bound = 1.0 / math.sqrt(fans(shape, fan_in_fan_out, expert_dims)[0])
+    bound = 1.0 / math.sqrt(fans(shape, fan_in_fan_out, expert_dims, given_fans)[0])
     return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound

@@ -219,6 +219,8 @@ def coverage(model: nn.Module) -> Coverage:
     for module, gate in pairs:
         shape = tuple(module._parameters[gate.param].shape)
         layout = "(in, out)" if gate.fan_in_fan_out else "(out, in)"
+        if getattr(gate, "fans", None) is not None:
+            layout = f"fan-in {gate.fans[0]}, fan-out {gate.fans[1]}"
         if gate.expert_dims:
             layout = f"{' x '.join(map(str, shape[: gate.expert_dims]))} experts x {layout}"
         gated.append((gate.name, shape, layout))

@@ -276,6 +276,7 @@ def draw_layer_weight(
         padding_idx = getattr(layout, "padding_idx", None)
     fan_in_fan_out = layout.fan_in_fan_out if layout is not None else False
     expert_dims = layout.expert_dims if layout is not None else 0
+    given_fans = getattr(layout, "fans", None)
     std = weight_std(
         shape,
         config.init,
@@ -285,6 +286,7 @@ def draw_layer_weight(
         scaled=config.scaled,
         fan_in_fan_out=fan_in_fan_out,
         expert_dims=expert_dims,
+        given_fans=given_fans,
     )
     weight = draw_weight(shape, config.init, std=std, generator=generator_for(config.seed, name, "weight"))
     if padding_idx is not None:
@@ -322,7 +324,8 @@ def _redraw_weight(
         name = scores_name(ref.param)
         if name in module._parameters or hasattr(module, name):
             raise ValueError(f"{ref.module or 'the model'} already has an attribute {name!r}; cannot add scores")
-        scores = draw_scores(shape, generator_for(config.seed, ref.name, "scores"), ref.fan_in_fan_out, ref.expert_dims)
+        generator = generator_for(config.seed, ref.name, "scores")
+        scores = draw_scores(shape, generator, ref.fan_in_fan_out, ref.expert_dims, ref.fans)
         constant = dict(config.method_options).get("score_init")
         if constant is not None:  # e.g. Zhou et al.'s supermask: every keep probability 0.5 at the start
             scores.fill_(float(constant))

@@ -62,12 +62,7 @@ def record_of(model: nn.Module) -> dict:
 
 
 def _layer_record(gate: Gate, module_name: str) -> dict:
-    return {
-        "name": f"{module_name}.{gate.param}" if module_name else gate.param,
-        "k": gate.k,
-        "fan_in_fan_out": gate.fan_in_fan_out,
-        "expert_dims": gate.expert_dims,
-    }
+    return {**gate.ref(module_name).to_record(), "k": gate.k}
 
 
 def encode_record(record: dict) -> Tensor:
@@ -100,7 +95,7 @@ def differences(saved: dict, mine: dict) -> list[str]:
         out.append(f"gated in the state_dict, not in this model: {', '.join(missing[:5])}")
     if extra:
         out.append(f"gated in this model, not in the state_dict: {', '.join(extra[:5])}")
-    for field in ("k", "fan_in_fan_out", "expert_dims"):
+    for field in ("k", "fan_in_fan_out", "expert_dims", "fans"):
         differ = [n for n in ours if n in theirs and theirs[n].get(field) != ours[n].get(field)]
         if differ and not (field == "k" and ("k" in a.keys() and a.get("k") != b.get("k"))):
             first = differ[0]
@@ -189,8 +184,9 @@ def restore(model: nn.Module, source) -> nn.Module:
     other entry loaded (train it further, or ``.eval()`` it: the same logits as the saved model).
 
     Raises:
-        ValueError: the source has no settings record, was saved from another architecture, or was popupified
-            with other settings than ``model`` (the message names the fields).
+        ValueError: the source has no settings record, was saved from another architecture (the message names
+            the missing or unexpected entries, or each tensor of another shape with both shapes), or was
+            popupified with other settings than ``model`` (the message names the fields).
     """
     from .popup import popupify
 
@@ -204,19 +200,21 @@ def restore(model: nn.Module, source) -> nn.Module:
     prefix = record_key[: -len(RECORD_KEY)]
     state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     record = decode_record(state[RECORD_KEY], where)
+    _check_shapes(model, state, where)  # before popupify: a refused source leaves the model as it was
     if not any(gates_of(m) for m in model.modules()):
         names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         unknown = [layer["name"] for layer in record["layers"] if layer["name"] not in names]
         if unknown:
             raise ValueError(f"{where}saved from another architecture: this model has no {', '.join(unknown[:5])}")
-        refs = []
-        for layer in record["layers"]:
-            module, _, param = layer["name"].rpartition(".")
-            refs.append(WeightRef(module, param, bool(layer["fan_in_fan_out"]), int(layer["expert_dims"])))
+        refs = [WeightRef.from_record(layer) for layer in record["layers"]]
         config = PopupConfig.from_dict(record["config"])
         popupify(model, config, weights=refs)
         model.__dict__["_supermask_discovery"].path = "recorded"
-    result = model.load_state_dict(state, strict=False)
+    _check_shapes(model, state, where)  # the scores and masks popupify added
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # the settings or weight checks of the load hooks: the documented ValueError
+        raise ValueError(f"{where}{error}") from error
     tied = _tied_names(model)
     missing = [key for key in result.missing_keys if not (tied.get(key, set()) & state.keys())]
     if missing or result.unexpected_keys:
@@ -224,6 +222,24 @@ def restore(model: nn.Module, source) -> nn.Module:
             f"{where}saved from another architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     return model
+
+
+def _check_shapes(model: nn.Module, state: Mapping, where: str) -> None:
+    """``ValueError`` naming every entry of ``state`` whose shape differs from the model's tensor of that name
+    (a model of another width or depth), instead of torch's ``RuntimeError`` from ``load_state_dict``."""
+    own = {name: t for name, t in model.state_dict(keep_vars=True).items() if not name.endswith(RECORD_KEY)}
+    differ = [
+        f"{name}: {tuple(value.shape)} in the source, {tuple(own[name].shape)} in this model"
+        for name, value in state.items()
+        if name in own and isinstance(value, Tensor) and tuple(value.shape) != tuple(own[name].shape)
+    ]
+    if differ:
+        raise ValueError(
+            f"{where}saved from another architecture: {len(differ)} tensor(s) of another shape: "
+            + "; ".join(differ[:10])
+            + (f"; and {len(differ) - 10} more" if len(differ) > 10 else "")
+            + ". Build the model with the configuration it was saved from (same widths and sizes), then restore."
+        )
 
 
 def _tied_names(model: nn.Module) -> dict[str, set[str]]:

@@ -11,13 +11,14 @@ writers of ``path`` call it before they write).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_file", "remove_stale_temporaries", "umask", "fsync_dir"]
+__all__ = ["atomic_file", "remove_stale_temporaries", "umask", "fsync_dir", "write_error_reason"]
 
 
 @contextlib.contextmanager
@@ -37,6 +38,30 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_error_reason(error: BaseException, target: str | os.PathLike) -> str:
+    """Why writing ``target`` failed, in words that name the cause and not the hidden temporary file: a full disk,
+    a folder without write permission, a directory where a file should go, ... (the first ``OSError`` in the
+    chain of causes; else the error's type and message)."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen and not isinstance(cause, OSError):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, OSError):
+        return f"{type(error).__name__}: {error}"
+    target = Path(target)
+    if cause.errno == errno.ENOSPC or cause.errno == getattr(errno, "EDQUOT", None):
+        return "no space left on device (free some disk space, or write elsewhere)"
+    if cause.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {target.parent} is not writable by this user (choose a folder you can write to)"
+    if cause.errno == errno.EROFS:
+        return f"{target.parent} is on a read-only file system"
+    if cause.errno == errno.EISDIR:
+        return "it is a directory: give the path of a file in it"
+    if cause.errno in (errno.ENOTDIR, errno.ENOENT) and not target.parent.is_dir():
+        return f"{target.parent} is not a folder"
+    return cause.strerror or str(cause)
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:

@@ -18,8 +18,9 @@ redrawn from the seed. ``save_subnetwork`` writes a safetensors file (format ver
 
 ``load_subnetwork`` rebuilds the supermask network from a freshly built model of the same architecture and
 checks everything it can: format, checksums (corruption), the metadata field by field, architecture (names and
-shapes), regenerated weights, the masks against their metadata. It reads version 2, including files written
-before the header checksum (then the header is checked field by field only).
+shapes), each layer's kept count against the config's ``k`` (top-k methods), regenerated weights, the masks against
+their metadata. It reads version 2 with both checksums; a file without the header checksum is refused (every
+released version writes it: one without it was edited or damaged).
 
 The file is written and read by the ``safetensors`` package (``safetensors.torch.save``, ``safe_open``). Reading
 streams: the header (a few kB) is parsed for its checksum, the data section is hashed in 1 MiB chunks, and the
@@ -47,7 +48,7 @@ from ..core.masks import gated_layers, install_fixed_masks
 from ..core.popup import _BIAS_OF, draw_layer_weight, popupify
 from ..core.state import RECORD_KEY
 from ..graph.discover import NORM_TYPES, WeightRef
-from .atomic import atomic_file
+from .atomic import atomic_file, write_error_reason
 from .mask_codec import SubnetworkFileError, decode_mask, encode_mask, pack_bits, unpack_bits
 
 FORMAT = "supermask_fx.subnetwork"
@@ -76,6 +77,9 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
     Raises:
         ValueError: the model is not popupified, uses ``method="dense"``, or its gated weights are no longer the
             ones its seed gives (retrained weights): those need ``materialize`` and a full checkpoint.
+        SubnetworkFileError: ``path`` cannot be written (a directory, a folder without write permission, a full
+            disk); the message names ``path`` and the cause, the original ``OSError`` is its ``__cause__``, and an
+            existing file at ``path`` is unchanged.
     """
     model = unwrap(model)
     pairs = list(gated_layers(model))
@@ -104,8 +108,7 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
                     "shape": list(weight.shape),
                     "kept": int(torch.count_nonzero(mask)),
                     "sha256": _sha(regenerated),
-                    "fan_in_fan_out": gate.fan_in_fan_out,
-                    "expert_dims": gate.expert_dims,
+                    **gate.ref().to_record(),
                     **encoding,
                 }
             )
@@ -153,8 +156,15 @@ def write_file(
         size = int.from_bytes(data[:8], "little")
         if header_sha256(json.loads(data[8 : 8 + size]), header_checksum_key) != metadata[header_checksum_key]:
             raise RuntimeError("safetensors laid the same tensors out differently in two serializations")
-    with atomic_file(path) as f:
-        f.write(data)
+    path = Path(path)
+    if path.is_dir():
+        raise SubnetworkFileError(f"cannot write {path}: it is a directory: give the path of a file in it")
+    try:
+        with atomic_file(path) as f:
+            f.write(data)
+    except OSError as error:  # the temporary file's name or none at all: say which file, and why
+        kept = f"; the previous {path.name} is unchanged" if path.is_file() else ""
+        raise SubnetworkFileError(f"cannot write {path}: {write_error_reason(error, path)}{kept}") from error
     return len(data)
 
 
@@ -192,6 +202,7 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         popupify(model, config, weights=_recorded_weights(path, info, model) if recorded else None)
     pairs = list(gated_layers(model))
     _check_layers(path, info, pairs)
+    _check_kept_counts(path, info, pairs, config)
     with torch.no_grad():
         for (module, gate), layer in zip(pairs, info["layers"]):
             weight = module._parameters[gate.param]
@@ -249,16 +260,18 @@ def _read_file(path: Path) -> tuple[dict, PopupConfig]:
     ours = {_META, _CHECKSUM, _HEADER_CHECKSUM}
     if not ours & set(metadata):
         raise SubnetworkFileError(f"{path}: a safetensors file, but not a supermask_fx subnetwork (no metadata)")
-    if _HEADER_CHECKSUM in metadata:
-        if metadata[_HEADER_CHECKSUM] != header_sha256(header, _HEADER_CHECKSUM):
-            raise SubnetworkFileError(
-                f"{path}: corrupted: the header does not match its SHA-256 checksum ({_HEADER_CHECKSUM})"
-            )
-    elif set(metadata) != {_META, _CHECKSUM}:
-        # Files written before header checksums hold exactly these two keys; anything else is a damaged header.
+    if _HEADER_CHECKSUM not in metadata:
+        # Every file supermask_fx has released writes it: a file without it was edited or damaged, and its header
+        # (the config, the kept counts) can no longer be trusted.
         raise SubnetworkFileError(
             f"{path}: corrupted: the header checksum ({_HEADER_CHECKSUM}) is missing"
-            + (f"; metadata keys {sorted(metadata)}" if set(metadata) - ours else "")
+            + (f" (metadata keys {sorted(metadata)})" if set(metadata) - ours else "")
+            + "; every subnetwork file carries one, so the header was edited or damaged: save the subnetwork again "
+            "from its model (supermask_fx.save_subnetwork)"
+        )
+    if metadata[_HEADER_CHECKSUM] != header_sha256(header, _HEADER_CHECKSUM):
+        raise SubnetworkFileError(
+            f"{path}: corrupted: the header does not match its SHA-256 checksum ({_HEADER_CHECKSUM})"
         )
     if _META not in metadata:
         raise SubnetworkFileError(f"{path}: corrupted: the supermask_fx metadata is missing")
@@ -364,6 +377,10 @@ def _check_layer_entries(path: Path, info: dict) -> None:
             problem = f"fan_in_fan_out {layer.get('fan_in_fan_out')!r}"
         elif not _is_count(layer.get("expert_dims", 0)):
             problem = f"expert_dims {layer.get('expert_dims')!r}"
+        elif "fans" in layer and not (
+            isinstance(layer["fans"], list) and len(layer["fans"]) == 2 and all(_is_count(f) for f in layer["fans"])
+        ):
+            problem = f"fans {layer.get('fans')!r}"
         elif not isinstance(layer.get("encoding", "bits"), str):
             problem = f"encoding {layer.get('encoding')!r}"
         if problem is not None:
@@ -388,9 +405,7 @@ def _recorded_weights(path: Path, info: dict, model: nn.Module) -> list[WeightRe
             problems.append(f"{name}: missing from the model")
         elif tuple(params[name].shape) != shape:
             problems.append(f"{name}: shape {shape} in the file, {tuple(params[name].shape)} in the model")
-        module, _, param = name.rpartition(".")
-        layout = (bool(layer.get("fan_in_fan_out", False)), int(layer.get("expert_dims", 0)))
-        refs.append(WeightRef(module, param, *layout))
+        refs.append(WeightRef.from_record(layer))
     if problems:
         raise SubnetworkFileError(
             f"{path}: saved from another architecture ({info.get('model_class')}): "
@@ -462,6 +477,36 @@ def _check_layers(path: Path, info: dict, pairs: list[tuple[nn.Module, Gate]]) -
         f"{path}: saved from another architecture ({info.get('model_class')}, {len(theirs)} gated layers; "
         f"this model: {len(ours)}): " + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
     )
+
+
+def _check_kept_counts(path: Path, info: dict, pairs: list[tuple[nn.Module, Gate]], config: PopupConfig) -> None:
+    """The kept count of each layer in the file against what ``k`` keeps: a top-k mask keeps exactly
+    ``kept_count(n, k)`` of the ``n`` entries it ranks (per layer, per expert matrix of a stack, or over all
+    globally ranked layers together: the ``TopKSelector`` popupify built for the config). ``decode_mask`` then
+    checks each mask against its kept count. ``sampled`` masks (a threshold of the scores) have no such count."""
+    groups: dict[int, tuple[object, list[tuple[Gate, int]]]] = {}
+    for (_, gate), layer in zip(pairs, info["layers"]):
+        if gate.method.uses_topk and gate.selector is not None:
+            groups.setdefault(id(gate.selector), (gate.selector, []))[1].append((gate, layer["kept"]))
+    for selector, members in groups.values():
+        segments = selector.segments()  # (entries ranked, entries kept) of each group ranked on its own
+        expected = sum(kept for _, kept in segments)
+        found = sum(count for _, count in members)
+        if found != expected:
+            if len(members) == 1:
+                gate = members[0][0]
+                what, k = f"{gate.name} keeps", gate.k
+                ranked = f"{segments[0][0]:,} weights" + (
+                    f" in each of {len(segments)} experts" if len(segments) > 1 else ""
+                )
+            else:
+                what, k = f"the {len(members)} globally ranked layers keep", config.k
+                ranked = f"{segments[0][0]:,} weights"
+            raise SubnetworkFileError(
+                f"{path}: corrupted: {what} {found:,} weights in the file, but k={k} keeps exactly {expected:,} "
+                f"(of {ranked}, method {config.method!r}): the header's config and its masks disagree; save the "
+                "subnetwork again from its model"
+            )
 
 
 def _sha(t: Tensor) -> str:

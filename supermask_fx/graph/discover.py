@@ -97,12 +97,35 @@ class WeightRef:
 
     ``fan_in_fan_out``: stored ``(..., in, out)`` (fan-in is the second-to-last dimension), like GPT-2's ``Conv1D``.
     ``expert_dims``: leading dimensions that index separate matrices (experts), each drawn and ranked as a layer.
+    ``fans``: ``(fan_in, fan_out)`` of one matrix as the graph's product reads it, where the shape does not tell
+    (an einsum contracting another dimension, a part of a weight joined by ``cat``); ``None``: from the shape.
     """
 
     module: str
     param: str
     fan_in_fan_out: bool = False
     expert_dims: int = 0
+    fans: tuple[int, int] | None = None
+
+    def to_record(self) -> dict:
+        """The layout as a subnetwork file and the state_dict record store it (``fans`` only when set)."""
+        out = {"name": self.name, "fan_in_fan_out": self.fan_in_fan_out, "expert_dims": self.expert_dims}
+        if self.fans is not None:
+            out["fans"] = list(self.fans)
+        return out
+
+    @classmethod
+    def from_record(cls, layer: dict) -> WeightRef:
+        """The inverse of ``to_record`` (``name`` is ``"<module>.<param>"``)."""
+        module, _, param = layer["name"].rpartition(".")
+        fans = layer.get("fans")
+        return cls(
+            module,
+            param,
+            bool(layer.get("fan_in_fan_out", False)),
+            int(layer.get("expert_dims", 0)),
+            (int(fans[0]), int(fans[1])) if fans is not None else None,
+        )
 
     @property
     def name(self) -> str:
@@ -261,7 +284,7 @@ def _from_graph(model, params, uses: dict[str, GraphUse], included, fan_in_fan_o
         use = by_id.get(id(p), GraphUse("other", "not used by the graph"))
         module_name, _, param = name.rpartition(".")
         if use.kind == "weight" and p.dim() >= 2:
-            found[name] = WeightRef(module_name, param, use.fan_in_fan_out, use.expert_dims)
+            found[name] = WeightRef(module_name, param, use.fan_in_fan_out, use.expert_dims, use.fans)
         elif name in included:
             found[name] = WeightRef(module_name, param, fan_in_fan_out)
         elif use.kind in NORM_IDENTITY:

@@ -28,6 +28,7 @@ several uses (tied weights), the first weight use in graph order sets its layout
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -59,12 +60,17 @@ class GraphUse:
         op: the ATen op of that use (``"aten.addmm"``), for reports.
         fan_in_fan_out: (weights) stored ``(..., in, out)``: the fan-in is the second-to-last dimension.
         expert_dims: (weights) leading dimensions that index separate matrices (experts), 0 for a plain weight.
+        fans: (weights) ``(fan_in, fan_out)`` of one matrix as the product reads it, where the parameter's own shape
+            does not tell them: an einsum contracting a dimension that is not the second-to-last (Funnel's
+            ``r_kernel`` ``(d_model, heads, d_head)`` in ``"td,dnh->tnh"``: fan-in ``d_model``), or a part of a
+            weight joined by ``cat`` (fan-in of the whole joined matrix). ``None`` otherwise.
     """
 
     kind: str
     op: str
     fan_in_fan_out: bool = False
     expert_dims: int = 0
+    fans: tuple[int, int] | None = None
 
 
 def _packets(*ops) -> set:
@@ -206,7 +212,12 @@ def _walk(source: fx.Node, node: fx.Node, swapped: bool = False, depth: int = 0)
                 yield GraphUse("added", _name(target))  # addmm's bias
                 continue
             stored_in_out = (position == right) != swapped
-            yield _weight(source, target, fan_in_fan_out=stored_in_out, product=True)
+            # the operand as the product reads it: (..., in, out) on the right, (..., out, in) on the left
+            shape = _shape(node)
+            read = None
+            if len(shape) >= 2:
+                read = (shape[-2], shape[-1]) if position == right else (shape[-1], shape[-2])
+            yield _weight(source, target, fan_in_fan_out=stored_in_out, product=True, read=read, operand=node)
         elif target in _EINSUM:
             yield _einsum_use(source, user, node, swapped)
         elif target in _NORMS:
@@ -256,27 +267,75 @@ def _product_operands(target) -> tuple[int, int] | None:
     return (0, 1) if "grouped_mm" in name else None
 
 
-def _weight(source: fx.Node, target, fan_in_fan_out: bool, product: bool = False) -> GraphUse:
-    dims = len(_shape(source))
-    expert_dims = max(0, dims - 2) if product else 0
-    return GraphUse(
-        "weight", _name(target), fan_in_fan_out=fan_in_fan_out if dims >= 2 else False, expert_dims=expert_dims
-    )
+def _weight(
+    source: fx.Node,
+    target,
+    fan_in_fan_out: bool,
+    product: bool = False,
+    read: tuple[int, int] | None = None,
+    operand: fx.Node | None = None,
+    expert_dims: int | None = None,
+) -> GraphUse:
+    """A weight use. ``read``: ``(fan_in, fan_out)`` of one matrix as the product reads it (from the operand's
+    shape at the product); kept as ``fans`` only where the parameter's own shape and layout give other fans."""
+    shape = _shape(source)
+    dims = len(shape)
+    if expert_dims is None:
+        expert_dims = max(0, dims - 2) if product else 0
+        if operand is not None and expert_dims and _shape(operand)[:expert_dims] != shape[:expert_dims]:
+            expert_dims = 0  # reshaped on the way: the leading dimensions are not separate matrices
+    fan_in_fan_out = fan_in_fan_out if dims >= 2 else False
+    fans = None
+    if read is not None and dims >= 2 and shape:
+        matrix = shape[expert_dims:]
+        own = _own_fans(matrix, fan_in_fan_out) if len(matrix) >= 2 else None
+        if own != tuple(read):
+            fans = (int(read[0]), int(read[1]))
+    return GraphUse("weight", _name(target), fan_in_fan_out=fan_in_fan_out, expert_dims=expert_dims, fans=fans)
+
+
+def _own_fans(matrix: tuple[int, ...], fan_in_fan_out: bool) -> tuple[int, int]:
+    """The fans ``supermask_fx.core.initializers.fans`` gives a matrix of this shape and layout."""
+    receptive = math.prod(matrix[2:])
+    fan_in, fan_out = matrix[1] * receptive, matrix[0] * receptive
+    return (fan_out, fan_in) if fan_in_fan_out else (fan_in, fan_out)
 
 
 def _einsum_use(source: fx.Node, user: fx.Node, node: fx.Node, swapped: bool) -> GraphUse:
-    """An einsum operand: ``(in, out)`` when its first subscript is summed over, else ``(out, in)``."""
+    """An einsum operand, laid out by its subscripts: a subscript also in another operand and in the output is a
+    batch dimension, one in another operand but not in the output is contracted (the fan-in), one only in this
+    operand and the output is free (the fan-out). The fans are those of one matrix (batch dimensions excluded);
+    leading batch dimensions are a stack of expert matrices, each ranked on its own; with a batch dimension
+    elsewhere the tensor is ranked as one layer."""
     equation, operands = user.args[0], user.args[1]
-    inputs, _, output = equation.replace(" ", "").partition("->")
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
     terms = inputs.split(",")
     position = next((i for i, o in enumerate(operands) if o is node), None)
-    if position is None or "." in inputs or len(terms[position]) < 2:
+    if position is None or "." in inputs or not arrow or len(terms[position]) < 2:
         return GraphUse("other", "aten.einsum")
     term = terms[position]
+    shape = _shape(node)
+    others = set("".join(t for i, t in enumerate(terms) if i != position))
+    roles = [_einsum_role(c, others, output) for c in term]
+    if "?" in roles or "in" not in roles or "out" not in roles or len(shape) != len(term):
+        return GraphUse("other", "aten.einsum")
+    leading = next((i for i, role in enumerate(roles) if role != "batch"), len(roles))
+    if "batch" in roles[leading:] or _shape(source)[:leading] != shape[:leading]:
+        leading = 0  # batch dimensions in the middle (Funnel's seg_embed, per head), or reshaped: ranked as one layer
+    fan_in = math.prod(n for n, role in zip(shape, roles) if role == "in")
+    fan_out = math.prod(n for n, role in zip(shape, roles) if role == "out")
     # after the walk's transposes the operand's last two dims are swapped relative to storage
-    row, col = (term[-1], term[-2]) if swapped else (term[-2], term[-1])
-    stored_in_out = row not in output and col in output
-    return _weight(source, aten.einsum.default, fan_in_fan_out=stored_in_out, product=True)
+    row, col = (roles[-1], roles[-2]) if swapped else (roles[-2], roles[-1])
+    stored_in_out = row == "in" and col == "out"
+    return _weight(
+        source,
+        aten.einsum.default,
+        fan_in_fan_out=stored_in_out,
+        product=True,
+        read=(fan_in, fan_out),
+        operand=node,
+        expert_dims=leading,
+    )
 
 
 def _scales_rms_by_one_plus(add: fx.Node, node: fx.Node) -> bool:
@@ -304,6 +363,12 @@ def _scales_rms_by_one_plus(add: fx.Node, node: fx.Node) -> bool:
                     following.append(user)
         frontier = following
     return False
+
+
+def _einsum_role(subscript: str, others: set[str], output: str) -> str:
+    if subscript in others:
+        return "batch" if subscript in output else "in"
+    return "out" if subscript in output else "?"
 
 
 def _is_rms_normalized(node: fx.Node, depth: int = 0) -> bool:

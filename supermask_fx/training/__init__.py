@@ -9,14 +9,24 @@
 
 Cosine schedule with linear warm-up (per step), SGD/Adam, label smoothing, weight decay (on the scores of a
 supermask network), bf16, gradient accumulation, top-1/top-5 gathered over processes, per-epoch atomic
-checkpoints with exact resume. Needs the ``train`` extra (accelerate, tqdm); importing this package does not:
-accelerate is imported when a run starts. See docs/training.md.
+checkpoints with exact resume (refused with another model, other settings or other data), one run per run folder
+(a lock), a stop at the first NaN or infinite loss. Needs the ``train`` extra (accelerate, tqdm); importing this
+package does not: accelerate is imported when a run starts. See docs/training.md.
 """
 
 from .checkpoint import CheckpointError, CheckpointMismatchError, atomic_save, load_checkpoint
 from .config import TrainConfig, add_progress_argument
-from .data import EpochBatchSampler, RandomCropFlip, batched
-from .engine import Run, build_optimizer, evaluate, make_accelerator, resolve_mixed_precision, train
+from .data import EpochBatchSampler, RandomCropFlip, batched, dataset_fingerprint
+from .engine import (
+    NonFiniteLossError,
+    Run,
+    build_optimizer,
+    evaluate,
+    make_accelerator,
+    resolve_mixed_precision,
+    train,
+)
+from .lock import RunLockedError
 from .metrics import accuracy, topk_correct
 from .runlog import read_metrics
 from .schedule import WarmupCosine, warmup_cosine
@@ -32,6 +42,9 @@ __all__ = [
     "resolve_mixed_precision",
     "CheckpointError",
     "CheckpointMismatchError",
+    "RunLockedError",
+    "NonFiniteLossError",
+    "dataset_fingerprint",
     "atomic_save",
     "load_checkpoint",
     "read_metrics",

@@ -3,8 +3,9 @@
 A checkpoint (``torch.save`` of a dict of tensors and plain values, read back with ``weights_only=True``) holds:
 the model's ``state_dict`` (scores, weights, masks, BatchNorm statistics), the optimizer and scheduler states,
 the random-number states of every process (python, numpy, torch, CUDA), the number of finished epochs and
-optimizer steps, the metrics history, the ``TrainConfig`` and a fingerprint of the model (class, tensor names,
-shapes and dtypes, trainable tensors, ``popupify`` config) that ``check_compatible`` compares when resuming.
+optimizer steps, the metrics history, the ``TrainConfig``, a fingerprint of the model (class, tensor names,
+shapes and dtypes, trainable tensors, ``popupify`` config) and of each data set (``data``: length and a hash of a
+fixed sample of items, ``training.data.dataset_fingerprint``), which ``check_compatible`` compares when resuming.
 
 Integrity (version 2): the file is the zip archive ``torch.save`` writes, with one addition its zip format allows,
 a comment at the end: ``supermask_fx sha256=<64 hex digits>``, the SHA-256 of the archive as ``torch.save``
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files.atomic import atomic_file, remove_stale_temporaries
+from ..files.atomic import atomic_file, remove_stale_temporaries, write_error_reason
 
 FORMAT = "supermask_fx.training.checkpoint"
 VERSION = 2  # 2: the archive's SHA-256 in its zip comment; 1: no digest
@@ -114,8 +115,8 @@ def _reason(error: BaseException, folder: Path) -> str:
         cause = cause.__cause__ or cause.__context__
     if isinstance(error, RuntimeError) and "unexpected pos" in str(error) and _disk_full(folder):
         return _NO_SPACE  # torch writing to a path itself: the C++ stream's error, no errno
-    if isinstance(error, OSError):
-        return error.strerror or str(error)
+    if isinstance(error, OSError):  # permissions, a read-only file system, ...: the cause, never the temporary file
+        return write_error_reason(error, folder / "file")
     return f"{type(error).__name__}: {error}"
 
 
@@ -227,8 +228,12 @@ def model_fingerprint(model: nn.Module) -> dict:
     }
 
 
-def check_compatible(path: str | os.PathLike, state: dict, model_fp: dict, result_fields: dict) -> None:
-    """Raise ``CheckpointMismatchError`` if the checkpoint at ``path`` was made by another model or setting."""
+def check_compatible(
+    path: str | os.PathLike, state: dict, model_fp: dict, result_fields: dict, data_fp: dict | None = None
+) -> None:
+    """Raise ``CheckpointMismatchError`` if the checkpoint at ``path`` was made by another model, setting or data
+    (``data_fp``: ``{"train": dataset_fingerprint, "test": ... or None}``, compared with the checkpoint's ``"data"``;
+    checkpoints written before data fingerprints have none, and are not compared)."""
     saved = state.get("fingerprint", {})
     problems = []
     if saved.get("class") != model_fp["class"]:
@@ -270,6 +275,40 @@ def check_compatible(path: str | os.PathLike, state: dict, model_fp: dict, resul
             "settings it started with (the schedule and data order depend on them); start a new run in another "
             "out_dir to change them."
         )
+    saved_data = state.get("data")
+    if data_fp is not None and isinstance(saved_data, dict):
+        differs = []
+        for role, name in (("train", "training set"), ("test", "test set")):
+            theirs, ours = saved_data.get(role), data_fp.get(role)
+            if role == "test" and (theirs is None or ours is None):
+                continue  # a test set added or dropped on resume changes only what is evaluated
+            difference = _data_difference(theirs, ours)
+            if difference:
+                differs.append(f"the {name}: {difference}")
+        if differs:
+            raise CheckpointMismatchError(
+                f"{path} was made with other data: " + "; ".join(differs) + ". A resumed run must see the data it "
+                "started with (the order of the examples and what was learned so far depend on it): resume with "
+                "that data, or start a new run in another out_dir."
+            )
+
+
+def _data_difference(theirs, ours) -> str | None:
+    """How two ``dataset_fingerprint``s differ, in words; ``None`` if they do not (or cannot be compared)."""
+    if not isinstance(theirs, dict) or not isinstance(ours, dict):
+        return None if theirs == ours else f"{_describe_data(theirs)} in the checkpoint, {_describe_data(ours)} now"
+    if theirs.get("length") != ours.get("length"):
+        return f"{theirs.get('length')} examples in the checkpoint, {ours.get('length')} now"
+    if theirs.get("items") and ours.get("items") and theirs["items"] != ours["items"]:
+        return (
+            f"{ours.get('length')} examples both times, but other items (of {ours.get('sampled')} sampled at fixed "
+            "indices, some differ)"
+        )
+    return None
+
+
+def _describe_data(fingerprint) -> str:
+    return "none" if not isinstance(fingerprint, dict) else f"{fingerprint.get('length')} examples"
 
 
 def _normal(value):

@@ -11,6 +11,7 @@ from ..core.dataclass_io import dataclass_from_dict
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
+ON_NONFINITE = ("raise", "skip")
 
 # Fields that change what a run computes. A checkpoint records them; resuming with other values is refused,
 # because the resumed run could no longer end where the uninterrupted one would have.
@@ -79,6 +80,13 @@ class TrainConfig:
         progress: ``"auto"`` (a tqdm bar on a terminal, plain log lines otherwise), ``"bar"``, ``"lines"`` or
             ``"none"``.
         log_every: in ``"lines"`` mode, print a line every this many optimizer steps (0: per epoch only).
+        on_nonfinite: what a NaN or infinite training loss does. ``"raise"`` (default): the run stops with a
+            ``NonFiniteLossError`` naming the epoch, batch and optimizer step; the last checkpoint (of the epoch
+            before) stays as it was. ``"skip"``: the optimizer step that batch belongs to is not taken (its
+            gradients are dropped, the schedule goes on), BatchNorm statistics of that batch are undone, and each
+            epoch's metrics count ``nonfinite_batches`` and ``skipped_steps``; this costs one device
+            synchronisation per optimizer step. Not compared on resume: a run stopped by a NaN can resume with
+            ``"skip"``.
     """
 
     epochs: int = 100
@@ -108,6 +116,7 @@ class TrainConfig:
     resume: bool | str | os.PathLike = "auto"
     progress: str = "auto"
     log_every: int = 50
+    on_nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -125,6 +134,7 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("progress", self.progress, PROGRESS_CHOICES)
+        _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         for name in ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_epochs", "min_lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -7,12 +7,18 @@
   view whose ``__getitems__`` builds a whole batch in one tensor operation instead of per example.
 * ``RandomCropFlip``: the standard CIFAR augmentation (pad 4, random 32x32 crop, horizontal flip) on whole uint8
   batches, drawn from the torch random stream (restored on resume).
+* ``dataset_fingerprint``: a data set's length and a hash of a fixed sample of its items, recorded in checkpoints so
+  that a resume with other data is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import numbers
+import random
+from collections.abc import Mapping
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -145,3 +151,94 @@ class RandomCropFlip(Dataset):
         if device is not None:
             images, targets = images.to(device), targets.to(device)
         return self.dataset.normalize(images), targets
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+
+FINGERPRINT_SAMPLES = 16
+
+
+def dataset_fingerprint(dataset, samples: int = FINGERPRINT_SAMPLES) -> dict:
+    """``{"length": len(dataset), "items": sha256 hex or None, "sampled": count}``: what a checkpoint records of a
+    data set, so that a resume with other data is refused.
+
+    ``items`` hashes ``dataset[i]`` at ``samples`` evenly spaced indices (the first and the last included): the
+    dtype, shape and bytes of tensors and numpy arrays, the values of numbers, strings and bytes, the mode, size and
+    pixels of PIL images, and tuples, lists and dicts of those. The items are read under fixed seeds (python, numpy,
+    torch) that are restored afterwards, so random augmentations give the same items every time and the run's
+    random streams are untouched. An item of any other kind makes ``items`` ``None``: only the length is compared.
+    A change at an index that is not sampled is not seen: the fingerprint catches another data set, not every edit.
+    """
+    n = len(dataset)
+    count = min(n, samples)
+    indices = sorted({round(j * (n - 1) / max(count - 1, 1)) for j in range(count)}) if n else []
+    digest = hashlib.sha256(f"supermask_fx.dataset/{n}".encode())
+    try:
+        with _fixed_seeds():
+            for i in indices:
+                digest.update(f"[{i}]".encode())
+                _feed(digest, dataset[i])
+    except _Unhashable:
+        return {"length": n, "items": None, "sampled": 0}
+    return {"length": n, "items": digest.hexdigest(), "sampled": len(indices)}
+
+
+class _Unhashable(Exception):
+    pass
+
+
+def _feed(digest, item, depth: int = 0) -> None:
+    if depth > 8:
+        raise _Unhashable
+    if isinstance(item, torch.Tensor):
+        if item.layout != torch.strided:
+            raise _Unhashable
+        t = item.detach().to("cpu").contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(item, (str, bytes, bool, type(None))) or isinstance(item, numbers.Number):
+        digest.update(f"{type(item).__name__}:{item!r};".encode())
+    elif isinstance(item, (tuple, list)):
+        digest.update(f"{type(item).__name__}{len(item)}(".encode())
+        for x in item:
+            _feed(digest, x, depth + 1)
+        digest.update(b")")
+    elif isinstance(item, Mapping):
+        digest.update(f"map{len(item)}{{".encode())
+        for key in sorted(item, key=repr):
+            digest.update(f"{key!r}:".encode())
+            _feed(digest, item[key], depth + 1)
+        digest.update(b"}")
+    elif type(item).__module__ == "numpy" and hasattr(item, "dtype") and hasattr(item, "tobytes"):
+        if item.dtype.hasobject:
+            raise _Unhashable
+        digest.update(f"N{item.dtype}{getattr(item, 'shape', ())}".encode())
+        digest.update(item.tobytes())
+    elif hasattr(item, "getdata") and hasattr(item, "mode") and hasattr(item, "size") and hasattr(item, "tobytes"):
+        digest.update(f"I{item.mode}{tuple(item.size)}".encode())  # a PIL image
+        digest.update(item.tobytes())
+    else:
+        raise _Unhashable
+
+
+@contextlib.contextmanager
+def _fixed_seeds():
+    """Seeds 0 for python, numpy and torch (CPU) inside; every state as it was afterwards."""
+    python = random.getstate()
+    try:
+        import numpy as np
+
+        numpy_state = np.random.get_state()
+    except ImportError:
+        np = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        random.seed(0)
+        if np is not None:
+            np.random.seed(0)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            if np is not None:
+                np.random.set_state(numpy_state)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.data import DataLoader
 
 from ..files.atomic import atomic_file, remove_stale_temporaries
@@ -40,14 +41,24 @@ from .checkpoint import (
     model_fingerprint,
     rng_state,
     set_rng_state,
+    write_failure_reason,
 )
 from .config import TrainConfig
-from .data import EpochBatchSampler, batched, collate
+from .data import EpochBatchSampler, batched, collate, dataset_fingerprint
+from .lock import RunLock, RunLockedError
 from .metrics import topk_correct
 from .runlog import METRICS_NAME, RunLog
 from .schedule import warmup_cosine
 
-__all__ = ["train", "evaluate", "make_accelerator", "build_optimizer", "resolve_mixed_precision", "Run"]
+__all__ = [
+    "train",
+    "evaluate",
+    "make_accelerator",
+    "build_optimizer",
+    "resolve_mixed_precision",
+    "Run",
+    "NonFiniteLossError",
+]
 
 
 def resolve_mixed_precision(mode: str) -> str:
@@ -152,24 +163,32 @@ def train(
     Returns:
         ``{"history": [per-epoch metrics], "final": last epoch's metrics, "out_dir", "checkpoint",
         "resumed_from_epoch", "train_time_s"}``. Per-epoch metrics: ``epoch``, ``step``, ``lr``, ``train_loss``,
-        ``train_top1``, ``test_loss``, ``test_top1``, ``test_top5``, ``test_examples``, ``epoch_time_s``.
+        ``train_top1``, ``test_loss``, ``test_top1``, ``test_top5``, ``test_examples``, ``epoch_time_s``, and with
+        ``on_nonfinite="skip"`` ``nonfinite_batches`` and ``skipped_steps``.
 
     Raises:
         ValueError: bad settings (batch larger than the data set, empty data set, a model converted to float16
             or bfloat16: keep it in float32 and set ``mixed_precision``, ...).
         FileExistsError: ``resume=False`` and ``out_dir`` already holds a checkpoint.
-        CheckpointMismatchError: the checkpoint to resume was made by another model or other settings.
-        CheckpointError: a checkpoint could not be read or written (a previous one stays intact).
+        CheckpointMismatchError: the checkpoint to resume was made by another model, other settings or other
+            data (``dataset_fingerprint``: the length and a hash of a fixed sample of items).
+        RunLockedError: another run holds ``out_dir`` (the message names it: pid, host, start time).
+        CheckpointError: a checkpoint, ``config.json``, the lock or the folder could not be read or written (a
+            previous checkpoint stays intact); the message names the file and the cause.
+        NonFiniteLossError: a training loss was NaN or infinite (``on_nonfinite="raise"``); the message names the
+            epoch, batch and optimizer step, and the last checkpoint is the previous epoch's, intact.
     """
     config = config or TrainConfig()
     if overrides:
         config = replace(config, **overrides)
-    return Run(model, train_dataset, test_dataset, config, accelerator, loss_fn=loss_fn, callbacks=callbacks).fit()
+    with Run(model, train_dataset, test_dataset, config, accelerator, loss_fn=loss_fn, callbacks=callbacks) as run:
+        return run.fit()
 
 
 class Run:
-    """One training run; ``train`` is ``Run(...).fit()``. Its parts are usable on their own:
-    ``train_epoch(epoch)``, ``evaluate()``, ``save_checkpoint()``."""
+    """One training run; ``train`` is ``with Run(...) as run: run.fit()``. Its parts are usable on their own:
+    ``train_epoch(epoch)``, ``evaluate()``, ``save_checkpoint()``. A run with an ``out_dir`` holds that folder
+    (``lock.RunLock``) from its construction to ``close()``."""
 
     def __init__(self, model, train_dataset, test_dataset, config, accelerator=None, *, loss_fn=None, callbacks=()):
         self.config = config
@@ -182,8 +201,26 @@ class Run:
         self._check_data(train_dataset, test_dataset)
         self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+        self._lock = None
+        self._made_out_dir = False
+        try:
+            if self.out_dir is not None:  # one run per folder, from here to close()
+                self._on_main_process(self._hold_out_dir)
+            self._setup(model, train_dataset, test_dataset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, model, train_dataset, test_dataset) -> None:
+        config, acc = self.config, self.accelerator
         resume_from = self._resume_source()
         self.log = RunLog(acc.is_main_process, config.progress, self.out_dir, config.log_every)
+        self.data_fingerprint = None
+        if resume_from is not None or self.checkpoint_path is not None:
+            self.data_fingerprint = {
+                "train": dataset_fingerprint(train_dataset),
+                "test": dataset_fingerprint(test_dataset) if test_dataset is not None else None,
+            }
 
         # the model and what it trains
         self.base = unwrap(model)
@@ -257,23 +294,77 @@ class Run:
         self.model = acc.prepare_model(self.base) if self.trainable else self.base
         if self.optimizer is not None:
             self.optimizer = acc.prepare_optimizer(self.optimizer)
-        if acc.is_main_process and self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            stale = [
-                p.name
-                for name in (CHECKPOINT_NAME, METRICS_NAME)
-                for p in remove_stale_temporaries(self.out_dir / name)
-            ]
-            if stale:  # a run killed while writing: its temporary files are useless, the files they replace intact
-                self.log.print(f"removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale)}")
-            with atomic_file(self.out_dir / "config.json") as f:  # a crash mid-write keeps the previous file
-                f.write((json.dumps(config.to_dict(), indent=2) + "\n").encode())
-            if self.resumed_from_epoch is not None:
-                self.log.rewrite(self.history)
-            elif (self.out_dir / "metrics.jsonl").exists():
-                (self.out_dir / "metrics.jsonl").unlink()
+        if self.out_dir is not None:
+            self._on_main_process(self._prepare_out_dir)
         if restored_rng is not None:  # last: nothing after this may draw random numbers before the next epoch
             set_rng_state(restored_rng)
+
+    # ------------------------------------------------------------------------------------------ the run folder
+
+    def _on_main_process(self, work) -> None:
+        """``work()`` on process 0; a ``CheckpointError`` it raises is raised on every process (collective)."""
+        error = [None]
+        if self.accelerator.is_main_process:
+            try:
+                work()
+            except CheckpointError as e:
+                if self.world == 1:
+                    raise
+                error = [(type(e).__name__, str(e))]
+                raised = e
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(error, from_process=0)
+            if error[0] is not None:
+                if self.accelerator.is_main_process:
+                    raise raised
+                raise (RunLockedError if error[0][0] == "RunLockedError" else CheckpointError)(error[0][1])
+
+    def _hold_out_dir(self) -> None:
+        self._made_out_dir = not self.out_dir.exists()
+        self._lock = RunLock(self.out_dir).acquire()
+
+    def _prepare_out_dir(self) -> None:
+        """Process 0: clean up after killed writes, write ``config.json``, start or rewrite ``metrics.jsonl``;
+        a failure (a full disk, permissions) is a ``CheckpointError`` naming the file and the cause."""
+        out = self.out_dir
+        target = out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stale = [p.name for name in (CHECKPOINT_NAME, METRICS_NAME) for p in remove_stale_temporaries(out / name)]
+            if stale:  # a run killed while writing: its temporary files are useless, the files they replace intact
+                self.log.print(f"removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale)}")
+            target = out / "config.json"
+            with atomic_file(target) as f:  # a crash mid-write keeps the previous file
+                f.write((json.dumps(self.config.to_dict(), indent=2) + "\n").encode())
+            target = out / METRICS_NAME
+            if self.resumed_from_epoch is not None:
+                self.log.rewrite(self.history)
+            elif target.exists():
+                target.unlink()
+        except OSError as error:
+            kept = "; the files of the run so far are intact" if self.resumed_from_epoch is not None else ""
+            raise CheckpointError(
+                f"cannot write {target}: {write_failure_reason(error, target.parent)}{kept}"
+            ) from error
+
+    def close(self) -> None:
+        """Release the run folder (``train`` calls this when the run ends, however it ends); a ``Run`` that is
+        not closed holds its folder until it is garbage-collected or its process ends."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+        if getattr(self, "_made_out_dir", False):  # a run refused before it wrote anything leaves no empty folder
+            self._made_out_dir = False
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -319,7 +410,7 @@ class Run:
 
     def _load(self, path: Path) -> dict | None:
         state = load_checkpoint(path)
-        check_compatible(path, state, self.fingerprint, self.config.result_fields())
+        check_compatible(path, state, self.fingerprint, self.config.result_fields(), self.data_fingerprint)
         self.base.load_state_dict(state["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -360,6 +451,7 @@ class Run:
                 "history": self.history,
                 "config": self.config.to_dict(),
                 "fingerprint": self.fingerprint,
+                "data": self.data_fingerprint,
                 "world_size": self.world,
             }
             try:
@@ -418,7 +510,12 @@ class Run:
         }
 
     def train_epoch(self, epoch: int) -> dict:
-        """One pass over the training set; returns ``train_loss``, ``train_top1`` and ``lr``."""
+        """One pass over the training set; returns ``train_loss``, ``train_top1`` and ``lr`` (and, with
+        ``on_nonfinite="skip"``, ``nonfinite_batches`` and ``skipped_steps``).
+
+        Raises:
+            NonFiniteLossError: a batch's loss was NaN or infinite (``on_nonfinite="raise"``).
+        """
         c, acc = self.config, self.accelerator
         self.sampler.set_epoch(epoch)
         self.model.train()
@@ -432,6 +529,24 @@ class Run:
         self.log.start_epoch(epoch, c.epochs, self.steps_per_epoch)
         step_in_epoch = 0
         grad_ctx = contextlib.nullcontext if self.optimizer is not None else torch.no_grad
+        # Non-finite losses. A loss on the CPU is on the host already: it is checked at once, before its backward
+        # pass changes anything. On an accelerator, reading it would stall the device at every step: each loss is
+        # copied into a tensor on the device (one small copy, no synchronisation), read where the loop reads
+        # anyway: at the progress points that print the loss, and at the end of the epoch (the epoch's loss sum is
+        # not finite exactly when one of its losses was not). "skip" has to decide before each optimizer step: one
+        # read per step.
+        skip = c.on_nonfinite == "skip"
+        check_each = not skip and self.world == 1 and _loss_on_host(device)
+        losses = None
+        if not skip and not check_each:
+            losses = torch.zeros(self.micro_steps, dtype=torch.float32, device=device)
+        if skip:
+            seen = torch.zeros((), dtype=torch.float64, device=device)  # examples of batches with a finite loss
+            bad = torch.zeros((), dtype=torch.float64, device=device)  # batches with a non-finite loss
+            group_bad = torch.zeros((), dtype=torch.bool, device=device)
+            stats = [b for m in self.base.modules() if isinstance(m, _NormBase) for b in m.buffers(recurse=False)]
+        skipped = 0
+        step0 = self.step
         for i, (inputs, targets) in enumerate(self.train_loader):
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
@@ -440,36 +555,120 @@ class Run:
             boundary = (i + 1) % accum == 0 or i + 1 == self.micro_steps
             group = accum if i < full_groups_end else self.micro_steps - full_groups_end
             sync = contextlib.nullcontext() if boundary or self.optimizer is None else acc.no_sync(self.model)
+            if skip:
+                saved_stats = [b.detach().clone() for b in stats]
             with sync, grad_ctx():
                 with acc.autocast():
                     logits = _logits(self.model(inputs))
                 loss = self.loss_fn(logits.float(), targets)
+                if check_each:
+                    value = loss.detach().item()
+                    if not math.isfinite(value):
+                        self._stop_nonfinite(epoch, i, value, step0)
                 if self.optimizer is not None:
                     acc.backward(loss / group)
             with torch.no_grad():
                 n = targets.shape[0]
-                loss_sum += loss.detach().to(torch.float64) * n
-                correct += (logits.detach().argmax(1) == targets).sum()
-                seen += n
+                if skip:
+                    finite = torch.isfinite(loss.detach())
+                    for buffer, before in zip(stats, saved_stats):  # a skipped batch leaves BatchNorm statistics
+                        buffer.copy_(torch.where(finite, buffer, before))
+                    ok = finite.to(torch.float64)
+                    loss_sum += torch.where(finite, loss.detach().to(torch.float64), 0.0) * n
+                    correct += (logits.detach().argmax(1) == targets).sum() * ok
+                    seen += n * ok
+                    bad += 1 - ok
+                    group_bad |= ~finite
+                else:
+                    loss_sum += loss.detach().to(torch.float64) * n
+                    correct += (logits.detach().argmax(1) == targets).sum()
+                    seen += n
+                    if losses is not None:
+                        losses[i] = loss.detach()
             if boundary:
+                skip_step = False
+                if skip:
+                    flag = group_bad.to(torch.float32)
+                    if self.world > 1:  # every process skips the same steps
+                        flag = acc.reduce(flag, reduction="sum")
+                    skip_step = flag.item() > 0
+                    group_bad.zero_()
                 if self.optimizer is not None:
-                    if c.max_grad_norm is not None:
-                        acc.clip_grad_norm_(self.trainable, c.max_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    if skip_step:  # no update: the gradients are dropped, the schedule goes on with the data
+                        self.optimizer.zero_grad(set_to_none=True)
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
+                            self.scheduler.step()
+                    else:
+                        if c.max_grad_norm is not None:
+                            acc.clip_grad_norm_(self.trainable, c.max_grad_norm)
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                skipped += skip_step
                 self.step += 1
                 step_in_epoch += 1
                 if self.log.wants_step_stats(step_in_epoch):
-                    self.log.step(step_in_epoch, loss.item(), self._lr())
+                    if losses is not None and self.world == 1:  # the losses so far, read with the one printed
+                        read = torch.stack([loss.detach().double(), _first_nonfinite(losses[: i + 1])]).tolist()
+                        loss_value, first = read[0], int(read[1])
+                        if first <= i:
+                            self._stop_nonfinite(epoch, first, losses[first].item(), step0)
+                    else:
+                        loss_value = loss.item()
+                    self.log.step(step_in_epoch, loss_value, self._lr())
                 else:
                     self.log.step(step_in_epoch)
         self.log.end_epoch()
-        totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+        if not skip:
+            seen = torch.tensor(float(seen), dtype=torch.float64, device=device)
+            bad = torch.zeros((), dtype=torch.float64, device=device)
+        totals = torch.stack([loss_sum, correct, seen, bad])
         if self.world > 1:
             totals = acc.reduce(totals, reduction="sum")
-        loss_total, correct_total, seen_total = totals.tolist()
-        return {"lr": lr, "train_loss": loss_total / seen_total, "train_top1": correct_total / seen_total}
+        loss_total, correct_total, seen_total, bad_total = totals.tolist()
+        if losses is not None and not math.isfinite(loss_total):  # some process had a non-finite loss
+            first = _first_nonfinite(losses)
+            mine = torch.stack([first, losses[first.clamp(max=self.micro_steps - 1).long()].double()]).view(1, 2)
+            firsts = (acc.gather(mine) if self.world > 1 else mine).tolist()
+            rank = min(range(len(firsts)), key=lambda r: (firsts[r][0], r))  # the first batch of the first process
+            self._stop_nonfinite(epoch, int(firsts[rank][0]), firsts[rank][1], step0, rank)
+        metrics = {
+            "lr": lr,
+            "train_loss": loss_total / seen_total if seen_total else math.nan,
+            "train_top1": correct_total / seen_total if seen_total else math.nan,
+        }
+        if skip:
+            metrics["nonfinite_batches"] = int(bad_total)
+            metrics["skipped_steps"] = skipped
+            if skipped:
+                self.log.print(
+                    f"epoch {epoch + 1}: skipped {skipped} optimizer step(s): {int(bad_total)} batch(es) with a "
+                    "non-finite loss (NaN or inf in the inputs?)"
+                )
+        return metrics
+
+    def _stop_nonfinite(self, epoch: int, index: int, value: float, step0: int, rank: int = 0):
+        """Raise ``NonFiniteLossError`` for micro-batch ``index`` of ``epoch`` (0-based both; ``step0``: optimizer
+        steps done before the epoch)."""
+        c = self.config
+        step = step0 + index // c.grad_accum_steps + 1
+        where = f" on process {rank}" if self.world > 1 else ""
+        if self.checkpoint_path is not None and c.checkpoint and self.epoch > 0:
+            kept = f"{self.checkpoint_path} (epoch {self.epoch}) is unchanged: resume from it once the data is fixed"
+        elif self.checkpoint_path is not None and c.checkpoint:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = "checkpoints are off, nothing was saved"
+        raise NonFiniteLossError(
+            f"the training loss is {value} at epoch {epoch + 1}, batch {index + 1} of {self.micro_steps}{where} "
+            f"(optimizer step {step}): NaN or inf in that batch's inputs, or a model that diverged. The run stops "
+            f"here; {kept}. To skip such batches instead (no optimizer step, counted in the metrics), set "
+            "TrainConfig(on_nonfinite='skip').",
+            epoch=epoch + 1,
+            batch=index + 1,
+            step=step,
+        )
 
     def evaluate(self) -> dict:
         """Test-set metrics (every process gets them)."""
@@ -490,6 +689,18 @@ class Run:
                 dist.broadcast(buffer, src=0)
 
 
+def _first_nonfinite(losses: torch.Tensor) -> torch.Tensor:
+    """The index of the first non-finite entry of ``losses`` (a device scalar, float64), ``len(losses)`` if none."""
+    bad = ~torch.isfinite(losses)
+    positions = torch.arange(len(losses), device=losses.device, dtype=torch.float64)
+    return torch.where(bad, positions, float(len(losses))).min()
+
+
+def _loss_on_host(device: torch.device) -> bool:
+    """Whether reading a loss computed on ``device`` costs no synchronisation (the CPU computes eagerly)."""
+    return device.type == "cpu"
+
+
 def _refuse_half_models(model: nn.Module) -> None:
     """A model converted with ``.half()`` / ``.bfloat16()`` would meet float32 inputs ("expected m1 and m2 to have
     the same dtype"), and would keep its scores and optimizer state in 16 bits: say what to do instead."""
@@ -501,6 +712,15 @@ def _refuse_half_models(model: nn.Module) -> None:
             "'fp16', or 'auto'): the forward and backward passes then run in 16 bits under autocast while the "
             "scores, weights, masks and optimizer state stay float32"
         )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training batch's loss was NaN or infinite (``TrainConfig(on_nonfinite="raise")``). ``epoch`` and ``batch``
+    (1-based, ``batch`` a micro-batch of the epoch) and ``step`` (the optimizer step, 1-based) name it."""
+
+    def __init__(self, message: str, *, epoch: int | None = None, batch: int | None = None, step: int | None = None):
+        super().__init__(message)
+        self.epoch, self.batch, self.step = epoch, batch, step
 
 
 class _CrossEntropy:
