@@ -19,9 +19,10 @@ from .core.masks import (
     supermask_parameters,
 )
 from .core.popup import popupify
-from .core.state import restore
 from .files.materialize import materialize
+from .files.restore import restore
 from .files.subnetwork import SubnetworkFileError, load_subnetwork, save_subnetwork
+from .methods import Method, SampledOptions, register_method  # importing methods registers the built-in ones
 from .selection.topk import kept_count
 
 __version__ = "0.1.0"
@@ -44,4 +45,7 @@ __all__ = [
     "restore",
     "kept_count",
     "INITIALIZERS",
+    "Method",
+    "register_method",
+    "SampledOptions",
 ]

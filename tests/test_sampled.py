@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from supermask_fx import popupify
+from supermask_fx import materialize, popupify, restore
 from supermask_fx.core.state import RECORD_KEY
-from supermask_fx.methods.sampled import ZHOU_ET_AL, Sampled, configure, options
+from supermask_fx.methods.sampled import ZHOU_ET_AL, Sampled, SampledOptions, configure, options
 
 INF = float("inf")
 
@@ -151,11 +151,28 @@ def test_configure_sets_scores_and_survives_copies():
 
 def test_options_are_checked():
     with pytest.raises(ValueError, match="eval_rule"):
-        Sampled(eval_rule="expected")
+        Sampled(SampledOptions(eval_rule="expected"))
     with pytest.raises(ValueError, match="rescale"):
-        Sampled(rescale=1)
+        Sampled(SampledOptions(rescale=1))
+    with pytest.raises(ValueError, match="eval_rule"):
+        popupify(nn.Linear(4, 2, bias=False), k=0.5, method=SampledOptions(eval_rule="expected"))
+    with pytest.raises(ValueError, match="no option 'rescaled'"):
+        popupify(nn.Linear(4, 2, bias=False), k=0.5, method="sampled", method_options={"rescaled": True})
     with pytest.raises(ValueError, match="sampled"):
         configure(popupify(nn.Linear(4, 2, bias=False), k=0.5), eval_rule="sample")
+
+
+def test_typed_options_are_the_same_config_as_method_options():
+    typed = popupify(nn.Linear(4, 2, bias=False), k=0.5, seed=3, method=SampledOptions(**ZHOU_ET_AL))
+    named = popupify(nn.Linear(4, 2, bias=False), k=0.5, seed=3, method="sampled", method_options=ZHOU_ET_AL)
+    assert gated_layers_config(typed) == gated_layers_config(named)
+    assert gated_layers_config(typed).method == "sampled"
+
+
+def gated_layers_config(model):
+    from supermask_fx import gated_layers
+
+    return next(gate.config for _, gate in gated_layers(model))
 
 
 def test_method_options_at_popupify_are_applied_and_recorded():
@@ -210,3 +227,20 @@ def test_rescaling_keeps_the_scale_of_glorot_weights_and_doubles_kaiming_varianc
     glorot, kaiming = output_rms("xavier_signed_constant"), output_rms("signed_constant")
     assert 0.7 < glorot < 2.8  # about sqrt(2): the scale is kept
     assert 4.0 < kaiming / glorot < 8.0  # about 2 ** 2.5
+
+
+def test_with_rescaling_materialize_and_the_state_dict_bake_what_evaluation_computes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = popupify(net, k=0.5, method=SampledOptions(rescale=True)).eval()  # threshold evaluation
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        expected = model(x)
+        for module in (model[0], model[2]):  # the definition: w * (s >= 0) * numel / kept
+            mask = module.scores >= 0
+            manual = module._parameters["weight"] * mask * (mask.numel() / mask.sum())
+            assert torch.allclose(module.weight, manual)
+        assert torch.equal(materialize(model).eval()(x), expected)
+        torch.manual_seed(0)
+        fresh = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        assert torch.equal(restore(fresh, model.state_dict()).eval()(x), expected)

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 from .dataclass_io import dataclass_from_dict
 from .initializers import INITIALIZERS, NONLINEARITIES
+from .method import method_class, options_of
 
-METHODS = ("edge_popup", "sampled", "random", "dense")
 SCOPES = ("layer", "global")
 BIAS_RULES = ("zero", "keep")
 
@@ -24,9 +24,11 @@ class PopupConfig:
 
     Attributes:
         k: fraction of each layer's weights kept, in (0, 1] (the paper's k%; ``k=0.3`` keeps 30 %).
-        method: ``"edge_popup"`` (top-k of |scores|, straight-through), ``"sampled"`` (Zhou et al.: Bernoulli
-            of sigmoid(scores)), ``"random"`` (a fixed random top-k mask, nothing trained) or ``"dense"`` (no mask;
-            the weights themselves are trained: the learned-dense baseline with the same initialization).
+        method: the name of a registered method (``supermask_fx.methods``): ``"edge_popup"`` (top-k of |scores|,
+            straight-through), ``"sampled"`` (Zhou et al.: Bernoulli of sigmoid(scores)), ``"random"`` (a fixed
+            random top-k mask, nothing trained) or ``"dense"`` (no mask; the weights themselves are trained: the
+            learned-dense baseline with the same initialization); or a method's typed options
+            (``SampledOptions(eval_rule="sample")``), which set ``method`` and ``method_options`` together.
         init: weight distribution, one of ``INITIALIZERS`` (``signed_constant``, ``kaiming_normal``, ...).
         scaled: multiply the weight standard deviation by ``sqrt(1/k)`` (the paper's Section 4.5).
         seed: seed of every weight and initial score; the same seed gives the same tensors on any machine.
@@ -42,7 +44,8 @@ class PopupConfig:
             the weights ``popupify`` finds itself: weights of custom modules that reach the computation by other
             means than ``F.linear``/``F.conv*`` (``x @ W``, ``torch.addmm``). The module must read the weight as
             an attribute (``self.weight``). Each pattern must match a parameter of 2+ dimensions.
-        method_options: options of the method, as ``{name: value}`` (stored sorted as pairs). ``"sampled"`` takes
+        method_options: options of the method, as ``{name: value}`` (stored sorted as pairs), checked against the
+            method's ``Options`` dataclass. ``"sampled"`` takes
             ``eval_rule`` (``"threshold"``: ``s >= 0`` in evaluation, the default; ``"sample"``: a fresh Bernoulli
             mask, as Zhou et al.), ``rescale`` (dynamic weight rescaling, ``numel / kept``) and ``score_init`` (a
             constant for the initial scores; Zhou et al. use 0). ``supermask_fx.methods.sampled.ZHOU_ET_AL`` holds
@@ -67,6 +70,12 @@ class PopupConfig:
     method_options: tuple[tuple[str, object], ...] = field(default=())
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, str):  # typed options: SampledOptions(...) -> "sampled" + its options
+            if self.method_options:
+                raise ValueError("pass the method's options either as its Options object or as method_options")
+            name, chosen = options_of(self.method)
+            object.__setattr__(self, "method", name)
+            object.__setattr__(self, "method_options", chosen)
         if isinstance(self.layer_k, dict):
             object.__setattr__(self, "layer_k", tuple(self.layer_k.items()))
         else:
@@ -77,7 +86,7 @@ class PopupConfig:
         _check_k(self.k, "k")
         for pattern, k in self.layer_k:
             _check_k(k, f"layer_k[{pattern!r}]")
-        _check_choice("method", self.method, METHODS)
+        method_class(self.method)  # a registered method, or a ValueError naming those that are
         _check_choice("init", self.init, tuple(INITIALIZERS))
         _check_choice("scope", self.scope, SCOPES)
         _check_choice("mode", self.mode, ("fan_in", "fan_out"))
@@ -103,11 +112,14 @@ class PopupConfig:
                 f"method_options={self.method_options!r} must be a dict of option names to values"
             ) from None
         object.__setattr__(self, "method_options", options)
-        from ..methods import METHODS as _METHODS  # methods import nothing from config
-
-        _METHODS[self.method].check_options(dict(options))
+        method_class(self.method).parse_options(dict(options))
         if self.fan_in_fan_out and not self.include:
             raise ValueError("fan_in_fan_out=True applies to the include= weights, and include is empty")
+
+    def make_method(self):
+        """The ``Method`` object this config runs (its registered class with the options parsed)."""
+        cls = method_class(self.method)
+        return cls(cls.parse_options(dict(self.method_options)))
 
     def k_for(self, layer: str) -> float | None:
         """The ``layer_k`` override for a layer's module name, or ``None``."""
@@ -126,6 +138,17 @@ class PopupConfig:
     @classmethod
     def from_dict(cls, data: dict) -> PopupConfig:
         return dataclass_from_dict(cls, data)
+
+
+def config_differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
+    """``(field, their value, my value)`` for every field that differs between two ``PopupConfig.to_dict()`` forms
+    (a field one of them lacks, from an older record, counts as ``None``): the one comparison state_dict loads and
+    subnetwork files report."""
+    return [
+        (key, theirs.get(key), mine.get(key))
+        for key in sorted(set(theirs) | set(mine))
+        if theirs.get(key) != mine.get(key)
+    ]
 
 
 def _as_number(value: object) -> object:

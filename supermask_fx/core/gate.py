@@ -38,6 +38,7 @@ from ..graph.discover import WeightRef
 from ..selection import version_key
 from ..selection.kernels import buffer_like, masked_weight
 from . import recompute
+from .method import Method
 
 __all__ = [
     "Gate",
@@ -169,6 +170,23 @@ class Gate:
             self.key = key
         return self.effective_buffer
 
+    def bake(self, module: nn.Module) -> Tensor:
+        """The weight ``materialize`` and the ``state_dict`` store (a new tensor): with a fixed mask ``weight *
+        mask``, else what the method bakes (``Method.bake``)."""
+        fixed = module._buffers.get(self.mask_buffer)
+        weight = module._parameters[self.param].detach()
+        if fixed is not None:
+            return masked_weight(weight, fixed.to(weight.device))
+        return self.method.bake(self, module)
+
+    def is_baked(self, module: nn.Module, stored: Tensor) -> bool:
+        """Whether ``stored`` can be this layer's bake of its frozen weight (``Method.is_baked``; under a fixed
+        mask, the weight times a 0/1 mask)."""
+        weight = module._parameters[self.param].detach()
+        if module._buffers.get(self.mask_buffer) is not None:
+            return Method.is_baked(self.method, stored, weight)
+        return self.method.is_baked(stored, weight)
+
     def current_mask(self, module: nn.Module) -> Tensor:
         """The bool mask evaluation uses, shaped like the weight."""
         fixed = module._buffers.get(self.mask_buffer)
@@ -256,22 +274,23 @@ def _reads(module: nn.Module) -> dict[str, tuple[nn.Module, Gate]]:
 
 
 def _save_effective(self, destination, prefix, keep_vars):
-    """``state_dict``: gated weights as ``weight * mask`` (the evaluation mask): a plain model loading them is the
-    subnetwork (``state.py``). ``keep_vars=True`` (finding parameters, not saving) keeps the Parameters."""
+    """``state_dict``: gated weights as the method bakes them (``Gate.bake``: ``weight * mask`` with the evaluation
+    mask for top-k methods): a plain model loading them is the subnetwork (``state.py``). ``keep_vars=True``
+    (finding parameters, not saving) keeps the Parameters."""
     type(self)._supermask_base._save_to_state_dict(self, destination, prefix, keep_vars)
     if keep_vars:
         return
     with torch.no_grad():
         for name, (owner, gate) in _reads(self).items():
             if prefix + name in destination:
-                weight = owner._parameters[gate.param].detach()
-                destination[prefix + name] = masked_weight(weight, gate.current_mask(owner).to(weight.device))
+                destination[prefix + name] = gate.bake(owner)
 
 
 def _load_effective(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """``load_state_dict``: an incoming effective weight must be this model's frozen random weight times a 0/1 mask
-    (else the state_dict belongs to other weights, or is damaged); the frozen weight is kept. Trainable weights
-    (``method="dense"``, retraining under ``fix_masks``) load as they are."""
+    """``load_state_dict``: an incoming effective weight must be a bake of this model's frozen random weight
+    (``Method.is_baked``: the weight times a 0/1 mask for top-k methods), else the state_dict belongs to other
+    weights, or is damaged; the frozen weight is kept. Trainable weights (``method="dense"``, retraining under
+    ``fix_masks``) load as they are."""
     from .state import settings_already_refused
 
     check = not settings_already_refused()
@@ -283,7 +302,7 @@ def _load_effective(self, state_dict, prefix, local_metadata, strict, missing_ke
             continue  # missing keys and shape mismatches: reported by nn.Module as usual
         with torch.no_grad():
             incoming = incoming.to(weight.device, weight.dtype)
-            if check and not torch.equal(incoming, torch.where(incoming != 0, weight, torch.zeros_like(weight))):
+            if check and not gate.is_baked(owner, incoming):
                 error_msgs.append(
                     f"{key}: not this model's random weight times a 0/1 mask: the state_dict was saved from a model "
                     "with other weights (another seed, init or architecture), or is damaged"

@@ -140,8 +140,8 @@ def _check_fixable(pairs) -> None:
     if not pairs:
         raise ValueError("the model has no gated layer: call supermask_fx.popupify(model, k) first")
     for _, gate in pairs:
-        if gate.method.name == "dense":
-            raise ValueError("method='dense' has no mask to fix: its weights are trained directly")
+        if not gate.method.has_mask:
+            raise ValueError(f"method={gate.method.name!r} has no mask to fix: its weights are trained directly")
 
 
 def install_fixed_masks(model: nn.Module, pairs, masks, *, train_weights: bool = False) -> None:

@@ -11,16 +11,16 @@ from torch import nn
 
 from ..graph.discover import NORM_TYPES, Discovery, WeightRef, find_weights
 from ..graph.rule import NORM_IDENTITY
-from ..methods import METHODS, RankedLayer
-from ..selection import TopKSelector
+from ..selection import RankedLayer, TopKSelector
 from ..selection.topk import kept_count
 from .config import PopupConfig
 from .gate import Gate, adapter_modules, alias_parameter, gate_parameter, is_gated, scores_name, watch_optimizers
 from .initializers import draw_scores, draw_weight, generator_for, weight_std
 from .state import attach_hooks
+from .wrappers import wrapper_kind
 
-# The bias that goes with a gated weight, for the ``bias`` rule.
-_BIAS_OF = {
+# The bias that goes with a gated weight, for the ``bias`` rule (``constant_parameters``).
+BIAS_OF = {
     "weight": "bias",
     "in_proj_weight": "in_proj_bias",
     "q_proj_weight": "in_proj_bias",
@@ -98,7 +98,7 @@ def popupify(
         raise ValueError(f"{type(model).__name__} has no Linear, Conv or other weight-bearing layer to gate")
     _check_patterns(config, refs)
 
-    method = METHODS[config.method].from_options(dict(config.method_options))
+    method = config.make_method()
     layer_k = {ref: config.k_for(ref.module) for ref in refs}
     gates: list[tuple[nn.Module, Gate]] = []
     padding = _padding_rows(model)
@@ -107,17 +107,13 @@ def popupify(
             module = model.get_submodule(ref.module)
             k_layer = layer_k[ref] if layer_k[ref] is not None else config.k
             padding_idx = padding.get(id(module._parameters[ref.param]))
-            _redraw_weight(module, ref, config, k_layer, method.has_scores, padding_idx)
-            if config.bias == "zero":
-                bias = module._parameters.get(_BIAS_OF.get(ref.param, ""))
-                if bias is not None and bias.requires_grad:
-                    bias.zero_()
+            _redraw_weight(module, ref, config, k_layer, method, padding_idx)
             gate = Gate(ref.module, ref.param, method, k_layer, config=config, layout=ref, padding_idx=padding_idx)
             gate_parameter(module, gate)
             gates.append((module, gate))
         _alias_tied(model, gates)
-        _reset_norms(model, found.norms)
-    untrained = [name for name, p in model.named_parameters() if not p.requires_grad]
+        untrained = [name for name, p in model.named_parameters() if not p.requires_grad]
+        _set_constants(model, gates, config, untrained, found.norms)
     for p in model.parameters():
         p.requires_grad_(False)
     for module, gate in gates:
@@ -204,14 +200,8 @@ def _check_model(model: nn.Module) -> None:
     """Refuse models popupify cannot rewrite correctly: wrapped ones (the wrapper would not learn of the scores, and
     names would carry its prefix), ones with PEFT adapters, and ones without real tensors."""
     _check_no_adapters(model)
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    fsdp = any(
-        type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") or "FSDP" in type(m).__name__
-        for m in model.modules()
-    )
-    compiled = hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod", None), nn.Module)
-    if isinstance(model, wrappers) or fsdp or compiled:
-        kind = "torch.compile" if compiled else "FSDP" if fsdp else type(model).__name__
+    kind = wrapper_kind(model)
+    if kind is not None:
         raise ValueError(
             f"popupify got a model wrapped by {kind}: popupify the model first and wrap it afterwards, e.g. "
             "model = popupify(model, k); model = DistributedDataParallel(model) (or accelerator.prepare(model), "
@@ -315,20 +305,17 @@ def _padding_rows(model: nn.Module) -> dict[int, int]:
 
 
 def _redraw_weight(
-    module: nn.Module, ref: WeightRef, config: PopupConfig, k: float, with_scores: bool, padding_idx: int | None
+    module: nn.Module, ref: WeightRef, config: PopupConfig, k: float, method, padding_idx: int | None
 ) -> None:
     weight = module._parameters[ref.param]
     shape = tuple(weight.shape)
     weight.copy_(draw_layer_weight(config, ref.name, shape, k, ref, padding_idx))
-    if with_scores:
+    if method.has_scores:
         name = scores_name(ref.param)
         if name in module._parameters or hasattr(module, name):
             raise ValueError(f"{ref.module or 'the model'} already has an attribute {name!r}; cannot add scores")
         generator = generator_for(config.seed, ref.name, "scores")
-        scores = draw_scores(shape, generator, ref.fan_in_fan_out, ref.expert_dims, ref.fans)
-        constant = dict(config.method_options).get("score_init")
-        if constant is not None:  # e.g. Zhou et al.'s supermask: every keep probability 0.5 at the start
-            scores.fill_(float(constant))
+        scores = method.initial_scores(draw_scores(shape, generator, ref.fan_in_fan_out, ref.expert_dims, ref.fans))
         module.register_parameter(name, nn.Parameter(scores.to(weight.device, weight.dtype)))
 
 
@@ -343,16 +330,37 @@ def _alias_tied(model: nn.Module, gates: list[tuple[nn.Module, Gate]]) -> None:
                 alias_parameter(module, name, *owner)
 
 
-def _reset_norms(model: nn.Module, graph_norms: dict[str, str]) -> None:
-    """Normalization scales to 1 and shifts to 0: modules of ``NORM_TYPES`` and the parameters the graph showed in
-    that role (``{name: role}``, roles of ``graph.rule.NORM_IDENTITY``: hand-written RMS norms, Gemma's ``1 + w``)."""
+def constant_parameters(
+    model: nn.Module, pairs: list[tuple[nn.Module, Gate]], config: PopupConfig, untrained
+) -> dict[str, float]:
+    """``{qualified name: value}`` of the parameters ``popupify`` sets to a constant by module type, the one rule
+    popupify applies and subnetwork files rely on (they store such a parameter only when it holds another value):
+    the biases of gated layers with ``bias="zero"`` (0), and the scales (1) and shifts (0) of ``NORM_TYPES``
+    modules; never a parameter the model did not train (``untrained`` names: ``requires_grad=False`` before
+    popupify). Norms found only by the graph (hand-written RMS norms) are not here: popupify resets them from its
+    discovery, and files store their values."""
+    untrained = set(untrained)
+    prefix = {id(m): f"{name}." if name else "" for name, m in model.named_modules(remove_duplicate=False)}
+    out: dict[str, float] = {}
+    if config.bias == "zero":
+        for module, gate in pairs:
+            bias = BIAS_OF.get(gate.param)
+            if bias is not None and isinstance(module._parameters.get(bias), torch.Tensor):
+                out[prefix[id(module)] + bias] = 0.0
     for module in model.modules():
-        if isinstance(module, NORM_TYPES):
+        if isinstance(module, NORM_TYPES) and id(module) in prefix:
             for name, value in (("weight", 1.0), ("bias", 0.0)):
-                param = module._parameters.get(name)
-                if isinstance(param, torch.Tensor) and param.requires_grad:  # a norm the model does not train: data
-                    param.fill_(value)
+                if isinstance(module._parameters.get(name), torch.Tensor):
+                    out[prefix[id(module)] + name] = value
+    return {name: value for name, value in out.items() if name not in untrained}
+
+
+def _set_constants(model, gates, config: PopupConfig, untrained, graph_norms: dict[str, str]) -> None:
+    """Apply ``constant_parameters``, then set the norms the graph found to their identity (``{name: role}``, roles
+    of ``graph.rule.NORM_IDENTITY``: hand-written RMS norms, Gemma's ``1 + w``)."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in constant_parameters(model, gates, config, untrained).items():
+        params[name].fill_(value)
     for name, kind in graph_norms.items():
         params[name].fill_(NORM_IDENTITY[kind])
 

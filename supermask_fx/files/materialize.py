@@ -11,15 +11,17 @@ from ..core.gate import aliases_of, gates_of, ungate
 from ..core.masks import gated_layers
 from ..core.popup import unmark_config
 from ..core.state import detach_hooks
-from .subnetwork import unwrap
+from ..core.wrappers import unwrap
 
 
 def materialize(model: nn.Module) -> nn.Module:
-    """Return a deep copy of ``model`` in its original classes, each gated weight replaced by ``weight * mask``.
+    """Return a deep copy of ``model`` in its original classes, each gated weight replaced by what its method bakes
+    (``Method.bake``: ``weight * mask`` for top-k methods, what threshold evaluation computes for ``sampled``).
 
     The copy has no scores, no mask buffers and no supermask code: its ``state_dict`` loads into a freshly built
     model of the original architecture with ``load_state_dict`` and gives the same eval outputs; it exports with
-    ``torch.export`` / ``torch.onnx.export``. Masks are the evaluation masks (for ``sampled``: ``scores >= 0``).
+    ``torch.export`` / ``torch.onnx.export``. Masks are the evaluation masks (for ``sampled``: ``scores >= 0``,
+    with its rescaling multiplier when ``rescale=True``).
     The parameters of the copy require grad as they did before ``popupify`` (a fixed position table stays
     ``requires_grad=False``). ``model`` itself is unchanged.
     """
@@ -30,8 +32,7 @@ def materialize(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         baked = []
         for module, gate in pairs:
-            weight = module._parameters[gate.param]
-            baked.append((weight * gate.current_mask(module)).detach().clone())
+            baked.append(gate.bake(module))  # what the method computes in evaluation (Method.bake)
         for (module, gate), value in zip(pairs, baked):
             module._parameters[gate.param].copy_(value)  # in place: modules tied to this weight read it too
             if gate.scores is not None:

@@ -24,8 +24,9 @@ from pathlib import Path
 from transformers import AutoConfig, TrainerCallback
 
 from ..core.masks import check_no_adapters, gated_layers, mask_statistics
-from ..core.state import restore
-from ..files.subnetwork import save_subnetwork, unwrap
+from ..core.wrappers import unwrap
+from ..files.restore import restore
+from ..files.subnetwork import save_subnetwork
 
 SUBNETWORK_FILE = "subnetwork.safetensors"
 
@@ -110,4 +111,4 @@ def _warn_no_change(args, state, logs) -> None:
 
 def _has_masks(model) -> bool:
     pairs = list(gated_layers(unwrap(model)))
-    return bool(pairs) and pairs[0][1].method.name != "dense"
+    return bool(pairs) and pairs[0][1].method.has_mask

@@ -46,7 +46,7 @@ class SupermaskCallback(Callback):
         if not (self.write_subnetwork and trainer.is_global_zero and callback is not None and callback.dirpath):
             return
         pairs = list(gated_layers(pl_module))
-        if pairs and pairs[0][1].method.name != "dense":
+        if pairs and pairs[0][1].method.has_mask:
             root = next(m for m in pl_module.modules() if "_supermask_discovery" in m.__dict__)
             Path(callback.dirpath).mkdir(parents=True, exist_ok=True)
             save_subnetwork(root, Path(callback.dirpath) / SUBNETWORK_FILE)

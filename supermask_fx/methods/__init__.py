@@ -1,10 +1,23 @@
-"""The methods ``popupify`` can apply; each is a file. ``METHODS[name]()`` builds one."""
+"""The built-in methods; each is a file that registers itself (``supermask_fx.core.method.register_method``).
 
-from .base import Method
+``edge_popup`` and ``random`` (``edge_popup.py``), ``sampled`` (``sampled.py``, Zhou et al.), ``dense``
+(``dense.py``). A method of your own: subclass ``Method``, give it a ``name`` (and an ``Options`` dataclass if it
+takes options), and call ``register_method`` on it; ``popupify(model, k, method=name)`` then uses it.
+"""
+
+from ..core.method import Method, NoOptions, register_method, registered_methods
 from .dense import Dense
-from .edge_popup import EdgePopup, RandomSubnetwork, RankedLayer
-from .sampled import Sampled
+from .edge_popup import EdgePopup, RandomSubnetwork
+from .sampled import Sampled, SampledOptions
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (EdgePopup, Sampled, RandomSubnetwork, Dense)}
-
-__all__ = ["METHODS", "Method", "EdgePopup", "RandomSubnetwork", "Sampled", "Dense", "RankedLayer"]
+__all__ = [
+    "Method",
+    "NoOptions",
+    "register_method",
+    "registered_methods",
+    "EdgePopup",
+    "RandomSubnetwork",
+    "Sampled",
+    "SampledOptions",
+    "Dense",
+]

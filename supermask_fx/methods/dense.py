@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Method
+from ..core.method import Method, register_method
 
 
+@register_method
 class Dense(Method):
     name = "dense"
     has_scores = False
     trains_scores = False
     trains_weights = True
+    has_mask = False
 
     def effective_weight(self, gate, module: nn.Module, weight: Tensor) -> Tensor:
         return weight
@@ -20,3 +22,9 @@ class Dense(Method):
     def eval_mask(self, gate, module: nn.Module) -> Tensor:
         weight = module._parameters[gate.param]
         return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+
+    def bake(self, gate, module: nn.Module) -> Tensor:
+        return module._parameters[gate.param].detach().clone()
+
+    def is_baked(self, stored: Tensor, weight: Tensor) -> bool:
+        return True  # trained weights: any values

@@ -14,15 +14,14 @@ a bool tensor; which back-end computed it, and in what form it is kept, is the s
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor, nn
 
+from ..core.method import Method, register_method
 from ..selection.kernels import straight_through_grad
-from .base import Method
 
 
+@register_method
 class EdgePopup(Method):
     name = "edge_popup"
     uses_topk = True
@@ -43,6 +42,7 @@ class EdgePopup(Method):
         return gate.layer_mask.current().tensor()
 
 
+@register_method
 class RandomSubnetwork(EdgePopup):
     """A fixed random subnetwork: the top-k of random, frozen scores. Nothing is trained, nothing else changes."""
 
@@ -69,19 +69,3 @@ class StraightThrough(torch.autograd.Function):
         grad_scores = straight_through_grad(grad, scores, weight) if ctx.needs_input_grad[0] else None
         grad_weight = grad * mask if ctx.needs_input_grad[1] else None
         return grad_scores, grad_weight, None
-
-
-class RankedLayer(NamedTuple):
-    """A gated layer as its ``selection.TopKSelector`` sees it: the tensors it ranks, and whether a fixed mask
-    replaces the selected one (then it is not selected ahead of its own read)."""
-
-    module: nn.Module
-    gate: object
-
-    def tensors(self) -> tuple[Tensor, Tensor]:
-        """(scores, weight): the current Parameters."""
-        parameters = self.module._parameters
-        return parameters[self.gate.scores], parameters[self.gate.param]
-
-    def frozen(self) -> bool:
-        return self.module._buffers.get(self.gate.mask_buffer) is not None

@@ -23,12 +23,13 @@ Two options make it the method of Zhou et al.'s code (uber-research/deconstructi
   each layer's output variance relative to the unmasked layer, which Glorot-std weights absorb and Kaiming-std
   weights do not (a 5-layer conv net then starts with logits about 5 times too large and its scores saturate).
 
-``mask_stats``, ``fix_masks``, ``materialize`` and subnetwork files always use the threshold mask without the
-multiplier (one deterministic mask is what a file can hold); with ``eval_rule="sample"`` or ``rescale=True`` they
-describe the most likely mask, not what evaluation computes.
+``mask_stats``, ``fix_masks`` and subnetwork files use the threshold mask (one deterministic mask is what a file
+can hold; with ``eval_rule="sample"`` it is the most likely mask, not a sample). ``materialize`` and the
+``state_dict`` bake what threshold evaluation computes: the masked weight times the multiplier with ``rescale``.
 
-Choose them at ``popupify(model, k, method="sampled", method_options=ZHOU_ET_AL)`` (stored with the rest of the
-config in checkpoints and files), or change them on a popupified model with :func:`configure`.
+Choose them at ``popupify(model, k, method=SampledOptions(eval_rule="sample", rescale=True, score_init=0.0))`` or
+``popupify(model, k, method="sampled", method_options=ZHOU_ET_AL)`` (stored with the rest of the config in
+checkpoints and files), or change them on a popupified model with :func:`configure`.
 ``k`` has no effect on this method beyond ``scaled`` inits: the kept fraction is learned.
 """
 
@@ -39,12 +40,12 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from ..core.gate import gates_of
+from ..core.masks import gated_layers
+from ..core.method import Method, register_method
 from ..selection import version_key
 from ..selection.kernels import masked_weight
-from .base import Method
 
-__all__ = ["EVAL_RULES", "ZHOU_ET_AL", "Sampled", "configure", "options"]
+__all__ = ["EVAL_RULES", "ZHOU_ET_AL", "Sampled", "SampledOptions", "configure", "options"]
 
 EVAL_RULES = ("threshold", "sample")
 #: The settings of Zhou et al.'s code: sampled evaluation, dynamic weight rescaling, initial scores 0 (p = 0.5;
@@ -52,35 +53,66 @@ EVAL_RULES = ("threshold", "sample")
 ZHOU_ET_AL = {"eval_rule": "sample", "rescale": True, "score_init": 0.0}
 
 
+@dataclasses.dataclass(frozen=True)
+class SampledOptions:
+    """Options of ``method="sampled"`` (see the module docstring).
+
+    Attributes:
+        eval_rule: ``"threshold"`` (``s >= 0`` in evaluation) or ``"sample"`` (a fresh Bernoulli mask, as Zhou et al.).
+        rescale: dynamic weight rescaling, ``numel / kept`` per layer.
+        score_init: a constant for the initial scores (Zhou et al.: 0), or ``None`` for the Kaiming-uniform draw.
+    """
+
+    eval_rule: str = "threshold"
+    rescale: bool = False
+    score_init: float | None = None
+
+
+@register_method
 class Sampled(Method):
     name = "sampled"
-    OPTIONS = {"eval_rule": "threshold", "rescale": False, "score_init": None}
+    Options = SampledOptions
 
     @classmethod
-    def check_options(cls, options: dict) -> None:
-        super().check_options(options)
-        cls(options.get("eval_rule"), options.get("rescale"))
-        init = options.get("score_init")
+    def check_options(cls, options: SampledOptions) -> None:
+        if options.eval_rule not in EVAL_RULES:
+            raise ValueError(f"unknown eval_rule {options.eval_rule!r}; choose one of {', '.join(EVAL_RULES)}")
+        if not isinstance(options.rescale, bool):
+            raise ValueError(f"rescale={options.rescale!r} must be True or False")
+        init = options.score_init
         if init is not None and (isinstance(init, bool) or not isinstance(init, (int, float))):
             raise ValueError(f"score_init={init!r} must be a number or None")
 
-    @classmethod
-    def from_options(cls, options: dict) -> Sampled:
-        cls.check_options(options)
-        return cls(options.get("eval_rule"), options.get("rescale"))
+    def __init__(self, options: SampledOptions | None = None) -> None:
+        super().__init__(options)
+        self.check_options(self.options)
 
-    def __init__(self, eval_rule: str | None = None, rescale: bool | None = None) -> None:
-        eval_rule = "threshold" if eval_rule is None else eval_rule
-        if eval_rule not in EVAL_RULES:
-            raise ValueError(f"unknown eval_rule {eval_rule!r}; choose one of {', '.join(EVAL_RULES)}")
-        rescale = False if rescale is None else rescale
-        if not isinstance(rescale, bool):
-            raise ValueError(f"rescale={rescale!r} must be True or False")
-        self.eval_rule = eval_rule
-        self.rescale = rescale
+    @property
+    def eval_rule(self) -> str:
+        return self.options.eval_rule
 
-    def __repr__(self) -> str:
-        return f"Sampled(eval_rule={self.eval_rule!r}, rescale={self.rescale})"
+    @property
+    def rescale(self) -> bool:
+        return self.options.rescale
+
+    def initial_scores(self, drawn: Tensor) -> Tensor:
+        if self.options.score_init is None:
+            return drawn
+        return drawn.fill_(float(self.options.score_init))  # Zhou et al.: every keep probability 0.5 at the start
+
+    def bake(self, gate, module: nn.Module) -> Tensor:
+        """What threshold evaluation computes: ``w * (s >= 0)``, times ``numel / kept`` with ``rescale``."""
+        self._refresh_eval(gate, module._parameters[gate.scores], module._parameters[gate.param])
+        return gate.effective_buffer.clone()
+
+    def is_baked(self, stored: Tensor, weight: Tensor) -> bool:
+        """``weight * mask``, or with ``rescale`` also ``weight * mask * numel / kept`` (state_dicts saved before
+        the bake followed the multiplier hold the unscaled form; both load)."""
+        if super().is_baked(stored, weight) or not self.rescale:
+            return super().is_baked(stored, weight)
+        kept = stored != 0
+        scale = stored.numel() / max(int(kept.sum()), 1)
+        return torch.equal(stored, torch.where(kept, weight * scale, torch.zeros_like(weight)))
 
     def effective_weight(self, gate, module: nn.Module, weight: Tensor) -> Tensor:
         scores = module._parameters[gate.scores]
@@ -136,16 +168,18 @@ def configure(
     replaced: dict[int, Sampled] = {}
     configs: dict = {}
     found = False
-    for module in model.modules():
-        for gate in gates_of(module).values():
-            if not isinstance(gate.method, Sampled):
-                continue
+    for module, gate in gated_layers(model):
+        if isinstance(gate.method, Sampled):
             found = True
             old = gate.method
             if id(old) not in replaced:
-                replaced[id(old)] = Sampled(
-                    old.eval_rule if eval_rule is None else eval_rule, old.rescale if rescale is None else rescale
+                chosen = dataclasses.replace(
+                    old.options,
+                    eval_rule=old.eval_rule if eval_rule is None else eval_rule,
+                    rescale=old.rescale if rescale is None else rescale,
+                    score_init=old.options.score_init if score_init is None else float(score_init),
                 )
+                replaced[id(old)] = Sampled(chosen)
             gate.method = replaced[id(old)]
             if gate.config not in configs:  # the record in state_dicts and files says what runs
                 chosen = {"eval_rule": gate.method.eval_rule, "rescale": gate.method.rescale}
@@ -165,10 +199,9 @@ def configure(
 
 def options(model: nn.Module) -> dict[str, object]:
     """``{"eval_rule": ..., "rescale": ...}`` of the sampled layers of ``model`` (they share one setting)."""
-    for module in model.modules():
-        for gate in gates_of(module).values():
-            if isinstance(gate.method, Sampled):
-                return {"eval_rule": gate.method.eval_rule, "rescale": gate.method.rescale}
+    for _, gate in gated_layers(model):
+        if isinstance(gate.method, Sampled):
+            return {"eval_rule": gate.method.eval_rule, "rescale": gate.method.rescale}
     raise ValueError(f"{type(model).__name__} has no layer popupified with method='sampled'")
 
 

@@ -27,6 +27,16 @@ from __future__ import annotations
 
 from .backend import BACKENDS, ENVIRONMENT, backend_for, set_backend, version_key
 from .layer_mask import LayerMask
+from .ranked import RankedLayer
 from .selector import TopKSelector
 
-__all__ = ["BACKENDS", "ENVIRONMENT", "backend_for", "set_backend", "version_key", "LayerMask", "TopKSelector"]
+__all__ = [
+    "BACKENDS",
+    "ENVIRONMENT",
+    "backend_for",
+    "set_backend",
+    "version_key",
+    "LayerMask",
+    "RankedLayer",
+    "TopKSelector",
+]

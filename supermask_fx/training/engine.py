@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.data import DataLoader
 
+from ..core.wrappers import unwrap
 from ..files.atomic import atomic_file, remove_stale_temporaries
-from ..files.subnetwork import unwrap
 from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT,
