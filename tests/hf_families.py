@@ -182,6 +182,37 @@ def funnel():  # einsum weights: r_kernel (d_model, heads, d_head) contracted ov
     return FunnelForSequenceClassification(config), {"input_ids": _ids()}
 
 
+def jetmoe():  # experts as one (experts, out, in) tensor, read one matrix at a time by F.linear(x, weight[i])
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+
+    config = JetMoeConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_key_value_heads=1,
+        kv_channels=16,
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    return JetMoeForCausalLM(config), {"input_ids": _ids()}
+
+
+def nemotron():  # LayerNorm1P: layer_norm(x, w + 1, b)
+    from transformers import NemotronConfig, NemotronForCausalLM
+
+    config = NemotronConfig(**LM, head_dim=16)
+    return NemotronForCausalLM(config), {"input_ids": _ids()}
+
+
+def bit():  # weight-standardized convolutions: batch_norm over the weight itself before conv2d
+    from transformers import BitConfig, BitForImageClassification
+
+    config = BitConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3, num_groups=4)
+    return BitForImageClassification(config), {"pixel_values": torch.randn(2, 3, 32, 32)}
+
+
 FAMILIES = {
     f.__name__: f
     for f in (
@@ -202,6 +233,9 @@ FAMILIES = {
         roberta,
         gemma3,
         funnel,
+        jetmoe,
+        nemotron,
+        bit,
     )
 }
 

@@ -108,7 +108,7 @@ def test_every_weight_is_gated_and_nothing_else(family):
     untied = {g.name for _, g in pairs if not any(g.name.endswith(s) for s in ("lm_head.weight",))}
     assert untied <= reach, untied - reach
     for layer in mask_stats(model).layers:
-        assert layer.kept == kept_count(layer.numel, 0.5) or name in ("mixtral", "qwen2_moe", "granitemoe")
+        assert layer.kept == kept_count(layer.numel, 0.5) or name in ("mixtral", "qwen2_moe", "granitemoe", "jetmoe")
 
 
 def test_only_scores_train_and_norms_are_reset(family):
@@ -130,7 +130,8 @@ def assert_identity_norm(name: str, module: nn.Module) -> None:
     g = torch.Generator().manual_seed(0)
     if isinstance(module, nn.GroupNorm):
         x = torch.randn(2, width, 7, generator=g)
-        plain = [torch.nn.functional.group_norm(x, module.num_groups, eps=eps)]
+        normed = torch.nn.functional.group_norm(x, module.num_groups, eps=eps)
+        plain = [normed, torch.relu(normed)]  # BiT's GroupNorm carries its ReLU
     else:
         x = torch.randn(2, 5, width, generator=g)
         layer = torch.nn.functional.layer_norm(x, (width,), eps=eps)
@@ -186,12 +187,12 @@ def test_gpt2_conv1d_is_read_as_in_out():
     assert torch.equal(model.transformer.wte.weight, model.lm_head.weight)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
-def test_experts_are_drawn_and_ranked_one_matrix_at_a_time(name):
+@pytest.mark.parametrize("name, count", [("mixtral", 4), ("qwen2_moe", 4), ("jetmoe", 8)])
+def test_experts_are_drawn_and_ranked_one_matrix_at_a_time(name, count):
     model, _ = build(name)
     popupify(model, k=0.3)
     experts = [(m, g) for m, g in gated_layers(model) if m._parameters[g.param].dim() == 3]
-    assert len(experts) == 4  # gate_up_proj and down_proj of 2 layers
+    assert len(experts) == count  # 2 layers x (gate_up_proj, down_proj); JetMoE also its attention experts
     for module, gate in experts:
         w = module._parameters[gate.param]
         fan_in = w.shape[-1]  # (experts, out, in)

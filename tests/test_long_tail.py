@@ -76,6 +76,28 @@ def test_capturing_the_graph_leaves_bigbird_as_it_was():
         assert model(**inputs).logits.shape == (2, 3)
 
 
+def hooks_and_attributes(model: nn.Module) -> dict[str, tuple]:
+    out = {}
+    for name, m in model.named_modules():
+        hooks = {  # forward and backward hooks (popupify's own state_dict hooks on the root are deliberate)
+            k: tuple(v) for k, v in vars(m).items() if k.startswith(("_forward", "_backward")) and isinstance(v, dict)
+        }
+        out[name] = (sorted(k for k in vars(m) if not k.startswith("_supermask")), hooks)
+    return out
+
+
+@pytest.mark.parametrize("name", ["wav2vec2", "bert"])
+def test_capturing_the_graph_adds_no_hook_and_no_attribute(name):
+    model, _ = build(name)  # a transformers model's first forward installs output-capturing hooks
+    before = hooks_and_attributes(model)
+    popupify(model, k=0.5)
+    after = hooks_and_attributes(model)
+    assert after.keys() == before.keys()
+    for module_name, (names, hooks) in after.items():
+        assert hooks == before[module_name][1], module_name
+        assert set(names) == set(before[module_name][0]), module_name
+
+
 def test_use_cache_taken_through_kwargs_does_not_stop_export():
     model, _ = build("granitemoe")
     expected = {id(p) for p in model.parameters() if p.dim() >= 2 and p.requires_grad}

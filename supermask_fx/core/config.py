@@ -13,9 +13,12 @@ from dataclasses import asdict, dataclass, field
 from .dataclass_io import dataclass_from_dict
 from .initializers import INITIALIZERS, NONLINEARITIES
 from .method import method_class, options_of
+from .source import KEEP, KeptWeights, SeededDraw
 
 SCOPES = ("layer", "global")
 BIAS_RULES = ("zero", "keep")
+NORM_RULES = ("identity", "keep")
+SCORE_STARTS = ("random", "magnitude")
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,9 @@ class PopupConfig:
             random top-k mask, nothing trained) or ``"dense"`` (no mask; the weights themselves are trained: the
             learned-dense baseline with the same initialization); or a method's typed options
             (``SampledOptions(eval_rule="sample")``), which set ``method`` and ``method_options`` together.
-        init: weight distribution, one of ``INITIALIZERS`` (``signed_constant``, ``kaiming_normal``, ...).
+        init: weight distribution, one of ``INITIALIZERS`` (``signed_constant``, ``kaiming_normal``, ...), or
+            ``"keep"``: the model's own weights, bit for bit (a pretrained model's), frozen; files then store a
+            fingerprint of them instead of the seed (``core.source``).
         scaled: multiply the weight standard deviation by ``sqrt(1/k)`` (the paper's Section 4.5).
         seed: seed of every weight and initial score; the same seed gives the same tensors on any machine.
         scope: ``"layer"`` (top-k within each layer, the paper's default) or ``"global"`` (one top-k over all
@@ -39,7 +44,14 @@ class PopupConfig:
         mode: ``"fan_in"`` or ``"fan_out"``, for the Kaiming standard deviation.
         nonlinearity: gain of the Kaiming standard deviation (``"relu"`` gives sqrt 2).
         bias: ``"zero"`` sets the biases of gated layers to 0 (the paper's networks have none); ``"keep"`` keeps
-            the values the model was built with. Either way they are frozen.
+            the values the model was built with. Either way they are frozen. Default: ``"keep"`` with
+            ``init="keep"``, else ``"zero"``.
+        norms: ``"identity"``: normalization scales 1 and shifts 0 (the paper); ``"keep"``: their current values
+            (a pretrained model's). Either way frozen. Default: ``"keep"`` with ``init="keep"``, else
+            ``"identity"``.
+        scores: how the scores start: ``"random"`` (Kaiming-uniform from the seed, the paper) or ``"magnitude"``
+            (``|w|``: the first mask is the weights' own top-k by magnitude, ties by lowest flat index). Default:
+            ``"magnitude"`` with ``init="keep"``, else ``"random"``.
         include: ``fnmatch`` patterns of qualified parameter names (``"*.c_attn.weight"``) to gate in addition to
             the weights ``popupify`` finds itself: weights of custom modules that reach the computation by other
             means than ``F.linear``/``F.conv*`` (``x @ W``, ``torch.addmm``). The module must read the weight as
@@ -64,10 +76,12 @@ class PopupConfig:
     layer_k: tuple[tuple[str, float], ...] = field(default=())
     mode: str = "fan_in"
     nonlinearity: str = "relu"
-    bias: str = "zero"
+    bias: str | None = None
     include: tuple[str, ...] = field(default=())
     fan_in_fan_out: bool = False
     method_options: tuple[tuple[str, object], ...] = field(default=())
+    norms: str | None = None
+    scores: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):  # typed options: SampledOptions(...) -> "sampled" + its options
@@ -87,11 +101,21 @@ class PopupConfig:
         for pattern, k in self.layer_k:
             _check_k(k, f"layer_k[{pattern!r}]")
         method_class(self.method)  # a registered method, or a ValueError naming those that are
-        _check_choice("init", self.init, tuple(INITIALIZERS))
+        _check_choice("init", self.init, (*INITIALIZERS, KEEP))
+        kept = self.init == KEEP
+        for name, when_kept, otherwise in (
+            ("bias", "keep", "zero"),
+            ("norms", "keep", "identity"),
+            ("scores", "magnitude", "random"),
+        ):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, when_kept if kept else otherwise)
         _check_choice("scope", self.scope, SCOPES)
         _check_choice("mode", self.mode, ("fan_in", "fan_out"))
         _check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
         _check_choice("bias", self.bias, BIAS_RULES)
+        _check_choice("norms", self.norms, NORM_RULES)
+        _check_choice("scores", self.scores, SCORE_STARTS)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be a non-negative integer")
         if not isinstance(self.scaled, bool):
@@ -115,6 +139,14 @@ class PopupConfig:
         method_class(self.method).parse_options(dict(options))
         if self.fan_in_fan_out and not self.include:
             raise ValueError("fan_in_fan_out=True applies to the include= weights, and include is empty")
+
+    @property
+    def source(self):
+        """Where the frozen weights come from (``core.source``): ``KeptWeights()`` for ``init="keep"``, else the
+        ``SeededDraw`` of ``init``, ``scaled``, ``seed``, ``mode`` and ``nonlinearity``."""
+        if self.init == KEEP:
+            return KeptWeights()
+        return SeededDraw(self.init, self.scaled, self.seed, self.mode, self.nonlinearity)
 
     def make_method(self):
         """The ``Method`` object this config runs (its registered class with the options parsed)."""
@@ -142,13 +174,20 @@ class PopupConfig:
 
 def config_differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
     """``(field, their value, my value)`` for every field that differs between two ``PopupConfig.to_dict()`` forms
-    (a field one of them lacks, from an older record, counts as ``None``): the one comparison state_dict loads and
-    subnetwork files report."""
-    return [
-        (key, theirs.get(key), mine.get(key))
-        for key in sorted(set(theirs) | set(mine))
-        if theirs.get(key) != mine.get(key)
-    ]
+    (fields an older record lacks are completed as that version behaved first): the one comparison state_dict
+    loads and subnetwork files report."""
+    theirs, mine = _completed(theirs), _completed(mine)
+    keys = sorted(set(theirs) | set(mine))
+    return [(key, theirs.get(key), mine.get(key)) for key in keys if theirs.get(key) != mine.get(key)]
+
+
+def _completed(data: dict) -> dict:
+    """A config dict with the fields an older record lacks filled in (``bias``, ``norms``, ``scores`` resolved
+    from ``init``); a dict that does not parse as it is, for the caller to report."""
+    try:
+        return PopupConfig.from_dict(data).to_dict()
+    except (ValueError, TypeError):
+        return data
 
 
 def _as_number(value: object) -> object:

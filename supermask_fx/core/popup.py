@@ -15,7 +15,7 @@ from ..selection import RankedLayer, TopKSelector
 from ..selection.topk import kept_count
 from .config import PopupConfig
 from .gate import Gate, adapter_modules, alias_parameter, gate_parameter, is_gated, scores_name, watch_optimizers
-from .initializers import draw_scores, draw_weight, generator_for, weight_std
+from .initializers import draw_scores, generator_for
 from .state import attach_hooks
 from .wrappers import wrapper_kind
 
@@ -55,7 +55,10 @@ def popupify(
         weights: the exact weights to gate (``WeightRef``s, as recorded in a subnetwork file or checkpoint); skips
             discovery. Used by ``load_subnetwork`` and ``restore``.
         **options: the other ``PopupConfig`` fields (``method``, ``init``, ``scaled``, ``seed``, ``scope``,
-            ``layer_k``, ``mode``, ``nonlinearity``, ``bias``, ``include``, ``fan_in_fan_out``, ``method_options``).
+            ``layer_k``, ``mode``, ``nonlinearity``, ``bias``, ``norms``, ``scores``, ``include``,
+            ``fan_in_fan_out``, ``method_options``). ``init="keep"`` masks the weights the model holds (a
+            pretrained model's) instead of redrawing them; a Hugging Face model loaded with ``from_pretrained``
+            needs ``init`` named (``"keep"``, or a distribution to redraw it on purpose).
 
     Returns:
         ``model`` itself. Train it with ``torch.optim.SGD(supermask_parameters(model), ...)``.
@@ -77,6 +80,8 @@ def popupify(
     _check_model(model)
     if weights is None:
         _check_not_saved_subnetwork(model)
+        if not isinstance(k, PopupConfig) and "init" not in options:
+            _check_not_pretrained(model)
     if any(is_gated(m) for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} is already popupified; popupify a freshly built model instead "
@@ -186,6 +191,21 @@ def _check_not_saved_subnetwork(model: nn.Module) -> None:
     )
 
 
+def _check_not_pretrained(model: nn.Module) -> None:
+    """Refuse to redraw a Hugging Face model loaded from a checkpoint when no ``init`` was chosen: its config names
+    where the weights came from (``_name_or_path``), and popupify's default would silently replace them."""
+    hf_config = getattr(model, "config", None)
+    origin = getattr(hf_config, "_name_or_path", "") if hasattr(hf_config, "to_json_string") else ""
+    if isinstance(origin, str) and origin:
+        raise ValueError(
+            f"{type(model).__name__} was loaded from {origin!r} (its config says so), and popupify redraws the "
+            "weights it gates unless told otherwise. To learn masks over these pretrained weights, pass "
+            "init='keep' (the weights, biases and norms stay bit for bit; the first mask is each layer's top-k by "
+            "magnitude); to find a subnetwork in random weights on purpose, name the distribution, e.g. "
+            "init='signed_constant'"
+        )
+
+
 def _check_no_adapters(model: nn.Module) -> None:
     adapters = adapter_modules(model)
     if adapters:
@@ -250,38 +270,11 @@ def _warn_coverage(model: nn.Module, found: Discovery) -> None:
         )
 
 
-def draw_layer_weight(
-    config: PopupConfig,
-    name: str,
-    shape: tuple[int, ...],
-    k: float,
-    layout: WeightRef | None = None,
-    padding_idx: int | None = None,
-) -> torch.Tensor:
-    """The float32 CPU weight ``popupify`` gives the gated parameter ``name`` (``"<module>.<param>"``), its fans
-    read from ``layout`` (``fan_in_fan_out``: stored ``(in, out, ...)``; ``expert_dims``: a stack of matrices).
-    An embedding's ``padding_idx`` row (given, or the layout's ``padding_idx``: a ``Gate``) stays zero, as
-    ``nn.Embedding`` keeps it."""
-    if padding_idx is None:
-        padding_idx = getattr(layout, "padding_idx", None)
-    fan_in_fan_out = layout.fan_in_fan_out if layout is not None else False
-    expert_dims = layout.expert_dims if layout is not None else 0
-    given_fans = getattr(layout, "fans", None)
-    std = weight_std(
-        shape,
-        config.init,
-        mode=config.mode,
-        nonlinearity=config.nonlinearity,
-        k=k,
-        scaled=config.scaled,
-        fan_in_fan_out=fan_in_fan_out,
-        expert_dims=expert_dims,
-        given_fans=given_fans,
-    )
-    weight = draw_weight(shape, config.init, std=std, generator=generator_for(config.seed, name, "weight"))
-    if padding_idx is not None:
-        weight[padding_idx] = 0.0
-    return weight
+def expected_weight(gate, current: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The weight a gated layer must hold, from its config's source (``core.source``): the seeded draw (float32,
+    CPU), or for kept weights ``current`` itself."""
+    shape = tuple(current.shape) if current is not None else None
+    return gate.config.source.weight(gate.name, shape, gate.k, gate, current)
 
 
 def _shown(names: list[str]) -> str:
@@ -309,13 +302,19 @@ def _redraw_weight(
 ) -> None:
     weight = module._parameters[ref.param]
     shape = tuple(weight.shape)
-    weight.copy_(draw_layer_weight(config, ref.name, shape, k, ref, padding_idx))
+    source = config.source
+    if source.regenerates:
+        weight.copy_(source.weight(ref.name, shape, k, ref, padding_idx=padding_idx))
     if method.has_scores:
         name = scores_name(ref.param)
         if name in module._parameters or hasattr(module, name):
             raise ValueError(f"{ref.module or 'the model'} already has an attribute {name!r}; cannot add scores")
-        generator = generator_for(config.seed, ref.name, "scores")
-        scores = method.initial_scores(draw_scores(shape, generator, ref.fan_in_fan_out, ref.expert_dims, ref.fans))
+        if config.scores == "magnitude":  # the first mask: the weights' own top-k by |w|
+            drawn = weight.detach().abs().to("cpu", torch.float32, copy=True)
+        else:
+            generator = generator_for(config.seed, ref.name, "scores")
+            drawn = draw_scores(shape, generator, ref.fan_in_fan_out, ref.expert_dims, ref.fans)
+        scores = method.initial_scores(drawn)
         module.register_parameter(name, nn.Parameter(scores.to(weight.device, weight.dtype)))
 
 
@@ -335,9 +334,9 @@ def constant_parameters(
 ) -> dict[str, float]:
     """``{qualified name: value}`` of the parameters ``popupify`` sets to a constant by module type, the one rule
     popupify applies and subnetwork files rely on (they store such a parameter only when it holds another value):
-    the biases of gated layers with ``bias="zero"`` (0), and the scales (1) and shifts (0) of ``NORM_TYPES``
-    modules; never a parameter the model did not train (``untrained`` names: ``requires_grad=False`` before
-    popupify). Norms found only by the graph (hand-written RMS norms) are not here: popupify resets them from its
+    the biases of gated layers with ``bias="zero"`` (0), and with ``norms="identity"`` the scales (1) and shifts (0)
+    of ``NORM_TYPES`` modules; never a parameter the model did not train (``untrained`` names: ``requires_grad=False``
+    before popupify). Norms found only by the graph (hand-written RMS norms) are not here: popupify resets them from its
     discovery, and files store their values."""
     untrained = set(untrained)
     prefix = {id(m): f"{name}." if name else "" for name, m in model.named_modules(remove_duplicate=False)}
@@ -348,7 +347,7 @@ def constant_parameters(
             if bias is not None and isinstance(module._parameters.get(bias), torch.Tensor):
                 out[prefix[id(module)] + bias] = 0.0
     for module in model.modules():
-        if isinstance(module, NORM_TYPES) and id(module) in prefix:
+        if config.norms == "identity" and isinstance(module, NORM_TYPES) and id(module) in prefix:
             for name, value in (("weight", 1.0), ("bias", 0.0)):
                 if isinstance(module._parameters.get(name), torch.Tensor):
                     out[prefix[id(module)] + name] = value
@@ -356,13 +355,15 @@ def constant_parameters(
 
 
 def _set_constants(model, gates, config: PopupConfig, untrained, graph_norms: dict[str, str]) -> None:
-    """Apply ``constant_parameters``, then set the norms the graph found to their identity (``{name: role}``, roles
-    of ``graph.rule.NORM_IDENTITY``: hand-written RMS norms, Gemma's ``1 + w``)."""
+    """Apply ``constant_parameters``, then (``norms="identity"``) set the norms the graph found to their identity
+    (``{name: role}``, roles of ``graph.rule.NORM_IDENTITY``: hand-written RMS norms, Gemma's ``1 + w``)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, value in constant_parameters(model, gates, config, untrained).items():
         params[name].fill_(value)
-    for name, kind in graph_norms.items():
-        params[name].fill_(NORM_IDENTITY[kind])
+    if config.norms == "identity":
+        for name, kind in graph_norms.items():
+            if name not in untrained:
+                params[name].fill_(NORM_IDENTITY[kind])
 
 
 def _group(gates: list[tuple[nn.Module, Gate]], config: PopupConfig, layer_k: dict) -> None:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..core.config import PopupConfig, config_differences
 from ..core.gate import Gate, aliases_of, is_gated
 from ..core.masks import gated_layers, install_fixed_masks
-from ..core.popup import constant_parameters, draw_layer_weight, popupify
+from ..core.popup import constant_parameters, expected_weight, popupify
 from ..core.state import RECORD_KEY
 from ..core.wrappers import unwrap
 from ..graph.discover import WeightRef
@@ -63,6 +63,10 @@ __all__ = ["save_subnetwork", "load_subnetwork", "SubnetworkFileError", "pack_bi
 
 def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
     """Write ``model``'s subnetwork to ``path`` (atomically) and return the file size in bytes.
+
+    For random weights the file stores the seed (the weights are drawn again at load); for kept weights
+    (``init="keep"``) a SHA-256 fingerprint of each layer's weights, which a load checks against the model it is
+    given. Either way the masks take about 1 bit per weight.
 
     Raises:
         ValueError: the model is not popupified, uses ``method="dense"``, or its gated weights are no longer the
@@ -85,7 +89,7 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
     with torch.no_grad():
         for module, gate in pairs:
             weight = module._parameters[gate.param]
-            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k, gate)
+            regenerated = expected_weight(gate, weight.detach().cpu())  # kept weights: the weight itself
             if not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
                 raise ValueError(
                     f"the weights of {gate.name} are not the ones seed {config.seed} gives (were they retrained?); "
@@ -174,7 +178,9 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild the subnetwork saved at ``path`` in ``model`` and return it (masks fixed; call ``.eval()``).
 
     ``model`` is a freshly built model of the saved architecture (it is popupified with the stored config), or
-    one already popupified with the same config. Eval logits equal those of the saved model.
+    one already popupified with the same config; for a file of kept weights (``init="keep"``), a model holding
+    the same base weights (e.g. the same ``from_pretrained`` checkpoint). Eval logits equal those of the saved
+    model.
 
     Raises:
         SubnetworkFileError: not a subnetwork file, truncated or corrupted (anywhere: data or header), another
@@ -198,7 +204,13 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for (module, gate), layer in zip(pairs, info["layers"]):
             weight = module._parameters[gate.param]
-            regenerated = draw_layer_weight(config, gate.name, tuple(weight.shape), gate.k, gate)
+            regenerated = expected_weight(gate, weight.detach().cpu())
+            if _sha(regenerated) != layer["sha256"] and not config.source.regenerates:
+                raise SubnetworkFileError(
+                    f"{path}: the model's weights of {gate.name} are not the base weights the file's masks were "
+                    "found on (their SHA-256 differs): load those weights into the model (e.g. the same "
+                    "from_pretrained checkpoint) before load_subnetwork"
+                )
             if _sha(regenerated) != layer["sha256"]:
                 raise SubnetworkFileError(
                     f"{path}: the weights regenerated for {gate.name} from seed {config.seed} differ from those the "
@@ -421,8 +433,12 @@ def _stored_state(
     discovery = model.__dict__.get("_supermask_discovery")
     constants = constant_parameters(model, pairs, config, getattr(discovery, "untrained", ()))
     out = {}
+    seen: set[int] = set()  # a tensor held under several names (tied parameters) is stored once, under its first
     # keep_vars: gated weights come as the Parameters (skipped here), not as weight * mask: no copy of every layer
     for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
         value = value.detach()
         if key in regenerated or key.endswith(RECORD_KEY):
             continue

@@ -359,26 +359,36 @@ _PLAIN = (str, int, float, bool, type(None))
 @contextlib.contextmanager
 def _unchanged(model: nn.Module):
     """Leave ``model`` as it was, whatever its forward did while the graph was captured: the submodules,
-    parameters and buffers each module holds, and its plain attributes (strings, numbers, flags) and those of its
-    Hugging Face configs. BigBird, given a sequence too short for block-sparse attention, swaps its attention
-    modules for full ones and records that in an attribute; capturing the graph must not do that to the user's
-    model."""
+    parameters, buffers and hooks each module holds, its plain attributes (strings, numbers, flags) and those of
+    its Hugging Face configs, and no attribute it did not have. BigBird, given a sequence too short for
+    block-sparse attention, swaps its attention modules for full ones and records that in an attribute; a
+    transformers model's first forward installs output-capturing hooks and sets a flag; capturing the graph must
+    do neither to the user's model."""
     modules = list(model.modules())
     configs = _configs(model)
-    saved = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), _plain_attributes(m)) for m in modules]
+    saved = [(m, {k: dict(v) for k, v in _stores(m)}, _plain_attributes(m), set(vars(m))) for m in modules]
     saved_configs = [(c, _plain_attributes(c)) for c in configs]
     try:
         yield
     finally:
-        for module, children, params, buffers, plain in saved:
-            stores = ((module._modules, children), (module._parameters, params), (module._buffers, buffers))
-            for store, before in stores:
-                if store != before or any(store[key] is not value for key, value in before.items()):
+        for module, stores, plain, names in saved:
+            for key, store in _stores(module):
+                before = stores.get(key, {})
+                if store != before or any(store[k] is not v for k, v in before.items()):
                     store.clear()
                     store.update(before)
+            for key in set(vars(module)) - names:  # attributes the forward added
+                del vars(module)[key]
             _restore_plain(module, plain)
         for config, plain in saved_configs:
             _restore_plain(config, plain)
+
+
+def _stores(module: nn.Module):
+    """``(name, dict)`` of the dicts a module holds its children, tensors and hooks in."""
+    for key, value in vars(module).items():
+        if isinstance(value, dict) and (key in ("_modules", "_parameters", "_buffers") or "hook" in key):
+            yield key, value
 
 
 def _plain_attributes(obj) -> dict:

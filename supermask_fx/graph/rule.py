@@ -120,6 +120,7 @@ _PASS_THROUGH = _packets(
     "movedim",
     "swapaxes",
     "view_as",
+    "reshape_as",
     "_assert_tensor_metadata",
 )
 _WEIGHT_ARG = {
@@ -202,7 +203,7 @@ def _walk(source: fx.Node, node: fx.Node, swapped: bool = False, depth: int = 0)
             yield from _walk(source, user, swapped ^ _swaps(user), depth + 1)
         elif target in _WEIGHT_ARG:
             if _operand_index(user, node) == _WEIGHT_ARG[target]:
-                yield _weight(source, target, fan_in_fan_out=swapped if target in _LINEAR_LIKE else False)
+                yield _linear_weight(source, target, node, swapped)
             else:
                 yield GraphUse("added" if _operand_index(user, node) == 2 else "other", _name(target))
         elif _product_operands(target) is not None:
@@ -220,6 +221,10 @@ def _walk(source: fx.Node, node: fx.Node, swapped: bool = False, depth: int = 0)
             yield _weight(source, target, fan_in_fan_out=stored_in_out, product=True, read=read, operand=node)
         elif target in _EINSUM:
             yield _einsum_use(source, user, node, swapped)
+        elif target in _NORMS and _operand_index(user, node) == 0 and _derived_only_from(node, source):
+            # the parameter itself normalized (weight standardization, BiT's StdConv2d): follow it to its use
+            for use in _walk(source, user, swapped, depth + 1):
+                yield use if use is None or use.kind == "weight" else GraphUse("other", _name(target))
         elif target in _NORMS:
             scale, shift = _NORMS[target]
             position = _operand_index(user, node)
@@ -294,6 +299,19 @@ def _weight(
     return GraphUse("weight", _name(target), fan_in_fan_out=fan_in_fan_out, expert_dims=expert_dims, fans=fans)
 
 
+def _linear_weight(source: fx.Node, target, node: fx.Node, swapped: bool) -> GraphUse:
+    """The weight operand of ``linear`` / ``embedding`` / a convolution. A stack of matrices indexed down to one
+    before a ``linear`` (JetMoE's experts: ``F.linear(x, weight[i])``) is a stack of experts: each matrix is drawn
+    with its own fans and ranked as a layer of its own."""
+    if target not in _LINEAR_LIKE:
+        return _weight(source, target, fan_in_fan_out=False)
+    whole, used = _shape(source), _shape(node)
+    extra = len(whole) - len(used)
+    if extra > 0 and len(used) == 2 and tuple(whole[extra:]) in (tuple(used), tuple(used[::-1])):
+        return _weight(source, target, fan_in_fan_out=swapped, expert_dims=extra)
+    return _weight(source, target, fan_in_fan_out=swapped)
+
+
 def _own_fans(matrix: tuple[int, ...], fan_in_fan_out: bool) -> tuple[int, int]:
     """The fans ``supermask_fx.core.initializers.fans`` gives a matrix of this shape and layout."""
     receptive = math.prod(matrix[2:])
@@ -339,8 +357,8 @@ def _einsum_use(source: fx.Node, user: fx.Node, node: fx.Node, swapped: bool) ->
 
 
 def _scales_rms_by_one_plus(add: fx.Node, node: fx.Node) -> bool:
-    """Whether ``add`` is ``node + 1`` (or ``1 + node``) and its result, after casts, multiplies RMS-normalized
-    activations: Gemma's ``x_normed * (1 + w)``."""
+    """Whether ``add`` is ``node + 1`` (or ``1 + node``) and its result, after casts, scales normalized activations:
+    Gemma's ``x_normed * (1 + w)``, or the scale argument of a norm op (Nemotron's ``layer_norm(x, w + 1, b)``)."""
     if add.target not in _packets("add") or _operand_index(add, node) is None:
         return False
     constants = [a for a in add.args if not isinstance(a, fx.Node)]
@@ -359,10 +377,21 @@ def _scales_rms_by_one_plus(add: fx.Node, node: fx.Node) -> bool:
                     other = [a for a in user.args if isinstance(a, fx.Node) and a is not current]
                     if other and _is_rms_normalized(other[0]):
                         return True
+                elif user.target in _NORMS and _operand_index(user, current) == _NORMS[user.target][0]:
+                    return True
                 elif user.target in _PASS_THROUGH and _operand_index(user, current) == 0:
                     following.append(user)
         frontier = following
     return False
+
+
+def _derived_only_from(node: fx.Node, source: fx.Node, depth: int = 0) -> bool:
+    """Whether ``node`` is ``source`` seen through views and casts only."""
+    while node is not source and depth < 32:
+        if node.op != "call_function" or node.target not in _PASS_THROUGH or not node.args:
+            return False
+        node, depth = node.args[0], depth + 1
+    return node is source
 
 
 def _einsum_role(subscript: str, others: set[str], output: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from transformers import AutoConfig, TrainerCallback
 
 from ..core.masks import check_no_adapters, gated_layers, mask_statistics
+from ..core.popup import CONFIG_KEY
 from ..core.wrappers import unwrap
 from ..files.restore import restore
 from ..files.subnetwork import save_subnetwork
@@ -33,10 +34,25 @@ SUBNETWORK_FILE = "subnetwork.safetensors"
 __all__ = ["from_pretrained", "SupermaskCallback", "SUBNETWORK_FILE"]
 
 
-def from_pretrained(model_class, directory: str | os.PathLike, **config_kwargs):
-    """Build ``model_class`` (a ``PreTrainedModel`` class or an ``AutoModelFor...`` class) from the directory's
-    config and restore the popupified model saved there (``supermask_fx.restore``)."""
-    config = AutoConfig.from_pretrained(directory, **config_kwargs)
+def from_pretrained(model_class, directory: str | os.PathLike, base: str | os.PathLike | None = None, **kwargs):
+    """The popupified model saved in ``directory`` (by ``save_pretrained`` / ``Trainer.save_model``), trainable,
+    with the same logits (``supermask_fx.restore``). ``model_class`` is a ``PreTrainedModel`` class or an
+    ``AutoModelFor...`` class.
+
+    Random weights (the default ``init``) are drawn again from the saved seed, so the model is built from the
+    directory's config. Masks over pretrained weights (``init="keep"``) need those weights: ``base`` names the
+    checkpoint they came from (what ``model_class.from_pretrained`` takes), and the saved masked weights are checked
+    against it. ``kwargs`` go to ``AutoConfig.from_pretrained`` (or to ``from_pretrained`` of the base).
+    """
+    if base is not None:
+        return restore(model_class.from_pretrained(base, **kwargs), directory)
+    config = AutoConfig.from_pretrained(directory, **kwargs)
+    saved = getattr(config, CONFIG_KEY, None)
+    if isinstance(saved, dict) and saved.get("popupify", {}).get("init") == "keep":
+        raise ValueError(
+            f"{directory} holds masks over pretrained weights (init='keep'): pass base= the checkpoint they were "
+            "found on, e.g. from_pretrained(cls, directory, base='bert-base-uncased')"
+        )
     if hasattr(model_class, "from_config"):
         model = model_class.from_config(config)
     else:
