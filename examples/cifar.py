@@ -12,8 +12,8 @@ Recipe (Ramanujan et al. 2020, Section 4 and their code): SGD, lr 0.1, momentum 
 paper compares with: batch 60, lr 2e-4 for Conv2, 3e-4 otherwise, no weight decay. The learned dense baseline
 (``--method dense``) of these normalisation-free networks diverges at lr 0.1: with SGD it defaults to lr 0.01.
 Every explicit flag overrides the recipe. A run writes into ``--out`` (checkpoint.pt after every epoch,
-metrics.jsonl, config.json) and, at the end, the compact subnetwork file; ``--resume`` continues an interrupted
-run from its last checkpoint.
+metrics.jsonl, config.json, settings.json) and, at the end, the compact subnetwork file. The same command run
+again continues an interrupted run from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 try:
@@ -31,12 +32,8 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 import torch
 
 from supermask_fx import INITIALIZERS, PopupConfig, mask_stats, popupify, save_subnetwork
-from supermask_fx.data import (
-    DatasetFormatError,
-    DatasetNotFoundError,
-    ImageTensorDataset,
-    load_dataset,
-)
+from supermask_fx.data import DatasetFormatError, DatasetNotFoundError, load_dataset, random_subset
+from supermask_fx.data.subset import LIMIT_HELP, TEST_LIMIT_HELP
 from supermask_fx.models import MODEL_NAMES, build_model
 from supermask_fx.training import (
     CheckpointError,
@@ -47,13 +44,40 @@ from supermask_fx.training import (
     make_accelerator,
     train,
 )
+from supermask_fx.training.runlog import RESUME_HELP, check_run_folder, write_run_settings
 
 METHODS = ("edge_popup", "sampled", "random", "dense")
 DATASETS = ("cifar10", "fashion_mnist", "mnist")
+# The flags that change what a run computes: a run folder continues only with the same ones.
+RESULT_SETTINGS = (
+    "dataset",
+    "model",
+    "width",
+    "method",
+    "init",
+    "scaled",
+    "k",
+    "seed",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "label_smoothing",
+    "warmup_epochs",
+    "epochs",
+    "no_augment",
+    "limit",
+    "test_limit",
+    "mixed_precision",
+)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    epilog = "resuming:\n" + textwrap.fill(RESUME_HELP, 116, initial_indent="  ", subsequent_indent="  ")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=epilog, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--model", default="conv4", choices=MODEL_NAMES, help="network (default conv4)")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1)")
     p.add_argument("--method", default="edge_popup", choices=METHODS, help="default edge_popup")
@@ -79,12 +103,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing data set")
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip on CIFAR-10")
-    p.add_argument("--limit", type=int, help="use only the first N training images (smoke tests)")
-    p.add_argument("--test-limit", type=int, help="use only the first N test images")
+    p.add_argument("--limit", type=int, help=LIMIT_HELP)
+    p.add_argument("--test-limit", type=int, help=TEST_LIMIT_HELP)
     p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"), help="default auto")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: data is in memory)")
     p.add_argument("--out", help="run folder (default runs/cifar/<dataset>-<model>-...)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="only continue: stop if --out holds no checkpoint")
     add_progress_argument(p)
     return p
 
@@ -112,17 +136,6 @@ def run_name(args) -> str:
     return "-".join(parts)
 
 
-def subset(dataset: ImageTensorDataset, limit: int | None, seed: int) -> ImageTensorDataset:
-    """``limit`` examples drawn at random (seeded): the first ones of an image folder are all of one class."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    if limit < 1:
-        raise SystemExit(f"error: --limit / --test-limit must be positive (got {limit})")
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    d = dataset
-    return ImageTensorDataset(d.images[keep], d.targets[keep], d.info, split=d.split, source=d.source, exact=d.exact)
-
-
 def main(argv=None) -> dict:
     p = parser()
     args = p.parse_args(argv)
@@ -140,33 +153,13 @@ def main(argv=None) -> dict:
         p.error(str(error))
     if args.width <= 0:
         p.error(f"--width {args.width:g} must be positive")
+    for flag, value in (("--limit", args.limit), ("--test-limit", args.test_limit)):
+        if value is not None and value < 1:
+            p.error(f"{flag} {value} must be positive")
     hyper = recipe(args)
     out = Path(args.out) if args.out else Path("runs/cifar") / run_name(args)
 
     accelerator = make_accelerator(TrainConfig(mixed_precision=args.mixed_precision))
-    try:
-        with accelerator.main_process_first():  # one process downloads, the others then read
-            train_set = load_dataset(args.dataset, "train", root=args.data_dir, download=not args.no_download)
-            test_set = load_dataset(args.dataset, "test", root=args.data_dir, download=not args.no_download)
-    except (DatasetNotFoundError, DatasetFormatError) as error:
-        raise SystemExit(f"error: {error}") from None
-    train_set, test_set = subset(train_set, args.limit, args.seed), subset(test_set, args.test_limit, args.seed)
-    if args.dataset == "cifar10" and not args.no_augment:
-        train_set = RandomCropFlip(train_set, padding=4, flip=True)
-
-    try:
-        model = build_model(args.model, dataset=args.dataset, width=args.width)
-    except ValueError as error:
-        p.error(str(error))
-    popupify(
-        model,
-        1.0 if args.method == "dense" else args.k,
-        method=args.method,
-        init=args.init,
-        scaled=args.scaled,
-        seed=args.seed,
-    )
-
     per_process = max(1, hyper["batch_size"] // accelerator.num_processes)
     if per_process * accelerator.num_processes != hyper["batch_size"]:
         p.error(f"--batch-size {hyper['batch_size']} is not divisible by the {accelerator.num_processes} processes")
@@ -183,8 +176,37 @@ def main(argv=None) -> dict:
         seed=args.seed,
         num_workers=args.workers,
         out_dir=out,
-        resume=True if args.resume else False,
+        resume=True if args.resume else "auto",
         progress=args.progress,
+    )
+    settings = {key: getattr(args, key) for key in RESULT_SETTINGS} | hyper
+    try:  # before any data is read: a folder holding a run of other settings is refused at once
+        done = check_run_folder(out, settings, config, require=args.resume)
+    except (CheckpointError, CheckpointMismatchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        with accelerator.main_process_first():  # one process downloads, the others then read
+            train_set = load_dataset(args.dataset, "train", root=args.data_dir, download=not args.no_download)
+            test_set = load_dataset(args.dataset, "test", root=args.data_dir, download=not args.no_download)
+    except (DatasetNotFoundError, DatasetFormatError) as error:
+        raise SystemExit(f"error: {error}") from None
+    train_set = random_subset(train_set, args.limit, args.seed)
+    test_set = random_subset(test_set, args.test_limit, args.seed)
+    if args.dataset == "cifar10" and not args.no_augment:
+        train_set = RandomCropFlip(train_set, padding=4, flip=True)
+
+    try:
+        model = build_model(args.model, dataset=args.dataset, width=args.width)
+    except ValueError as error:
+        p.error(str(error))
+    popupify(
+        model,
+        1.0 if args.method == "dense" else args.k,
+        method=args.method,
+        init=args.init,
+        scaled=args.scaled,
+        seed=args.seed,
     )
     if accelerator.is_main_process:
         print(
@@ -194,8 +216,17 @@ def main(argv=None) -> dict:
             + f"; {args.optimizer} lr {hyper['lr']:g} batch {hyper['batch_size']} wd {hyper['weight_decay']:g}, "
             f"{args.epochs} epochs, {accelerator.num_processes} process(es) on {accelerator.device}"
         )
+        if done is not None and done >= args.epochs:
+            print(f"the run in {out} is complete ({done} epochs): reporting it again (another --out trains anew)")
+        elif done is not None:
+            print(f"continuing the run in {out} from its checkpoint: {done} of {args.epochs} epochs done")
+
+    def remember_settings(metrics) -> None:  # after each checkpoint: what a later command is compared with
+        if accelerator.is_main_process:
+            write_run_settings(out, settings)
+
     try:
-        result = train(model, train_set, test_set, config, accelerator)
+        result = train(model, train_set, test_set, config, accelerator, callbacks=[remember_settings])
     except (ValueError, FileExistsError, CheckpointError, CheckpointMismatchError) as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -37,7 +37,8 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 import torch
 
 from supermask_fx import load_subnetwork, mask_stats, popupify, save_subnetwork
-from supermask_fx.data import DatasetNotFoundError, load_dataset
+from supermask_fx.data import DatasetNotFoundError, load_dataset, random_subset
+from supermask_fx.data.subset import LIMIT_HELP
 from supermask_fx.models import build_model
 from supermask_fx.training import (
     CheckpointMismatchError,
@@ -48,6 +49,8 @@ from supermask_fx.training import (
     read_metrics,
     train,
 )
+from supermask_fx.training.config import PROGRESS_CHOICES
+from supermask_fx.training.runlog import RESUME_HELP, check_run_folder
 
 # The full run: Conv4 at width 0.25 (16-16-32-32 channels, FC 64-64-10), edge-popup 4 epochs, dense 2 epochs:
 # about 5.6 minutes of one core's CPU time (measured), so 3 to 4 minutes with the two threads an idle 2-core machine
@@ -59,12 +62,20 @@ APT = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
 TIMED_STEPS = 6  # optimizer steps timed per part for the expected duration
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog=f"resuming: {RESUME_HELP} Each setting gets its own run folder under --out, so other settings never "
+        "meet a run's folder; --fresh retrains.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    quick = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items() if v != FULL[k])
-    p.add_argument("--quick", action="store_true", help=f"1-minute smoke run on a subset ({quick})")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a 1-minute smoke run: {QUICK['train_limit']:,} training and {QUICK['test_limit']:,} test images drawn "
+        f"at random with --seed, {QUICK['epochs']} edge-popup and {QUICK['dense_epochs']} dense epochs (flags given "
+        "with it win)",
+    )
     p.add_argument(
         "--model", choices=("fc", "conv2", "conv4", "conv6", "conv8", "resnet18"), default=FULL["model"], help="network"
     )
@@ -77,7 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=FULL["dense_epochs"],
         help="epochs of the learned-dense reference (0: skip it)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the data order")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random weights, the data order and the random subsets"
+    )
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files; none: search the usual places")
     p.add_argument(
         "--install-data",
@@ -91,9 +104,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="parent folder; each setting (model, width, k, epochs, seed, ...) gets its own run folder",
     )
     p.add_argument("--fresh", action="store_true", help="discard an earlier run of the same settings and retrain")
-    p.add_argument("--limit", type=int, help="use only the first N training images")
+    p.add_argument("--limit", type=int, help=LIMIT_HELP)
     p.add_argument("--threads", type=int, help="CPU threads; none: all, or 1 if the machine is busy (measured)")
+    p.add_argument(
+        "--progress",
+        default="auto",
+        choices=PROGRESS_CHOICES,
+        help="auto: a progress bar with elapsed time and ETA when stdout is a terminal, else log lines with the ETA "
+        "(every 100 steps and per epoch); bar, lines, or none",
+    )
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit} must be positive")
     if args.quick:  # the preset overrides only what was not given on the command line
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
         for key, value in QUICK.items():
@@ -115,13 +142,13 @@ def run_folders(args, out: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def get_data(data_dir, allow_install: bool, train_limit=None, test_limit=None):
+def get_data(data_dir, allow_install: bool):
     """Fashion-MNIST train and test splits: local files, else apt-get (as root), else a torchvision download."""
 
     def load(download: bool):
         return (
-            load_dataset("fashion_mnist", "train", root=data_dir, download=download, limit=train_limit),
-            load_dataset("fashion_mnist", "test", root=data_dir, download=download, limit=test_limit),
+            load_dataset("fashion_mnist", "train", root=data_dir, download=download),
+            load_dataset("fashion_mnist", "test", root=data_dir, download=download),
         )
 
     try:
@@ -226,9 +253,8 @@ def recheck_threads(args):
     return callback
 
 
-def run(args, train_set, test_set, accelerator, method: str, epochs: int, folder: Path) -> dict:
-    model = build(args, method)
-    config = TrainConfig(
+def make_config(args, method: str, epochs: int, folder: Path) -> TrainConfig:
+    return TrainConfig(
         epochs=epochs,
         batch_size=128,
         lr=0.1 if method == "edge_popup" else 0.01,  # the dense net has no normalisation: 0.1 diverges
@@ -238,8 +264,14 @@ def run(args, train_set, test_set, accelerator, method: str, epochs: int, folder
         seed=args.seed,
         out_dir=folder,
         resume="auto",
+        progress=args.progress,
         log_every=100,
     )
+
+
+def run(args, train_set, test_set, accelerator, method: str, epochs: int, folder: Path) -> dict:
+    model = build(args, method)
+    config = make_config(args, method, epochs, folder)
     try:
         result = train(model, train_set, test_set, config, accelerator, callbacks=[recheck_threads(args)])
     except CheckpointMismatchError as error:
@@ -339,20 +371,27 @@ def main(argv=None) -> dict:
     if args.fresh:
         for folder in folders.values():
             shutil.rmtree(folder, ignore_errors=True)
-    t_start = time.perf_counter()
-    threads = pick_threads(args.threads)
-
-    train_set, test_set = get_data(
-        args.data_dir, args.install_data, args.limit or preset["train_limit"], preset["test_limit"]
-    )
-    print(
-        f"data: {train_set.display_name}, {len(train_set)} training / {len(test_set)} test images, "
-        f"from {train_set.source}"
-    )
-    print(f"threads: {threads}")
     parts = {"edge_popup": (args.epochs, folders["edge_popup"])}
     if args.dense_epochs > 0:
         parts["dense"] = (args.dense_epochs, folders["dense"])
+    for method, (epochs, folder) in parts.items():  # before any data is read
+        try:
+            check_run_folder(folder, config=make_config(args, method, epochs, folder))
+        except CheckpointMismatchError as error:
+            raise SystemExit(f"error: {error}") from None
+    t_start = time.perf_counter()
+    threads = pick_threads(args.threads)
+
+    train_set, test_set = get_data(args.data_dir, args.install_data)
+    full = len(train_set), len(test_set)
+    train_set = random_subset(train_set, args.limit or preset["train_limit"], args.seed)
+    test_set = random_subset(test_set, preset["test_limit"], args.seed)
+    subset = "" if (len(train_set), len(test_set)) == full else " (drawn at random with --seed)"
+    print(
+        f"data: {train_set.display_name}, {len(train_set)} training / {len(test_set)} test images{subset}, "
+        f"from {train_set.source}"
+    )
+    print(f"threads: {threads}")
     expected = estimate(args, train_set, test_set, parts)
     print(expected or "both parts are already trained in their run folders: reporting them (--fresh retrains)")
     accelerator = make_accelerator()

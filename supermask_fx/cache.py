@@ -11,7 +11,11 @@ __all__ = ["default_cache_dir", "is_writable_dir"]
 
 def default_cache_dir() -> Path:
     """Where supermask_fx keeps caches and downloads: ``$SUPERMASK_FX_CACHE``, else
-    ``$XDG_CACHE_HOME/supermask_fx``, else ``~/.cache/supermask_fx``."""
+    ``$XDG_CACHE_HOME/supermask_fx``, else ``~/.cache/supermask_fx``.
+
+    Inside: ``native/`` (compiled kernels), ``data/`` (torchvision downloads), ``extracted/`` (archives of data
+    sets, extracted once) and ``imagefolder/`` (decoded image folders). The data loaders write their caches here
+    only, never beside the data they read."""
     env = os.environ.get("SUPERMASK_FX_CACHE")
     if env:
         return Path(env).expanduser()

@@ -27,6 +27,7 @@ from supermask_fx.data import (
     read_idx,
     vision,
 )
+from supermask_fx.data.imagefolder import _archive_id, _safe_extractall
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST_DIR = SHARED_DATA / "mnist"
@@ -385,8 +386,8 @@ def test_image_folder_two_classes_and_cache(tmp_path, isolated):
     assert torch.equal(first.images, images[[0, 3, 1, 4, 2, 5]])  # PNG is lossless; classes interleaved
     assert first.targets.tolist() == [0, 1, 0, 1, 0, 1]
     assert first.cache_path is not None and first.cache_path.is_file()
-    assert first.cache_path.parent == root  # written next to the split folder
-    assert not list(root.glob(".*.tmp"))  # atomic write left no temporary file
+    assert first.cache_path.parent == isolated / "imagefolder"  # the library's cache folder, not the data's
+    assert not list(first.cache_path.parent.glob(".*.tmp"))  # atomic write left no temporary file
     second = load_image_folder(root / "train")
     assert second.from_cache and torch.equal(second.images, first.images)
     # adding an image invalidates the cache
@@ -483,7 +484,14 @@ def test_cifar_missing_split_folder(tmp_path, isolated):
         load_dataset("cifar10", "test", root=root, download=False)
 
 
-def test_cifar_archive_is_extracted_once(tmp_path, isolated):
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``folder`` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_cifar_archive_is_extracted_once_into_the_cache_not_beside_the_data(tmp_path, isolated, capsys):
+    """A writable data folder holding the archive: the extraction and the decoded caches go to the library's cache
+    folder, the data folder is left exactly as it was, and the first load says where on stderr."""
     src = tmp_path / "src"
     expected = make_image_folder(src, CIFAR_CLASSES, per_class=1, splits=("train", "test"))
     data = tmp_path / "data"
@@ -491,16 +499,58 @@ def test_cifar_archive_is_extracted_once(tmp_path, isolated):
     with tarfile.open(data / "cifar10-jpeg.tar.gz", "w:gz") as tf:
         tf.add(src / "train", arcname="train")
         tf.add(src / "test", arcname="test")
+    os.chmod(data, 0o755)  # read-write: writing beside the archive would be possible
+    before = _listing(data)
     ds = load_dataset("cifar10", "test", root=data, download=False)
     assert torch.equal(ds.images, expected["test"][0]) and ds.targets.tolist() == list(range(10))
-    extracted = data / "cifar10-jpeg"  # next to the archive
-    assert (extracted / "test" / "airplane" / "0000.png").is_file()
-    assert (extracted / "test-RGB.supermask_fx.pt").is_file()
+    assert _listing(data) == before  # nothing new, nothing changed in the user's folder
+    (extracted,) = (isolated / "extracted").iterdir()
+    assert extracted.name.startswith("cifar10-jpeg-") and (extracted / "test" / "airplane" / "0000.png").is_file()
+    (cached,) = (isolated / "imagefolder").iterdir()
+    assert cached.name.endswith("-test-RGB.supermask_fx.pt")
+    err = capsys.readouterr().err
+    assert f"extracting {data / 'cifar10-jpeg.tar.gz'} (once) into {extracted}" in err
+    assert f"cached them in {cached}" in err
     marker = extracted / ".supermask_fx-extracted"
     stamp = marker.stat().st_mtime_ns
     train = load_dataset("cifar10", "train", root=data, download=False)
     assert len(train) == 10 and marker.stat().st_mtime_ns == stamp  # not extracted again
+    assert "extracting" not in capsys.readouterr().err
+    again = load_dataset("cifar10", "test", root=data, download=False)  # from the cache: says nothing
+    assert torch.equal(again.images, ds.images) and capsys.readouterr().err == ""
     assert extract_archive(data / "cifar10-jpeg.tar.gz") == extracted
+    assert _listing(data) == before
+
+
+def test_an_extraction_beside_the_archive_by_an_earlier_version_is_reused(tmp_path, isolated):
+    src = tmp_path / "src"
+    make_image_folder(src / "wrapped", ["x", "y"], per_class=1, size=4)
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-sample.tar.gz", "w:gz") as tf:
+        tf.add(src / "wrapped", arcname="wrapped")
+    old = data / "cifar-sample"  # where versions before this one extracted
+    with tarfile.open(data / "cifar-sample.tar.gz") as tf:
+        _safe_extractall(tf, old)
+    (old / ".supermask_fx-extracted").write_text(_archive_id(data / "cifar-sample.tar.gz"))
+    assert extract_archive(data / "cifar-sample.tar.gz") == old
+    assert not (isolated / "extracted").exists()
+
+
+def test_extraction_into_an_unwritable_cache_names_the_fix(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    make_image_folder(data / "src", ["x"], per_class=1, size=4)
+    with tarfile.open(data / "cifar-sample.tar.gz", "w:gz") as tf:
+        tf.add(data / "src", arcname="src")
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o555)
+    monkeypatch.setenv("SUPERMASK_FX_CACHE", str(cache))
+    try:
+        with pytest.raises(DatasetNotFoundError, match="SUPERMASK_FX_CACHE") as exc:
+            extract_archive(data / "cifar-sample.tar.gz")
+        assert str(cache) in str(exc.value) and "tar xzf" in str(exc.value)
+    finally:
+        os.chmod(cache, 0o755)
 
 
 def test_archive_in_readonly_dir_goes_to_cache(tmp_path, isolated):
@@ -618,3 +668,25 @@ def test_image_folder_limit_covers_every_class(tmp_path):
     split = load_image_folder(tmp_path / "train", cache=False)
     assert split.targets.tolist() == [0, 1, 2] * 4
     assert split.images[:3, 0, 0, 0].tolist() == [0, 0, 0] and split.images[3:6, 0, 0, 0].tolist() == [1, 1, 1]
+
+
+def test_random_subset_is_seeded_and_spans_the_classes_of_a_sorted_folder():
+    """What every --limit of the examples takes: not the first N (in a class-sorted folder, one class)."""
+    from supermask_fx.data import random_subset, subset_indices
+
+    info = dataset_info("mnist")
+    targets = torch.arange(10).repeat_interleave(50)  # 500 examples, class after class
+    images = (
+        torch.arange(500, dtype=torch.int64).remainder(256).to(torch.uint8).view(500, 1, 1, 1).expand(-1, 1, 28, 28)
+    )
+    ds = ImageTensorDataset(images.contiguous(), targets, info, split="train", source="sorted")
+    first = random_subset(ds, 40, seed=0)
+    assert len(first) == 40 and len(set(first.targets.tolist())) >= 8  # the first 40 would all be class 0
+    assert torch.equal(random_subset(ds, 40, seed=0).targets, first.targets)  # the same 40 on every run
+    assert not torch.equal(random_subset(ds, 40, seed=1).targets, first.targets)
+    assert first.source == "sorted" and first.info is info and first.split == "train"
+    keep = subset_indices(500, 40, 0)
+    assert torch.equal(first.images, ds.images[keep]) and keep.tolist() == sorted(set(keep.tolist()))
+    assert random_subset(ds, None, 0) is ds and random_subset(ds, 500, 0) is ds
+    with pytest.raises(ValueError, match="positive"):
+        subset_indices(500, 0, 0)

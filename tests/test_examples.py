@@ -59,7 +59,7 @@ def test_fashion_mnist_quick_finds_saves_and_plots(tmp_path):
     bits = r"masks 1\.00 bits per weight; the file 1\.\d\d bits per weight\n +with [\d,]+ bytes of header"
     assert re.search(bits, text)  # k = 0.5: one bit per weight for the masks, the header on top
     results = json.loads((out / "results.json").read_text())
-    assert results["quick"] and results["edge_popup_test_top1"] > 0.5  # 10 classes: chance is 0.1 (measured 0.695)
+    assert results["quick"] and results["edge_popup_test_top1"] > 0.5  # 10 classes: chance is 0.1 (measured 0.688)
     assert results["reloaded_subnetwork_test_top1"] == results["edge_popup_test_top1"]
     assert results["dense_test_top1"] > 0.5
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -135,21 +135,54 @@ def test_cifar_script_rejects_bad_arguments(args, message, capsys):
 
 
 @pytest.mark.needs_data("mnist")
-def test_cifar_script_batch_larger_than_data_and_existing_run(tmp_path):
+def test_cifar_script_batch_larger_than_data_and_existing_run(tmp_path, monkeypatch, capsys):
     cifar = script("cifar")
     base = ["--dataset", "mnist", "--model", "fc", "--width", "0.1", "--epochs", "1", "--mixed-precision", "no"]
-    base += ["--progress", "none", "--test-limit", "50", "--out", str(tmp_path / "run")]
+    base += ["--test-limit", "50", "--out", str(tmp_path / "run")]
+    quiet = ["--progress", "none"]
     with pytest.raises(SystemExit, match=r"batch_size=512 is larger than the training set: 100 examples"):
-        cifar.main([*base, "--limit", "100", "--batch-size", "512"])
-    cifar.main([*base, "--limit", "100", "--batch-size", "50"])
+        cifar.main([*base, *quiet, "--limit", "100", "--batch-size", "512"])
+    first = cifar.main([*base, "--progress", "lines", "--limit", "100", "--batch-size", "50"])
+    assert first["resumed_from_epoch"] is None
+    # the epoch's line gives the learning rate of its first step and after its last (cosine over 2 steps: to 0)
+    assert re.search(r"^epoch 1  .*  lr 0\.1000->0\.0000  ", capsys.readouterr().out, re.M)
     saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    with pytest.raises(SystemExit, match="already exists: pass resume=True \\(or --resume\\)"):
-        cifar.main([*base, "--limit", "100", "--batch-size", "50"])
-    with pytest.raises(SystemExit, match="batch_size: checkpoint 50, now 25"):  # another setting: refused
-        cifar.main([*base, "--limit", "100", "--batch-size", "25", "--resume"])
+    again = cifar.main([*base, *quiet, "--limit", "100", "--batch-size", "50"])  # the same command: continues
+    assert again["resumed_from_epoch"] == 1 and "is complete (1 epochs)" in capsys.readouterr().out
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the run folder was checked")
+
+    monkeypatch.setattr(cifar, "load_dataset", no_data)
+    with pytest.raises(SystemExit) as exit_:  # another setting: refused at once, naming it
+        cifar.main([*base, *quiet, "--limit", "100", "--batch-size", "25"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--batch-size 50 there, 25 now" in err and "another --out" in err
+    with pytest.raises(SystemExit) as exit_:
+        cifar.main([*base, *quiet, "--limit", "100", "--batch-size", "50", "--out", str(tmp_path / "new"), "--resume"])
+    assert exit_.value.code == 2 and "holds no checkpoint to continue" in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
-    again = cifar.main([*base, "--limit", "100", "--batch-size", "50", "--resume"])  # the same one: resumes
-    assert again["resumed_from_epoch"] == 1
+
+
+def test_every_limit_is_the_same_seeded_random_subset_in_every_help_and_the_docs():
+    from supermask_fx.data.subset import LIMIT_HELP
+
+    flat = lambda text: " ".join(text.split())  # noqa: E731
+    for name in ("cifar", "fashion_mnist", "imagenet"):
+        helped = flat(script(name).parser().format_help())
+        assert f"--limit LIMIT {LIMIT_HELP}" in helped, name
+        assert "first N" not in helped, name
+    assert f"--limit N`: {LIMIT_HELP}" in flat((REPO / "docs" / "training.md").read_text())
+
+
+def test_fashion_mnist_help_names_only_flags_that_exist():
+    fm = script("fashion_mnist")
+    p = fm.parser()
+    helped = p.format_help()
+    flags = {option for action in p._actions for option in action.option_strings}
+    assert "--progress" in flags and "train-limit" not in helped and "test-limit" not in helped
+    assert set(re.findall(r"--[a-z][a-z-]+", helped)) <= flags
+    assert fm.parse_args(["--quick", "--progress", "lines"]).progress == "lines"
 
 
 # ---------------------------------------------------------------------------------------------- imagenet.py
@@ -173,10 +206,15 @@ def test_imagenet_script_end_to_end_on_a_tiny_image_folder(tmp_path):
     make_image_folder(tmp_path / "images")
     out = tmp_path / "run"
     args = ["--data-dir", tmp_path / "images", "--model", "resnet18", "--epochs", "1", "--image-size", "32"]
-    args += ["--batch-size", "4", "--workers", "0", "--out", out, "--progress", "none"]
+    args += ["--batch-size", "4", "--workers", "0", "--out", out, "--progress", "lines"]
     done = run([EXAMPLES / "imagenet.py", *args], cwd=tmp_path, HF_DATASETS_CACHE=str(tmp_path / "hf"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "8 train / 6 eval images, 2 classes" in done.stdout
+    assert "fp32 on cpu" in done.stdout and "no precision" not in done.stdout
+    assert "1 epoch(s) (0.2 of warm-up)" in done.stdout  # at most a fifth of the run
+    assert re.search(r"^epoch 1  .*  lr \d\.\d{4}->0\.0000  ", done.stdout, re.M)  # first step's rate -> the end's
+    # a local folder: no download or progress chatter from datasets
+    assert "Downloading" not in done.stderr and "Generating" not in done.stderr and "%|" not in done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_test_examples"] == 6 and summary["kept_fraction"] == pytest.approx(0.3, abs=0.01)
     import torchvision
@@ -193,11 +231,129 @@ def test_imagenet_script_rejects_unknown_model(tmp_path, capsys):
     assert exit_.value.code == 2 and "unknown torchvision model 'resnet1000'" in capsys.readouterr().err
 
 
+def test_imagenet_without_data_says_what_is_missing_in_a_few_lines(monkeypatch, capsys):
+    imagenet = script("imagenet")
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        imagenet.main([])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert 3 <= len(lines) <= 8 and "usage:" not in err and lines[0].startswith("imagenet.py: error: no data")
+    assert "--data-dir DIR/train/<class>/" not in err and "DIR/train/<class>/*.JPEG" in err
+    assert "--dataset ILSVRC/imagenet-1k" in err and imagenet.TINY in err and "--help" in err
+    # under `accelerate launch`, which repeats a child's stderr in its own traceback: said once, on stdout
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")
+    with pytest.raises(SystemExit) as exit_:
+        imagenet.main([])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and err == "" and out.count("no data") == 1 and "accelerate launch -q" in out
+
+
+def test_imagenet_help_shows_how_to_start():
+    from supermask_fx.training.runlog import RESUME_HELP
+
+    imagenet = script("imagenet")
+    helped = imagenet.parser().format_help()
+    flat = " ".join(helped.split())
+    assert imagenet.TINY in helped and "ILSVRC2012_img_train.tar" in helped and "ILSVRC/imagenet-1k" in helped
+    assert "--max-steps" in helped and "--workers WORKERS DataLoader workers per process (default" in flat
+    assert RESUME_HELP in flat
+
+
+def test_imagenet_warmup_is_at_most_a_fifth_of_the_run():
+    imagenet = script("imagenet")
+    for argv, epochs, warmup in (
+        ([], 100, 5.0),
+        (["--epochs", "5"], 5, 1.0),
+        (["--epochs", "1"], 1, 0.2),
+        (["--epochs", "5", "--warmup-epochs", "3"], 5, 3.0),  # given: as given
+        (["--max-steps", "10"], 1, 0.2),
+    ):
+        args = imagenet.parser().parse_args(["--data-dir", "x", *argv])
+        imagenet.plan(args)
+        assert (args.epochs, args.warmup_epochs) == (epochs, warmup), argv
+
+
+def make_sorted_folder(root: Path, classes: int = 4, per_class: int = 6) -> None:
+    """An image folder whose classes come one after another, as every image folder's files do."""
+    from PIL import Image
+
+    for split, n in (("train", per_class), ("val", 1)):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (c, i, 0)).save(root / split / f"class{c}" / f"{i:03d}.png")
+
+
+def test_imagenet_limit_draws_from_several_classes_the_same_every_time(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("torchvision")
+    import contextlib
+    import types
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    make_sorted_folder(tmp_path / "images")
+    imagenet = script("imagenet")
+    args = imagenet.parser().parse_args(["--data-dir", str(tmp_path / "images"), "--limit", "8"])
+    accelerator = types.SimpleNamespace(main_process_first=contextlib.nullcontext)
+
+    def drawn(seed):
+        args.seed = seed
+        train_set, _, classes = imagenet.load_splits(args, accelerator, args.limit)
+        assert len(train_set) == 8 and len(classes) == 4
+        return [(row["label"], row["image"].getpixel((0, 0))) for row in train_set.ds]
+
+    first = drawn(0)
+    assert len({label for label, _ in first}) >= 3  # the first 8 files would be 6 of class 0 and 2 of class 1
+    assert drawn(0) == first and drawn(1) != first  # the same 8 with the same seed
+
+
+def test_imagenet_refuses_a_folder_of_other_settings_before_loading_data(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torchvision")
+    imagenet = script("imagenet")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"a checkpoint")  # only its presence matters here
+    from supermask_fx.training.runlog import write_run_settings
+
+    args = imagenet.parser().parse_args(["--data-dir", str(tmp_path), "--model", "resnet18", "--batch-size", "4"])
+    imagenet.plan(args)
+    args.lr = 0.004
+    write_run_settings(out, {**{key: getattr(args, key) for key in imagenet.RESULT_SETTINGS}, "k": 0.5})
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the run folder was checked")
+
+    monkeypatch.setattr(imagenet, "load_splits", no_data)
+    argv = ["--data-dir", str(tmp_path), "--model", "resnet18", "--batch-size", "4", "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_:
+        imagenet.main([*argv, "--progress", "none"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--k 0.5 there, 0.3 now" in err and "another --out" in err
+    assert err.count("there,") == 1  # only the setting that differs
+
+
+def test_imagenet_max_steps_is_a_quick_look(tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("torchvision")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    make_sorted_folder(tmp_path / "images", classes=2, per_class=8)
+    imagenet = script("imagenet")
+    argv = ["--data-dir", str(tmp_path / "images"), "--model", "resnet18", "--image-size", "16", "--batch-size", "2"]
+    argv += ["--workers", "0", "--mixed-precision", "no", "--progress", "none", "--out", str(tmp_path / "run")]
+    summary = imagenet.main([*argv, "--max-steps", "3"])
+    assert summary["final_step"] == 3 and summary["final_epoch"] == 1  # 3 steps of 2 images: 6 of the 16
+    assert "6 train / 2 eval images" in capsys.readouterr().out
+    again = imagenet.main([*argv, "--max-steps", "3"])  # the same command again: the finished run, reported
+    assert again["final_step"] == 3 and "is complete (1 epoch(s))" in capsys.readouterr().out
+
+
 def test_fashion_mnist_gets_the_data_itself_or_says_what_to_run(monkeypatch, capsys):
     fm = script("fashion_mnist")
     calls, installed = [], []
 
-    def fake_load(name, split, root=None, download=True, limit=None):
+    def fake_load(name, split, root=None, download=True):
         if installed or (download and "download works" in calls):
             return f"{split} split"
         raise DatasetNotFoundError("not found")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,10 +362,14 @@ def test_cifar10_k_smoke_runs_end_to_end(tmp_path, monkeypatch, restore_threads)
     from supermask_fx.experiments import runner
 
     _tiny_cifar_folder(tmp_path / "data")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*"))
     monkeypatch.setenv(sdata.ENV_VAR, str(tmp_path / "data"))
+    monkeypatch.setenv("SUPERMASK_FX_CACHE", str(tmp_path / "cache"))  # the decoded images go here
     monkeypatch.setattr(runner, "_DATA", {})
     path = tmp_path / "results.csv"
     assert main(["cifar10_k", "--smoke", "--csv", str(path), "--nice", "0"]) == 0
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before  # nothing beside
+    assert any((tmp_path / "cache" / "imagefolder").iterdir())
     rows = read_rows(path)
     assert sorted(r["method"] for r in rows) == ["dense", "edge_popup"]
     width = SCALES["small"].conv_width / 4
@@ -375,3 +380,22 @@ def test_cifar10_k_smoke_runs_end_to_end(tmp_path, monkeypatch, restore_threads)
     ep = next(r for r in rows if r["method"] == "edge_popup")
     assert int(ep["kept_weights"]) < int(ep["total_weights"])
     assert runner._DATA[("cifar10", "train", 256)].images.shape == (256, 3, 32, 32)
+
+
+def test_results_go_under_runs_not_over_the_committed_ones(tmp_path, monkeypatch, restore_threads, capsys):
+    """Without --csv a run appends to runs/experiments/<scale>/results.csv of the current folder (docs/results/ holds
+    the committed results); --help gives --scale's choices and default."""
+    from supermask_fx.experiments import runner
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    assert "--scale {small,paper} small (default):" in helped and "runs/experiments/<scale>/results.csv" in helped
+    assert "default docs/results" not in helped
+    used = []
+    monkeypatch.setattr(runner, "run_all", lambda specs, csv_path, **kwargs: used.append(csv_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["fig7_distributions", "--smoke", "--nice", "0"]) == 0
+    assert main(["fig7_distributions", "--no-estimate", "--nice", "0"]) == 0
+    assert main(["decide", "--nice", "0"]) == 0
+    assert used == [Path("runs/experiments") / name / "results.csv" for name in ("smoke", "small", "cpu")]

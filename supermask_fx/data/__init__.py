@@ -16,6 +16,7 @@ from .idx import read_idx
 from .imagefolder import ImageFolderSplit, extract_archive, load_image_folder
 from .info import DATASET_NAMES, DatasetInfo, canonical_name, dataset_info
 from .paths import default_cache_dir
+from .subset import random_subset, subset_indices
 from .vision import (
     ENV_VAR,
     ImageTensorDataset,
@@ -43,6 +44,8 @@ __all__ = [
     "load_dataset",
     "load_image_folder",
     "local_copy_is_exact",
+    "random_subset",
     "read_idx",
     "search_locations",
+    "subset_indices",
 ]

@@ -2,7 +2,10 @@
 
 Decoding tens of thousands of small JPEG/PNG files takes a while, so the decoded ``uint8`` tensors of a split
 are cached in a ``.pt`` file (written atomically) and reused while the folder's file list, sizes and
-modification times are unchanged. PIL (Pillow) is imported lazily and is only needed for this layout.
+modification times are unchanged. Archives are extracted once. Both go to the library's cache folder
+(``supermask_fx.cache.default_cache_dir()``: ``$SUPERMASK_FX_CACHE``, else ``$XDG_CACHE_HOME/supermask_fx``,
+else ``~/.cache/supermask_fx``), never into the folder that holds the data, and the first load says where on
+stderr. PIL (Pillow) is imported lazily and is only needed for this layout.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
 import warnings
@@ -127,11 +131,17 @@ def _interleave_classes(items: list[tuple[Path, int]]) -> list[tuple[Path, int]]
     return [(path, label) for _, label, _, path in sorted(keyed)]
 
 
-def _cache_candidates(split_dir: Path, mode: str, cache_dir: Path | None) -> list[Path]:
+def _cache_file(split_dir: Path, mode: str, cache_dir: Path | None) -> Path:
+    """The decoded cache of ``split_dir``: in ``cache_dir`` (default ``<cache>/imagefolder``), named by a hash of
+    the folder's absolute path, never beside the data."""
     name = f"{split_dir.name}-{mode}.supermask_fx.pt"
     key = hashlib.sha1(str(split_dir.resolve()).encode()).hexdigest()[:16]
-    fallback = (cache_dir or default_cache_dir() / "imagefolder") / f"{key}-{name}"
-    return [split_dir.parent / name, fallback]
+    return (cache_dir or default_cache_dir() / "imagefolder") / f"{key}-{name}"
+
+
+def _say(message: str) -> None:
+    """One line on stderr: where the library wrote something the user did not ask for by name."""
+    print(f"supermask_fx: {message}", file=sys.stderr, flush=True)
 
 
 def _try_load_cache(path: Path, fingerprint: str, classes: tuple[str, ...]):
@@ -201,11 +211,14 @@ def load_image_folder(
             :class:`DatasetFormatError`. If None, the sorted sub-folder names are used.
         mode: PIL mode the images are converted to: ``"RGB"`` (3 channels) or ``"L"`` (1 channel).
         image_size: required height = width; if None, taken from the first image. Every image must match.
-        cache: read/write the decoded tensors from/to ``<split_dir>/../<split>-<mode>.supermask_fx.pt``
-            (or, if that folder is not writable, a file under ``cache_dir``, default
-            ``~/.cache/supermask_fx/imagefolder``). The cache is invalidated when the list of files, their
-            sizes or modification times change.
-        cache_dir: fallback cache folder.
+        cache: read/write the decoded tensors from/to
+            ``<cache_dir>/<hash of split_dir>-<split>-<mode>.supermask_fx.pt``: nothing is written into or beside
+            ``split_dir`` (a cache that earlier versions wrote beside it,
+            ``<split_dir>/../<split>-<mode>.supermask_fx.pt``, is still read). The cache is invalidated when the
+            list of files, their sizes or modification times change. The first write says where on stderr; a cache
+            folder that cannot be written is a warning, and the images are decoded again next time.
+        cache_dir: the cache folder (default ``<supermask_fx cache>/imagefolder``, see
+            :func:`supermask_fx.cache.default_cache_dir`: ``$SUPERMASK_FX_CACHE`` moves it).
 
     Raises:
         DatasetFormatError: missing split/class folder, empty class folder, undecodable image, wrong size.
@@ -215,39 +228,46 @@ def load_image_folder(
     split_dir = Path(split_dir)
     classes_t, items, fingerprint, lossy = _scan(split_dir, classes)
     fingerprint = hashlib.sha1(f"{fingerprint}|{mode}|{image_size}".encode()).hexdigest()
-    candidates = _cache_candidates(split_dir, mode, Path(cache_dir) if cache_dir else None) if cache else []
-    for path in candidates:
-        blob = _try_load_cache(path, fingerprint, classes_t)
+    path = _cache_file(split_dir, mode, Path(cache_dir) if cache_dir else None) if cache else None
+    # read only: where versions before this one wrote the cache, beside the split folder
+    earlier = split_dir.parent / f"{split_dir.name}-{mode}.supermask_fx.pt"
+    for candidate in (path, earlier) if path is not None else ():
+        blob = _try_load_cache(candidate, fingerprint, classes_t)
         if blob is not None:
             return ImageFolderSplit(
                 images=blob["images"],
                 targets=blob["targets"],
                 classes=classes_t,
                 lossy=bool(blob["lossy"]),
-                cache_path=path,
+                cache_path=candidate,
                 from_cache=True,
             )
     images = _decode_all(items, mode, image_size)
     targets = torch.tensor([label for _, label in items], dtype=torch.int64)
     written = None
-    blob = {
-        "version": _CACHE_VERSION,
-        "fingerprint": fingerprint,
-        "classes": list(classes_t),
-        "lossy": lossy,
-        "images": images,
-        "targets": targets,
-    }
-    for path in candidates:
-        if not is_writable_dir(path.parent):
-            continue
+    if path is not None:
+        blob = {
+            "version": _CACHE_VERSION,
+            "fingerprint": fingerprint,
+            "classes": list(classes_t),
+            "lossy": lossy,
+            "images": images,
+            "targets": targets,
+        }
         try:
+            if not is_writable_dir(path.parent):
+                raise PermissionError(f"{path.parent} is not writable")
             atomic_torch_save(blob, path)
         except OSError as exc:
-            warnings.warn(f"could not write image cache {path}: {exc}", stacklevel=2)
-            continue
-        written = path
-        break
+            warnings.warn(
+                f"could not write image cache {path}: {exc}; the images of {split_dir} will be decoded again next "
+                "time (set SUPERMASK_FX_CACHE to a writable folder)",
+                stacklevel=2,
+            )
+        else:
+            written = path
+            megabytes = (images.numel() + targets.numel() * 8) / 1e6
+            _say(f"decoded {len(targets):,} images of {split_dir} and cached them in {path} ({megabytes:.0f} MB)")
     return ImageFolderSplit(images, targets, classes_t, lossy, written, from_cache=False)
 
 
@@ -300,64 +320,54 @@ def _safe_extractall(tf: tarfile.TarFile, dest: Path) -> None:
 def extract_archive(archive: str | Path, *, root: str | Path | None = None) -> Path:
     """Extract a ``.tar.gz``/``.tgz``/``.tar`` archive once and return the extraction folder.
 
-    The target is the first usable of: ``<archive dir>/<stem>/`` (next to the archive), ``<root>/<stem>/``,
-    ``~/.cache/supermask_fx/extracted/<stem>-<hash>/`` (a folder is usable if it holds a complete earlier
-    extraction of the same archive, or does not exist and its parent is writable). Extraction goes to a
-    temporary folder that is renamed into place when complete, and a marker file records which archive
-    (path, size, mtime) it came from. Members are extracted with tarfile's ``"data"`` filter (no absolute
-    paths, links out of the folder or device files).
+    The archive is extracted into the library's cache folder, ``<cache>/extracted/<stem>-<hash>/`` (see
+    :func:`supermask_fx.cache.default_cache_dir`; ``$SUPERMASK_FX_CACHE`` moves it), never beside the archive or
+    into ``root``: a data folder stays as its owner left it. A complete earlier extraction of the same archive is
+    reused, also one that earlier versions of this library left in ``<archive dir>/<stem>/`` or
+    ``<root>/<stem>/`` (read only). Extraction goes to a temporary folder that is renamed into place when
+    complete, a marker file records which archive (path, size, mtime) it came from, and a line on stderr says
+    where it went. Members are extracted with tarfile's ``"data"`` filter (no absolute paths, links out of the
+    folder or device files).
 
     Raises:
         DatasetFormatError: the archive is corrupt.
-        DatasetNotFoundError: no writable place to extract to.
+        DatasetNotFoundError: the cache folder cannot be written.
     """
     archive = Path(archive)
     stem = _archive_stem(archive)
     ident = _archive_id(archive)
     key = hashlib.sha1(ident.encode()).hexdigest()[:12]
-    targets = [archive.parent / stem]
-    if root is not None:
-        targets.append(Path(root).expanduser() / stem)
-    targets.append(default_cache_dir() / "extracted" / f"{stem}-{key}")
-
-    for target in targets:
-        if _extracted_ok(target, ident):
-            return target
-    tried = []
-    for target in targets:
-        if target.exists():
-            if (target / _MARKER).exists() and is_writable_dir(target.parent):
-                shutil.rmtree(target)  # stale extraction of an older version of the archive (ours: marker)
-            else:
-                tried.append(f"{target} (exists, not an extraction of this archive)")
-                continue
-        if not is_writable_dir(target.parent):
-            tried.append(f"{target} (parent not writable)")
-            continue
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=target.parent))
-        except OSError as exc:
-            tried.append(f"{target} ({exc})")
-            continue
-        try:
-            with tarfile.open(archive) as tf:
-                _safe_extractall(tf, tmp)
-            (tmp / _MARKER).write_text(ident)
-            chmod_default(tmp, directory=True)
-            os.replace(tmp, target)
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DatasetFormatError(f"{archive}: corrupt or unreadable archive ({exc})") from exc
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if _extracted_ok(target, ident):  # another process finished first
-                return target
-            tried.append(f"{target} ({exc})")
-            continue
-        return target
-    raise DatasetNotFoundError(
-        f"cannot extract {archive}: no writable place; tried:\n  "
-        + "\n  ".join(tried)
-        + "\nExtract it yourself (tar xzf) and pass the folder as root=, or set SUPERMASK_FX_CACHE."
+    target = default_cache_dir() / "extracted" / f"{stem}-{key}"
+    earlier = [archive.parent / stem] + ([Path(root).expanduser() / stem] if root is not None else [])
+    for folder in [target, *earlier]:
+        if _extracted_ok(folder, ident):
+            return folder
+    how = (
+        f"extract it yourself (tar xzf {archive} -C DIR) and pass DIR as root=, or set SUPERMASK_FX_CACHE to a "
+        "writable folder"
     )
+    if not is_writable_dir(target.parent):
+        raise DatasetNotFoundError(f"cannot extract {archive}: the cache folder {target.parent} is not writable; {how}")
+    try:
+        if target.exists():  # ours (the cache), but incomplete or of another archive: replaced
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=target.parent))
+    except OSError as exc:
+        raise DatasetNotFoundError(f"cannot extract {archive} into {target}: {exc}; {how}") from exc
+    _say(f"extracting {archive} (once) into {target}")
+    try:
+        with tarfile.open(archive) as tf:
+            _safe_extractall(tf, tmp)
+        (tmp / _MARKER).write_text(ident)
+        chmod_default(tmp, directory=True)
+        os.replace(tmp, target)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DatasetFormatError(f"{archive}: corrupt or unreadable archive ({exc})") from exc
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _extracted_ok(target, ident):  # another process finished first
+            return target
+        raise DatasetNotFoundError(f"cannot extract {archive} into {target}: {exc}; {how}") from exc
+    return target

@@ -18,9 +18,14 @@ Sub-folders per data set:
 * ``cifar10``: ``cifar-10-batches-py/`` (torchvision's pickles ``data_batch_1..5``, ``test_batch``;
   bit-exact), or an image folder ``cifar10-jpeg/``, ``cifar10/``, ``cifar-10/`` with ``train/<class>/*.jpg``
   and ``test/<class>/*.jpg``, or an archive ``cifar*.tar.gz`` of either layout in the searched folder or those
-  sub-folders (extracted once, see :func:`~supermask_fx.data.imagefolder.extract_archive`). The image-folder
-  copy in ``shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz`` was JPEG-encoded, so it is **not bit-exact**:
-  figures obtained from it must be labelled "CIFAR-10 (JPEG copy)" (``dataset.display_name`` says so).
+  sub-folders. The image-folder copy in ``shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz`` was JPEG-encoded, so
+  it is **not bit-exact**: figures obtained from it must be labelled "CIFAR-10 (JPEG copy)"
+  (``dataset.display_name`` says so).
+
+Nothing is written into or beside the folders searched: an archive is extracted once, and the decoded tensors
+of an image folder are cached, in the library's cache folder (``$SUPERMASK_FX_CACHE``, else
+``$XDG_CACHE_HOME/supermask_fx``, else ``~/.cache/supermask_fx``: ``extracted/`` and ``imagefolder/``; see
+:func:`~supermask_fx.data.imagefolder.extract_archive`), and the first load says where on stderr.
 
 If nothing is found and ``download=True``, ``torchvision.datasets.{MNIST, FashionMNIST, CIFAR10}`` downloads
 the data into ``root`` (or the first ``$SUPERMASK_FX_DATA`` folder, or ``~/.cache/supermask_fx/data``).

@@ -11,6 +11,14 @@ from pathlib import Path
 from .configs import EXPERIMENTS, ORDER, PAPER_ONLY, plan
 
 IMAGENET_MODELS = ("resnet50", "resnet101", "wide_resnet50_2")
+#: Where results go unless --csv says otherwise: under the current folder's runs/, never over the committed
+#: results in docs/results/ (pass --csv docs/results/<scale>/results.csv to add to those on purpose).
+RUNS = Path("runs") / "experiments"
+
+
+def default_csv(name: str) -> Path:
+    """``runs/experiments/<name>/results.csv`` under the current folder."""
+    return RUNS / name / "results.csv"
 
 
 def imagenet_commands(seeds: int, data_dir: str = "$IMAGENET") -> list[str]:
@@ -35,7 +43,7 @@ def decide(args) -> int:
     """``decide``: the CPU protocol that decides the paper's claims (``protocol.py``): run it, or ``--report``."""
     from . import protocol
 
-    csv_path = args.csv or Path("docs/results/cpu/results.csv")
+    csv_path = args.csv or default_csv("cpu")
     also = tuple(p for p in args.also if p != csv_path)
     seeds = args.seeds if args.seeds_given else protocol.SEEDS
     if args.report:
@@ -71,15 +79,33 @@ def decide(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     names = [*EXPERIMENTS, *PAPER_ONLY]
-    parser = argparse.ArgumentParser(prog="python -m supermask_fx.experiments", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m supermask_fx.experiments",
+        description=__doc__,
+        epilog="Results are appended to the CSV as each run ends; a command run again skips the runs already in it. "
+        "Reports read the same CSV. The committed results live in docs/results/<scale>/results.csv (decide: "
+        "docs/results/cpu/): pass that path as --csv to extend or re-report them.",
+    )
     parser.add_argument(
         "name",
         help=f"decide (the CPU protocol that decides the paper's claims), or a grid: {', '.join(names)}, all, "
         "report, list",
     )
-    parser.add_argument("--scale", choices=("small", "paper"), default="small")
+    parser.add_argument(
+        "--scale",
+        choices=("small", "paper"),
+        default="small",
+        help="small (default): the grids cut down for a CPU (Fashion-MNIST, 8,000 training images, 2 epochs, "
+        "conv widths 0.25, fewer k values); paper: the paper's CIFAR-10 grids at full width, 100 epochs (GPU work)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 5; decide: 3)")
-    parser.add_argument("--csv", type=Path, default=None, help="results CSV (default docs/results/<scale>/results.csv)")
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        help="results CSV, appended to (default runs/experiments/<scale>/results.csv under the current folder; "
+        "--smoke: runs/experiments/smoke/, decide: runs/experiments/cpu/)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: the CSV's folder)")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 1 epoch, 256 examples, one run per config kind")
     parser.add_argument("--plan-only", action="store_true", help="print the runs and the planned time, run nothing")
@@ -113,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke:
         args.seeds = 1
-    csv_path = args.csv or Path("docs/results") / ("smoke" if args.smoke else args.scale) / "results.csv"
+    csv_path = args.csv or default_csv("smoke" if args.smoke else args.scale)
     if args.name == "list":
         for name in names:
             print(name + ("  (paper scale only)" if name in PAPER_ONLY else ""))
@@ -133,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 "imagenet_table2 exists at --scale paper only (ImageNet needs GPUs); nothing to run at the small scale"
             )
             return 2
-        print("# Table 2 (ImageNet, k = 30 %): run each on a multi-GPU machine (examples/imagenet.py, issue 5)")
+        print("# Table 2 (ImageNet, k = 30 %): run each on a multi-GPU machine (examples/imagenet.py)")
         print("\n".join(imagenet_commands(args.seeds)))
         return 0
     if args.name != "all" and args.name not in EXPERIMENTS:

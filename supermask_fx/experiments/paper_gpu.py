@@ -41,8 +41,8 @@ so that the small kernels of several runs execute side by side.
 
 On a lent GPU (the device tool): the working tree travels but ``../shared/data`` does not, so put the CIFAR-10
 archive (19 MB) into an ignored folder of the checkout once, here, and carry that one file; ``load_dataset``
-finds it through ``$SUPERMASK_FX_DATA`` (its normal search; it extracts and decodes it there, 20-60 s, while
-the workers start). Carry the archive alone: a local run would leave the extracted images (185 MB) beside it::
+finds it through ``$SUPERMASK_FX_DATA`` (its normal search; it extracts and decodes it into the library's cache
+folder, 20-60 s, while the workers start, never beside the archive). Carry the archive alone::
 
     mkdir -p .data/cifar10-jpeg .git/info && echo /.data/ >> .git/info/exclude
     cp ../shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz .data/cifar10-jpeg/

@@ -1,4 +1,5 @@
-"""What a run tells the user: a tqdm bar on a terminal, plain lines with the time left otherwise, ``metrics.jsonl``.
+"""What a run tells the user: a tqdm bar on a terminal, plain lines with the time left otherwise, ``metrics.jsonl``;
+and what a training script checks in a run folder before it loads any data (``check_run_folder``).
 
 Only the main process prints or writes; the others get a silent ``RunLog``.
 """
@@ -16,6 +17,13 @@ from pathlib import Path
 from ..files.atomic import atomic_file
 
 METRICS_NAME = "metrics.jsonl"
+SETTINGS_NAME = "settings.json"
+#: How the example scripts treat a run folder, in the one sentence each ``--help`` gives.
+RESUME_HELP = (
+    "A command whose run folder holds a checkpoint of the same settings continues that run by itself "
+    "(after an interruption, run the same command again); a run folder holding a checkpoint of other settings is "
+    "refused before any data is loaded, naming the settings that differ."
+)
 
 
 def _format(value) -> str:
@@ -60,6 +68,7 @@ class RunLog:
         self._bar = None
         self._run = None  # (epochs, steps per epoch, steps done before this session, start time) once started
         self._implicit = False
+        self._end_lr = None  # the learning rate after the epoch's last optimizer step
 
     def print(self, message: str) -> None:
         if self.mode == "none":
@@ -118,25 +127,31 @@ class RunLog:
             self._implicit = True
         self._epoch, self._epochs, self._steps = epoch, epochs, steps
         self._done = epoch * steps
+        self._end_lr = None
         self._t0 = time.perf_counter()
         if self._bar is not None:
             self._bar.set_description_str(f"epoch {epoch + 1}/{epochs}", refresh=False)
 
     def wants_step_stats(self, step_in_epoch: int) -> bool:
-        """Whether ``step`` needs the loss value (which costs a device synchronisation)."""
+        """Whether ``step`` needs the loss value (which costs a device synchronisation): at the progress points,
+        and at the epoch's last step (its learning rate goes into the epoch's line)."""
+        if self.mode == "none":
+            return False
+        if step_in_epoch == self._steps:
+            return True
         if self.mode == "bar":
-            return step_in_epoch % 10 == 0 or step_in_epoch == self._steps
-        if self.mode == "lines":
-            return self.log_every > 0 and step_in_epoch % self.log_every == 0
-        return False
+            return step_in_epoch % 10 == 0
+        return self.log_every > 0 and step_in_epoch % self.log_every == 0
 
     def step(self, step_in_epoch: int, loss: float | None = None, lr: float | None = None) -> None:
         self._done = self._epoch * self._steps + step_in_epoch
+        if lr is not None and step_in_epoch == self._steps:
+            self._end_lr = lr
         if self.mode == "bar":
             if loss is not None:
                 self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", refresh=False)
             self._bar.update(self._done - self._bar.n)
-        elif self.mode == "lines" and loss is not None:
+        elif self.mode == "lines" and loss is not None and self.log_every > 0 and step_in_epoch % self.log_every == 0:
             rate = step_in_epoch / max(1e-9, time.perf_counter() - self._t0)
             self.print(
                 f"epoch {self._epoch + 1}/{self._epochs} step {step_in_epoch}/{self._steps} "
@@ -162,8 +177,13 @@ class RunLog:
     # -------------------------------------------------------------------------------- per epoch
 
     def epoch(self, metrics: dict) -> None:
+        """Print the epoch's line and append its metrics to ``metrics.jsonl``. The line's ``lr a->b``: the rate of
+        the epoch's first optimizer step (``metrics["lr"]``) and the rate after its last one."""
         keys = ("epoch", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr", "epoch_time_s")
-        line = format_metrics(metrics, keys)
+        shown = dict(metrics)
+        if "lr" in shown and self._end_lr is not None and self._end_lr != shown["lr"]:
+            shown["lr"] = f"{_format(float(shown['lr']))}->{_format(float(self._end_lr))}"
+        line = format_metrics(shown, keys)
         if self._run is not None:
             line += f"  ({self._elapsed_eta()})"
         self.print(line)
@@ -188,6 +208,83 @@ class RunLog:
             return
         with atomic_file(self.out_dir / METRICS_NAME) as f:
             f.write("".join(json.dumps(_jsonable(m)) + "\n" for m in history).encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------------------- run folders
+
+
+def write_run_settings(out_dir, settings: dict) -> None:
+    """Record a script's own settings (its command-line flags that change the result) in ``settings.json`` of the
+    run folder, for ``check_run_folder`` of a later command. Write it after the first checkpoint (in a callback):
+    then the folder is this run's."""
+    with atomic_file(Path(out_dir) / SETTINGS_NAME) as f:
+        f.write((json.dumps(_jsonable(settings), indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_run_folder(out_dir, settings: dict | None = None, config=None, *, require: bool = False) -> int | None:
+    """Check a run folder before any data is loaded: ``None`` if it holds no checkpoint (a new run starts), else
+    the number of epochs its run has done (the run continues).
+
+    A checkpoint made with other settings is refused at once, naming each one that differs: the script's
+    ``settings`` (flag name -> value) against the folder's ``settings.json``, or where there is none, ``config`` (a
+    ``TrainConfig``) against its ``config.json`` (``RESULT_FIELDS``). A folder without either is not compared here;
+    the engine still compares model, settings and data when it loads the checkpoint.
+
+    Raises:
+        CheckpointMismatchError: the folder's run was made with other settings.
+        CheckpointError: ``require`` (``--resume``) and there is no checkpoint.
+    """
+    from .checkpoint import CHECKPOINT_NAME, CheckpointError, CheckpointMismatchError
+
+    out = Path(out_dir)
+    if not (out / CHECKPOINT_NAME).is_file():
+        if require:
+            raise CheckpointError(
+                f"--resume: {out} holds no checkpoint to continue (without --resume a new run starts there)"
+            )
+        return None
+    differs = []
+    saved = _read_json(out / SETTINGS_NAME)
+    if settings is not None and isinstance(saved, dict):
+        for key, value in settings.items():
+            theirs, ours = saved.get(key), _jsonable_value(value)
+            if key in saved and theirs != ours:
+                differs.append(f"--{key.replace('_', '-')} {_show(theirs)} there, {_show(ours)} now")
+    saved_config = _read_json(out / "config.json")
+    compared = settings is not None and isinstance(saved, dict)
+    if config is not None and not compared and isinstance(saved_config, dict):  # the script's flags say more
+        for key, value in config.result_fields().items():
+            theirs, ours = saved_config.get(key), _jsonable_value(value)
+            if key in saved_config and theirs != ours:
+                differs.append(f"{key} {_show(theirs)} there, {_show(ours)} now")
+    if differs:
+        raise CheckpointMismatchError(
+            f"{out} holds a run made with other settings ({'; '.join(differs)}). Rerun with its settings to continue "
+            f"it, or give this run another --out (or delete {out} to discard that run)."
+        )
+    try:
+        return len(read_metrics(out / METRICS_NAME))
+    except (OSError, ValueError):
+        return 0
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonable_value(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def format_duration(seconds: float) -> str:

@@ -37,6 +37,17 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def capped_warmup(epochs: float, warmup_epochs: float = 5.0, fraction: float = 0.2) -> float:
+    """A default warm-up length: ``warmup_epochs``, but at most ``fraction`` of a run of ``epochs``, so that a short
+    run is not all warm-up (the paper's 5 of 100 ImageNet epochs stay 5; 5 epochs get 1, 1 epoch gets 0.2, which
+    rounds to no warm-up step when an epoch has fewer than 3 steps)."""
+    if epochs < 0 or warmup_epochs < 0 or not 0 <= fraction <= 1:
+        raise ValueError(
+            f"epochs={epochs} and warmup_epochs={warmup_epochs} must be >= 0, fraction={fraction} in [0, 1]"
+        )
+    return min(float(warmup_epochs), fraction * epochs)
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
