@@ -316,3 +316,26 @@ def test_einsum_layouts_survive_files_and_restore(tmp_path):
     again = load_subnetwork(_Einsums(), tmp_path / "e.safetensors")
     assert torch.equal(again(x), model(x))
     assert torch.equal(restore(_Einsums(), model.state_dict())(x), model(x))
+
+
+class _NoGradRegion(nn.Module):
+    """A weight used only inside ``torch.no_grad()``: export wraps the region in a higher-order op."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.W = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        h = self.fc(x)
+        with torch.no_grad():
+            frozen = h @ self.W
+        return h.sum(-1, keepdim=True) + frozen
+
+
+def test_a_weight_used_under_no_grad_is_found_inside_the_region():
+    model = popupify(_NoGradRegion(), k=0.5, example_inputs=(torch.randn(2, 4),))
+    assert coverage(model).path == "export"
+    gate = next(g for _, g in gated_layers(model) if g.name == "W")
+    assert gate.fan_in_fan_out  # h @ W: stored (in, out), fan-in 6
+    assert torch.allclose(model._parameters["W"].abs(), torch.full((6, 3), (2 / 6) ** 0.5))

@@ -196,6 +196,11 @@ def _walk(source: fx.Node, node: fx.Node, swapped: bool = False, depth: int = 0)
         target = user.target
         if user.op != "call_function":
             continue
+        inner = _into_subgraph(user, node)
+        if inner is not None:  # a region under torch.no_grad / autocast: follow the operand into its subgraph
+            for placeholder in inner:
+                yield from _walk(source, placeholder, swapped, depth + 1)
+            continue
         if target is operator.getitem or target in _PASS_THROUGH:
             if target in _PASS_THROUGH and _operand_index(user, node) != 0:
                 yield GraphUse("other", _name(target))  # an index, a shape, a norm's g: not a view of the weight
@@ -247,6 +252,26 @@ def _walk(source: fx.Node, node: fx.Node, swapped: bool = False, depth: int = 0)
             yield GraphUse("concatenated", _name(target))
         else:
             yield GraphUse("other", _name(target))
+
+
+def _into_subgraph(user: fx.Node, node: fx.Node) -> list[fx.Node] | None:
+    """For a higher-order op that runs a subgraph on its operands (``wrap_with_set_grad_enabled``: a region under
+    ``torch.no_grad()``, RWKV's; ``wrap_with_autocast``), the subgraph's placeholders ``node`` is passed as; else
+    ``None``. The operands after the subgraph's ``get_attr`` map to its placeholders in order."""
+    if not isinstance(user.target, torch._ops.HigherOrderOperator):
+        return None
+    owner = user.graph.owning_module
+    args = list(user.args)
+    at = next((i for i, a in enumerate(args) if isinstance(a, fx.Node) and a.op == "get_attr"), None)
+    if owner is None or at is None:
+        return None
+    subgraph = getattr(owner, args[at].target, None)
+    if not isinstance(subgraph, fx.GraphModule):
+        return None
+    placeholders = [n for n in subgraph.graph.nodes if n.op == "placeholder"]
+    operands = args[at + 1 :]
+    found = [placeholders[i] for i, a in enumerate(operands) if a is node and i < len(placeholders)]
+    return found or None
 
 
 def _all_parameters(nodes, depth: int = 0) -> bool:
