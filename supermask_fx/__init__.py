@@ -7,6 +7,7 @@ save_subnetwork(model, "wrn50-k30.safetensors")
 """
 
 from .core.config import PopupConfig
+from .core.heads import active_mask, add_mask, delete_mask, list_masks, set_mask
 from .core.initializers import INITIALIZERS
 from .core.masks import (
     Coverage,
@@ -19,6 +20,7 @@ from .core.masks import (
     supermask_parameters,
 )
 from .core.popup import popupify
+from .files.folder import load_masks, save_masks
 from .files.materialize import materialize
 from .files.restore import restore
 from .files.subnetwork import SubnetworkFileError, load_subnetwork, save_subnetwork
@@ -45,6 +47,13 @@ __all__ = [
     "restore",
     "kept_count",
     "INITIALIZERS",
+    "add_mask",
+    "set_mask",
+    "list_masks",
+    "active_mask",
+    "delete_mask",
+    "save_masks",
+    "load_masks",
     "Method",
     "register_method",
     "SampledOptions",

@@ -127,7 +127,11 @@ class Gate:
         self.scores = scores_name(param) if method.has_scores else None
         self.mask_buffer = mask_name(param)
         self.method = method
-        self.k = k
+        self.k = k  # under the active mask head (core.heads)
+        self.k_popupify = k
+        self.heads: dict[str, float | None] = {"default": None}  # mask head -> its k (None: popupify's)
+        self.active = "default"
+        self.fresh: set[str] = set()  # heads never active yet
         self.selector = selector
         self.layer_mask = None
         self.clear_cache()
@@ -152,6 +156,13 @@ class Gate:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "key": None, "effective_buffer": None, "mask": None}
+
+    def __setstate__(self, state: dict) -> None:  # gates pickled before mask heads existed
+        state.setdefault("k_popupify", state.get("k"))
+        state.setdefault("heads", {"default": None})
+        state.setdefault("active", "default")
+        state.setdefault("fresh", set())
+        self.__dict__.update(state)
 
     def effective(self, module: nn.Module) -> Tensor:
         """The weight the forward pass uses."""

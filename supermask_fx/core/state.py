@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .config import config_differences
 from .gate import Gate, gates_of
+from .heads import heads_record
 
 RECORD_KEY = "supermask_fx.popupified__load_with_supermask_fx.restore__or_strict_False_for_the_plain_subnetwork"
 FORMAT = "supermask_fx.state"
@@ -53,11 +54,15 @@ def record_of(model: nn.Module) -> dict:
     config = configs[0]
     if any(c != config for c in configs):
         raise ValueError("the model mixes gated layers from several popupify calls")
-    return {"format": FORMAT, "rule_version": RULE_VERSION, "config": config.to_dict(), "layers": layers}
+    record = {"format": FORMAT, "rule_version": RULE_VERSION, "config": config.to_dict(), "layers": layers}
+    masks = heads_record([(None, g) for m in model.modules() for g in gates_of(m).values()])
+    if masks is not None:
+        record["masks"] = masks
+    return record
 
 
 def _layer_record(gate: Gate, module_name: str) -> dict:
-    return {**gate.ref(module_name).to_record(), "k": gate.k}
+    return {**gate.ref(module_name).to_record(), "k": getattr(gate, "k_popupify", gate.k)}
 
 
 def encode_record(record: dict) -> Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..core.config import PopupConfig
 from ..core.gate import gates_of
+from ..core.heads import install_heads
 from ..core.popup import popupify
 from ..core.state import RECORD_KEY, decode_record
 from ..graph.discover import WeightRef
@@ -58,6 +59,7 @@ def restore(model: nn.Module, source) -> nn.Module:
         config = PopupConfig.from_dict(record["config"])
         popupify(model, config, weights=refs)
         model.__dict__["_supermask_discovery"].path = "recorded"
+        install_heads(model, record.get("masks"))  # named masks: buffers for the state_dict to fill
     _check_shapes(model, state, where)  # the scores and masks popupify added
     try:
         result = model.load_state_dict(state, strict=False)

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..core.config import PopupConfig, config_differences
 from ..core.gate import Gate, aliases_of, is_gated
+from ..core.heads import heads_record, install_heads
 from ..core.masks import gated_layers, install_fixed_masks
 from ..core.popup import constant_parameters, expected_weight, popupify
 from ..core.state import RECORD_KEY
@@ -118,6 +119,9 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
         "torch_version": torch.__version__,
         "layers": layers,
     }
+    masks = heads_record(pairs)
+    if masks is not None:  # named masks: the active one above, the others as state (1 bit per weight each)
+        info["masks"] = masks
     return write_file(path, tensors, {_META: json.dumps(info)}, _CHECKSUM, _HEADER_CHECKSUM)
 
 
@@ -198,6 +202,7 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         layers = info.get("layers", [])
         recorded = all(isinstance(layer, dict) and "expert_dims" in layer for layer in layers)
         popupify(model, config, weights=_recorded_weights(path, info, model) if recorded else None)
+        install_heads(model, info.get("masks"))
     pairs = list(gated_layers(model))
     _check_layers(path, info, pairs)
     _check_kept_counts(path, info, pairs, config)

@@ -17,6 +17,7 @@ weights are stored under the usual names; ``transformers`` reports the scores an
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -26,12 +27,13 @@ from transformers import AutoConfig, TrainerCallback
 from ..core.masks import check_no_adapters, gated_layers, mask_statistics
 from ..core.popup import CONFIG_KEY
 from ..core.wrappers import unwrap
+from ..files.folder import MASKS_CONFIG, load_masks
 from ..files.restore import restore
 from ..files.subnetwork import save_subnetwork
 
 SUBNETWORK_FILE = "subnetwork.safetensors"
 
-__all__ = ["from_pretrained", "SupermaskCallback", "SUBNETWORK_FILE"]
+__all__ = ["from_pretrained", "masks_from_pretrained", "SupermaskCallback", "SUBNETWORK_FILE"]
 
 
 def from_pretrained(model_class, directory: str | os.PathLike, base: str | os.PathLike | None = None, **kwargs):
@@ -58,6 +60,18 @@ def from_pretrained(model_class, directory: str | os.PathLike, base: str | os.Pa
     else:
         model = model_class._from_config(config)
     return restore(model, directory)
+
+
+def masks_from_pretrained(model_class, directory: str | os.PathLike, base: str | os.PathLike | None = None, **kwargs):
+    """The base model with the masks of a ``save_masks`` folder on it (masks fixed; the PEFT-style reload):
+    ``model_class.from_pretrained(base)`` (default: the folder's ``base_model_name_or_path``), then ``load_masks``,
+    which checks the base weights against the folder's fingerprints."""
+    if base is None:
+        info = json.loads((Path(directory) / MASKS_CONFIG).read_text())
+        base = info.get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{directory}: the masks config names no base model: pass base=")
+    return load_masks(model_class.from_pretrained(base, **kwargs), directory)
 
 
 class SupermaskCallback(TrainerCallback):

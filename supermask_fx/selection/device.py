@@ -130,7 +130,7 @@ def refresh(selectors: list, effective: bool) -> None:
     plan"); with ``effective``, also each member's ``w * mask``."""
     members = [(scores, weight, mask) for selector in selectors for scores, weight, mask in selector.tensors()]
     scores = [s for s, _, _ in members]
-    signature = tuple((id(selector), len(selector.members)) for selector in selectors) + tuple(
+    signature = tuple((id(selector), len(selector.members), selector.kept) for selector in selectors) + tuple(
         (tuple(s.shape), s.device) for s in scores
     )
     plan = _PLANS.get(selectors[0])
