@@ -10,7 +10,7 @@ selection back-end that runs there (``cpu``: the per-layer path, ``device``: all
 round-robin in one process (benchmarks/speed.py's loop), medians and ratios. Host synchronisations per training
 step are counted two ways: ATen ops that read data back to the host (``.item()``, ``nonzero``, ...), and, on
 CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` warnings. Results: ``benchmarks/results/gpu_<gpu>.json`` (or
-``--json``) and the pytest output beside it. Targets (issue 18): ResNet-50 at 224x224 <= 1.05x dense, ResNet-18 at
+``--json``) and the pytest output beside it. Targets: ResNet-50 at 224x224 <= 1.05x dense, ResNet-18 at
 32x32 <= 1.15x, with the ``device`` back-end.
 """
 

@@ -54,7 +54,7 @@ from supermask_fx.training.runlog import RESUME_HELP, check_run_folder
 
 # The full run: Conv4 at width 0.25 (16-16-32-32 channels, FC 64-64-10), edge-popup 4 epochs, dense 2 epochs:
 # about 5.6 minutes of one core's CPU time (measured), so 3 to 4 minutes with the two threads an idle 2-core machine
-# gets, and within a point of the dense weights (docs/training.md, "The examples": the candidates and the timings).
+# gets, and within a point of the dense weights (docs/training.md, "The examples").
 FULL = {"model": "conv4", "width": 0.25, "epochs": 4, "dense_epochs": 2, "train_limit": None, "test_limit": None}
 QUICK = {"model": "conv4", "width": 0.25, "epochs": 2, "dense_epochs": 1, "train_limit": 6000, "test_limit": 1000}
 _ALL_THREADS = torch.get_num_threads()  # torch's default: one per core

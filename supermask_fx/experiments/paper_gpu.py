@@ -1,4 +1,4 @@
-"""Fig. 3 of the paper at its own scale (CIFAR-10, 100 epochs) in one GPU lease: as many runs as fit in N minutes.
+"""Fig. 3 of the paper at its own scale (CIFAR-10, 100 epochs) on one GPU: as many runs as fit in N minutes.
 
 ``python -m supermask_fx.experiments.paper_gpu [--small] [--minutes 9] [--csv docs/results/paper/results.csv]
 [--workers N]`` trains the runs of ``configs.expand("fig3_depth_k", "paper", seeds)`` (the authors' recipe:
@@ -12,7 +12,7 @@ Order. Conv4 k = 50 % signed constant and Conv4 dense; Conv2, Conv6, Conv8 at k 
 baseline; k = 30 / 70 % (signed constant); Kaiming normal at 50 / 30 / 70 %; then k = 10 / 90 %, FC and the Adam
 baselines. The seeds of a configuration are next to each other (0, 1, 2, then the next configuration): the
 report's verdicts need a spread (Welch intervals over seeds), so three seeds of a few points are evidence where
-one seed of many points is not, and a later lease continues with the next configuration.
+one seed of many points is not, and a later run continues with the next configuration.
 
 Speed. CIFAR-10 is decoded once (the parent process, while the workers start) and each worker keeps it on the
 GPU as ``uint8``; random crop (pad 4) and flip, and normalisation, run on the GPU per batch (``crop_flip``).
@@ -31,7 +31,7 @@ Budget. The deadline is ``--minutes`` after the start. A run is started only if 
 before the deadline: the estimate comes from the epochs measured so far (the same kind of run, else another
 kind scaled by the work per epoch, ``work_per_epoch``); before any epoch was measured the first runs start.
 A running run whose own epochs say it cannot end before the deadline is abandoned (nothing recorded), so
-the lease is not spent on a row that never comes. A plan is printed at the start (prior guess of the
+the time is not spent on a row that never comes. A plan is printed at the start (prior guess of the
 throughput), again once epochs are measured, and a summary at the end.
 
 Without MPS the worker processes take turns on the GPU (time slices), which still hides each one's Python and
@@ -56,7 +56,7 @@ folder, 20-60 s, while the workers start, never beside the archive). Carry the a
 with ``git rev-parse --short=12 HEAD > .data/revision`` here first (the copy there has no git) and
 ``.data/revision`` in ``carry`` too. The CSV is written under ``$OUT``, so the rows made before a kill come
 back too; copy ``results.csv`` and ``curves.jsonl`` from the returned files into ``docs/results/paper/``: the
-next lease takes them along and continues where this one stopped. ``--small``: the same code on the CPU (or
+next run takes them along and continues where this one stopped. ``--small``: the same code on the CPU (or
 GPU) at width 1/8, 2 epochs, 512 / 256 examples, seeds 0 and 1, 6 runs, 2 workers (the test).
 """
 
