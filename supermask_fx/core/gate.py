@@ -49,6 +49,7 @@ __all__ = [
     "scores_name",
     "mask_name",
     "watch_optimizers",
+    "watch_fsdp",
 ]
 
 
@@ -66,6 +67,30 @@ def watch_optimizers() -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _step_hook = register_optimizer_step_post_hook(_bump_after_step)
+
+
+_fsdp_hook = None
+
+
+def watch_fsdp() -> None:
+    """Register, once per process, a global module forward pre-hook that forgets the cached masks of the gated layers
+    inside an FSDP2 unit (``fully_shard``) before its forward. FSDP gathers the updated shards into the same
+    unsharded storage without bumping the autograd version counters (``_unsafe_preserve_version_counter``), so the
+    cache key alone would keep last step's masks; the masks are selected again from the gathered scores. The hook
+    returns at once for any other module (one class-name test)."""
+    global _fsdp_hook
+    if _fsdp_hook is None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        _fsdp_hook = register_module_forward_pre_hook(_forget_under_fsdp)
+
+
+def _forget_under_fsdp(module: nn.Module, args) -> None:
+    if not type(module).__name__.startswith("FSDP"):
+        return
+    for inner in module.modules():
+        for gate in gates_of(inner).values():
+            gate.clear_cache()
 
 
 def _bump_after_step(optimizer, args, kwargs) -> None:
@@ -248,9 +273,17 @@ def gated_class(base: type, names: tuple[str, ...], aliases: tuple[str, ...] = (
     return cls
 
 
+def _is_shard(tensor) -> bool:
+    """A DTensor: FSDP2's sharded parameter between forwards (each forward reads the unsharded, plain one)."""
+    return type(tensor).__name__ == "DTensor"
+
+
 def _gated_property(name: str) -> property:
     def effective(self):
         gate = self._supermask_gates[name]
+        param = self._parameters[gate.param]
+        if _is_shard(param):  # FSDP2 managing its shards (not a forward): the Parameter itself, not a mask of it
+            return param
         if recompute.compiling():
             return _effective_outside_graph(gate, self)
         return gate.effective(self)
@@ -261,6 +294,8 @@ def _gated_property(name: str) -> property:
 def _alias_property(name: str) -> property:
     def effective(self):
         owner, gate = self._supermask_aliases[name]
+        if _is_shard(owner._parameters[gate.param]):
+            return owner._parameters[gate.param]
         if recompute.compiling():
             return _effective_outside_graph(gate, owner)
         return gate.effective(owner)

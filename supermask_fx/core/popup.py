@@ -14,7 +14,16 @@ from ..graph.rule import NORM_IDENTITY
 from ..selection import RankedLayer, TopKSelector
 from ..selection.topk import kept_count
 from .config import PopupConfig
-from .gate import Gate, adapter_modules, alias_parameter, gate_parameter, is_gated, scores_name, watch_optimizers
+from .gate import (
+    Gate,
+    adapter_modules,
+    alias_parameter,
+    gate_parameter,
+    is_gated,
+    scores_name,
+    watch_fsdp,
+    watch_optimizers,
+)
 from .initializers import draw_scores, generator_for
 from .state import attach_hooks
 from .wrappers import wrapper_kind
@@ -129,6 +138,7 @@ def popupify(
         _group(gates, config, layer_k)
     attach_hooks(model)
     watch_optimizers()
+    watch_fsdp()
     model.__dict__["_supermask_discovery"] = Discovery(
         [],
         found.path,

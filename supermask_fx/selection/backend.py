@@ -39,6 +39,12 @@ def backend_for(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "device"
 
 
+def is_shard(t: Tensor) -> bool:
+    """A DTensor: FSDP2's shard of a parameter between forwards. Selection ranks whole layers only, so it never
+    selects from a shard: a layer is selected when FSDP has gathered it for its forward (plain tensors)."""
+    return type(t).__name__ == "DTensor"
+
+
 def version_key(t: Tensor) -> tuple[int, int]:
     """Changes whenever ``t`` is written in place through autograd-visible ops (every optimizer step,
     ``load_state_dict``) or replaced (``.to()``): its autograd version counter and its storage address. Writes

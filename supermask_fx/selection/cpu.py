@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import native
+from .backend import is_shard
 from .topk import NativeGroup, select_topk, select_topk_native_many
 
 __all__ = ["native_fits", "refresh_native", "refresh_torch"]
@@ -32,7 +33,7 @@ def native_fits(selector, as_peer: bool = False) -> bool:
     if as_peer and any(member.frozen() for member in selector.members):
         return False
     fits = all(
-        t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
+        t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32 and not is_shard(t)
         for scores, weight, _ in selector.tensors()
         for t in (scores, weight)
     )

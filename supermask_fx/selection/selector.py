@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import cpu, device, reference
-from .backend import backend_for, version_key
+from .backend import backend_for, is_shard, version_key
 from .layer_mask import LayerMask
 
 __all__ = ["TopKSelector"]
@@ -79,6 +79,12 @@ class TopKSelector:
             self.effective_key = key
 
     def _select(self, key: tuple, effective: bool) -> None:
+        if len(self.members) > 1 and any(is_shard(t) for member in self.members for t in member.tensors()):
+            raise ValueError(
+                "scope='global' ranks every gated layer together, and FSDP holds some of them sharded while one "
+                "layer runs: the global top-k cannot be computed there. Use scope='layer' (each layer's exact "
+                "top-k) with fully_shard, or DDP for scope='global'"
+            )
         backend = backend_for(self.members[0].tensors()[0].device)
         if backend == "device":  # every peer on the device, stale or not (an optimizer step changes them all)
             batch = [(self, key)] + [(p, p.current_key()) for p in self.peers if p is not self and p._device_peer(self)]
@@ -105,6 +111,8 @@ class TopKSelector:
         """Whether this peer is selected in ``lead``'s batch: scores on the same device, no fixed mask."""
         if any(member.frozen() for member in self.members):
             return False
+        if any(is_shard(t) for member in self.members for t in member.tensors()):
+            return False  # FSDP2 holds this layer sharded now: selected when gathered for its own forward
         return self.members[0].tensors()[0].device == lead.members[0].tensors()[0].device
 
     def segments(self) -> list[tuple[int, int]]:

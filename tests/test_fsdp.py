@@ -1,0 +1,141 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) over a popupified model, two real CPU ranks (torchrun, gloo).
+
+Popupify first, then shard per block and at the root: scores are sharded like the weights; each layer's mask is the
+exact top-k of the whole layer, computed when FSDP has gathered the layer for its forward (every rank the same).
+After a few SGD steps on the two halves of each global batch, the scores equal a single process's on the whole
+batches (to float rounding: the gradient is averaged across ranks), and so do the masks, except where a score lies
+within rounding of its layer's threshold. ``scope="global"`` (one top-k over every layer) cannot be computed from
+one gathered layer and is refused with the reason. An MLP and a small Llama.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+WORKER = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch import nn
+    from supermask_fx import gated_layers, popupify, supermask_parameters
+
+    out, which, sharded = sys.argv[1], sys.argv[2], sys.argv[3] == "fsdp"
+
+    def build():
+        torch.manual_seed(0)
+        if which.startswith("mlp"):
+            net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+            scope = "global" if which == "mlp_global" else "layer"
+            return popupify(net, k=0.5, scope=scope), [net[0], net[2], net[4]]
+        from transformers import LlamaConfig, LlamaForCausalLM, logging
+        logging.set_verbosity_error()
+        config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64, max_position_embeddings=32)
+        net = popupify(LlamaForCausalLM(config), k=0.5)
+        return net, list(net.model.layers)
+
+    def batch(step):
+        g = torch.Generator().manual_seed(100 + step)
+        if which.startswith("mlp"):
+            x = torch.randn(8, 16, generator=g)
+            return (x,), torch.randint(0, 4, (8,), generator=g)
+        ids = torch.randint(0, 64, (4, 12), generator=g)
+        return (ids,), ids
+
+    def loss_of(model, inputs, target):
+        if which.startswith("mlp"):
+            return nn.functional.cross_entropy(model(*inputs), target)
+        return model(input_ids=inputs[0], labels=target).loss
+
+    model, blocks = build()
+    rank, world = 0, 1
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+    optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.5)
+    model.train()
+    for step in range(3):
+        inputs, target = batch(step)
+        n = target.shape[0] // world
+        part = slice(rank * n, (rank + 1) * n)
+        loss_of(model, tuple(t[part] for t in inputs), target[part]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    full = {}
+    for name, p in model.named_parameters():
+        if name.endswith("scores"):
+            full[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+    if rank == 0:
+        torch.save(full, out)
+    if sharded:
+        dist.barrier()  # every rank done with its collectives before the group goes
+        dist.destroy_process_group()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tmp_path: Path, which: str, mode: str, expect_failure: bool = False):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / f"{which}-{mode}.pt"
+    if mode == "fsdp":
+        command = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), str(out)]
+    else:
+        command = [sys.executable, str(script), str(out)]
+    env = {"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)}
+    result = subprocess.run([*command, which, mode], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    if expect_failure:
+        assert result.returncode != 0
+        return result.stderr
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return torch.load(out)
+
+
+def top_k(scores: torch.Tensor, k: float) -> torch.Tensor:
+    flat = scores.abs().flatten()
+    kept = flat.numel() - int((1 - k) * flat.numel())
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.sort(flat, descending=True, stable=True).indices[:kept]] = True
+    return mask.view_as(scores), torch.sort(flat, descending=True).values[kept - 1]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
+@pytest.mark.parametrize("which", ["mlp", "llama"])
+def test_two_sharded_ranks_train_the_masks_of_one_process(tmp_path, which):
+    if which == "llama":
+        pytest.importorskip("transformers")
+    sharded, single = run(tmp_path, which, "fsdp"), run(tmp_path, which, "single")
+    assert sharded.keys() == single.keys() and sharded
+    for name, ours in single.items():
+        theirs = sharded[name]
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6, msg=name)
+        mask_a, threshold = top_k(ours, 0.5)
+        mask_b, _ = top_k(theirs, 0.5)
+        near = (ours.abs() - threshold).abs() <= 1e-5 * threshold.abs().clamp_min(1e-12) + 1e-6
+        assert torch.equal(mask_a[~near], mask_b[~near]), name
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
+def test_a_global_top_k_under_fsdp_is_refused_with_the_reason(tmp_path):
+    stderr = run(tmp_path, "mlp_global", "fsdp", expect_failure=True)
+    assert "scope='global' ranks every gated layer together" in stderr and "scope='layer'" in stderr
