@@ -7,7 +7,7 @@ save_subnetwork(model, "wrn50-k30.safetensors")
 """
 
 from .core.config import PopupConfig
-from .core.heads import active_mask, add_mask, delete_mask, list_masks, set_mask
+from .core.heads import active_mask, add_mask, delete_mask, list_masks, set_k, set_mask
 from .core.initializers import INITIALIZERS
 from .core.masks import (
     Coverage,
@@ -52,6 +52,7 @@ __all__ = [
     "list_masks",
     "active_mask",
     "delete_mask",
+    "set_k",
     "save_masks",
     "load_masks",
     "Method",

@@ -137,3 +137,35 @@ def test_files_and_state_dicts_written_before_the_protocol_give_the_same_logits(
         if (FIXTURES / f"{name}.safetensors").exists():
             loaded = load_subnetwork(build(), FIXTURES / f"{name}.safetensors").eval()
             assert torch.equal(loaded(io["x"]), io["logits"])
+
+
+class CountingSteps(KeepAbove):
+    """KeepAbove that counts the optimizer steps that updated each layer's scores (a buffer: saved and restored)."""
+
+    name = "toy_counting_steps"
+    wants_steps = True
+
+    def after_step(self, gate, module):
+        steps = module._buffers.get("steps")
+        if steps is None:
+            module.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        module._buffers["steps"] += 1
+
+
+register_method(CountingSteps)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_after_step_runs_once_per_optimizer_step_that_updates_the_scores(fused):
+    model = popupify(net(), k=1.0, method="toy_counting_steps")
+    optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.1, fused=fused)
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)  # holds no scores: no call
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        other.step()
+        optimizer.zero_grad()
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.step()  # no gradient: not a step of the scores
+    assert [int(m._buffers["steps"]) for m, _ in gated_layers(model)] == [3, 3]

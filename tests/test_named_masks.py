@@ -204,3 +204,26 @@ def test_a_second_mask_trained_by_the_hugging_face_trainer_reloads_with_both(tmp
         assert torch.equal(again(**inputs).logits, task2_logits)
         set_mask(again, "default")
         assert torch.equal(again(**inputs).logits, default_logits)
+
+
+def test_set_k_changes_the_kept_count_between_steps_and_is_recorded(tmp_path):
+    from supermask_fx import set_k
+
+    model = popupify(net(), k=0.5, seed=2)
+    x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))
+    train(model, x, y, steps=2)
+    set_k(model, 0.2)
+    for module, gate in gated_layers(model):  # the top-k of the same scores at the new k
+        scores = module._parameters["scores"]
+        flat = scores.detach().abs().flatten()
+        kept = kept_count(flat.numel(), 0.2)
+        expected = torch.zeros_like(flat, dtype=torch.bool)
+        expected[torch.sort(flat, descending=True, stable=True).indices[:kept]] = True
+        assert torch.equal(gate.current_mask(module), expected.view_as(scores))
+    train(model, x, y, steps=2)  # trains on at k = 0.2
+    expected_logits = logits(model, x)
+    assert torch.equal(logits(restore(net(), model.state_dict()).eval(), x), expected_logits)
+    save_subnetwork(model, tmp_path / "k02.safetensors")
+    assert torch.equal(logits(load_subnetwork(net(), tmp_path / "k02.safetensors").eval(), x), expected_logits)
+    with pytest.raises(ValueError, match="fraction"):
+        set_k(model, 1.5)

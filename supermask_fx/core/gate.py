@@ -30,6 +30,7 @@ bumps them after such a step, so a mask never outlives the scores it was compute
 from __future__ import annotations
 
 import copyreg
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,7 @@ __all__ = [
     "mask_name",
     "watch_optimizers",
     "watch_fsdp",
+    "follow_steps",
 ]
 
 
@@ -93,6 +95,19 @@ def _forget_under_fsdp(module: nn.Module, args) -> None:
             gate.clear_cache()
 
 
+# id(scores Parameter) -> (the Parameter, module, gate), weakly, for the layers whose method runs after optimizer
+# steps (``Method.after_step``); keyed by id (tensors compare by value), checked by identity
+_STEPPED: dict[int, tuple] = {}
+
+
+def follow_steps(module: nn.Module, gate: Gate) -> None:
+    """Call ``gate.method.after_step(gate, module)`` after every optimizer step that updates the layer's scores."""
+    scores = module._parameters[gate.scores]
+    for key in [k for k, (p, m, _) in _STEPPED.items() if p() is None or m() is None]:  # layers gone
+        del _STEPPED[key]
+    _STEPPED[id(scores)] = (weakref.ref(scores), weakref.ref(module), gate)
+
+
 def _bump_after_step(optimizer, args, kwargs) -> None:
     in_torch = type(optimizer).__module__.startswith("torch.optim")
     for group in optimizer.param_groups:
@@ -101,6 +116,12 @@ def _bump_after_step(optimizer, args, kwargs) -> None:
         params = [p for p in group["params"] if isinstance(p, Tensor)]
         if params:
             torch.autograd.graph.increment_version(params)
+    if _STEPPED:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                entry = _STEPPED.get(id(p)) if p.grad is not None else None
+                if entry is not None and entry[0]() is p and entry[1]() is not None:
+                    entry[2].method.after_step(entry[2], entry[1]())
 
 
 def scores_name(param: str) -> str:

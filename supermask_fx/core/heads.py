@@ -27,6 +27,7 @@ from .gate import Gate, gates_of, scores_name
 from .initializers import draw_scores, generator_for
 
 __all__ = [
+    "set_k",
     "add_mask",
     "set_mask",
     "list_masks",
@@ -116,6 +117,23 @@ def set_mask(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+def set_k(model: nn.Module, k: float) -> nn.Module:
+    """Change the fraction the active mask keeps, between steps, without popupifying again (a k schedule: keep
+    more at the start, biprop's ``--prune_rate_epoch``). Layers matched by ``layer_k`` keep theirs; with
+    ``scope="global"`` the global count follows. The scores are unchanged: the next read selects the top-k at the new
+    ``k``. Recorded in the ``state_dict`` and files, so a resume or a reload keeps it."""
+    from .config import _check_k
+
+    _check_k(k, "k")
+    pairs = _pairs(model)
+    active = pairs[0][1].active
+    for _, gate in pairs:
+        gate.heads[active] = float(k)
+        gate.clear_cache()
+    _set_kept(pairs, float(k))
+    return model
+
+
 def list_masks(model: nn.Module) -> list[str]:
     """The mask heads' names, in the order they were added (``"default"`` first)."""
     return list(_pairs(model)[0][1].heads)
@@ -152,7 +170,7 @@ def mask_of(module: nn.Module, gate: Gate, name: str | None = None) -> Tensor:
 def heads_record(pairs) -> dict | None:
     """What records and files store of the heads (``None`` for the single ``"default"`` head)."""
     gate = pairs[0][1]
-    if list(gate.heads) == [DEFAULT] and gate.active == DEFAULT:
+    if list(gate.heads) == [DEFAULT] and gate.active == DEFAULT and gate.heads[DEFAULT] is None:
         return None
     return {"active": gate.active, "heads": dict(gate.heads), "fresh": sorted(gate.fresh)}
 

@@ -15,6 +15,9 @@ capabilities                 ``has_scores``, ``trains_scores``, ``trains_weights
 ``bake``                     what ``materialize`` and the ``state_dict`` store under the weight's name: by default
                              ``w * eval_mask``, so that baking gives what evaluation computes
 ``is_baked(stored, w)``      whether a stored tensor is a bake of ``w`` (``load_state_dict``'s check)
+``after_step``               what runs after each optimizer step that updated the layer's scores (methods with
+                             ``wants_steps``; IteRand's redraws): called once per gate by a global optimizer
+                             step post-hook
 ===========================  ==================================================================================
 
 Methods register themselves with ``register_method`` (public: a user's own method is one class and one call);
@@ -56,6 +59,7 @@ class Method:
     trains_weights: ClassVar[bool] = False
     uses_topk: ClassVar[bool] = False
     has_mask: ClassVar[bool] = True
+    wants_steps: ClassVar[bool] = False
 
     def __init__(self, options=None) -> None:
         self.options = options if options is not None else self.Options()
@@ -105,6 +109,9 @@ class Method:
         something else in evaluation. Returns a new tensor."""
         weight = module._parameters[gate.param].detach()
         return masked_weight(weight, self.eval_mask(gate, module).to(weight.device))
+
+    def after_step(self, gate, module: nn.Module) -> None:
+        """Called after each optimizer step that updated this layer's scores (only with ``wants_steps``)."""
 
     def is_baked(self, stored: Tensor, weight: Tensor) -> bool:
         """Whether ``stored`` can be a ``bake`` of the frozen ``weight`` (checked when a ``state_dict`` loads: a

@@ -18,6 +18,7 @@ from .gate import (
     Gate,
     adapter_modules,
     alias_parameter,
+    follow_steps,
     gate_parameter,
     is_gated,
     scores_name,
@@ -136,6 +137,9 @@ def popupify(
             module._parameters[gate.scores].requires_grad_(method.trains_scores)
     if method.uses_topk:
         _group(gates, config, layer_k)
+    if method.wants_steps and method.has_scores:
+        for module, gate in gates:
+            follow_steps(module, gate)
     attach_hooks(model)
     watch_optimizers()
     watch_fsdp()
