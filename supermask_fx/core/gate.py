@@ -37,9 +37,8 @@ from torch import Tensor, nn
 
 from ..graph.discover import WeightRef
 from ..selection import version_key
-from ..selection.kernels import buffer_like, masked_weight
+from ..selection.kernels import buffer_like
 from . import recompute
-from .method import Method
 
 __all__ = [
     "Gate",
@@ -217,31 +216,29 @@ class Gate:
         if fixed is None:
             return self.method.effective_weight(self, module, weight)
         if torch.is_grad_enabled() and weight.requires_grad:
-            return weight * fixed
+            return self.method.masked(weight, fixed)
         key = (version_key(weight), version_key(fixed))
         if key != self.key:
             with torch.inference_mode(False), torch.no_grad():
                 self.effective_buffer = buffer_like(self.effective_buffer, weight)
-                masked_weight(weight.detach(), fixed, self.effective_buffer)
+                self.effective_buffer.copy_(self.method.masked(weight.detach(), fixed))
                 self.mask = fixed
             self.key = key
         return self.effective_buffer
 
     def bake(self, module: nn.Module) -> Tensor:
-        """The weight ``materialize`` and the ``state_dict`` store (a new tensor): with a fixed mask ``weight *
-        mask``, else what the method bakes (``Method.bake``)."""
+        """The weight ``materialize`` and the ``state_dict`` store (a new tensor): with a fixed mask the method's
+        weight for that mask (``Method.masked``), else what the method bakes (``Method.bake``)."""
         fixed = module._buffers.get(self.mask_buffer)
         weight = module._parameters[self.param].detach()
         if fixed is not None:
-            return masked_weight(weight, fixed.to(weight.device))
+            return self.method.masked(weight, fixed.to(weight.device))
         return self.method.bake(self, module)
 
     def is_baked(self, module: nn.Module, stored: Tensor) -> bool:
         """Whether ``stored`` can be this layer's bake of its frozen weight (``Method.is_baked``; under a fixed
         mask, the weight times a 0/1 mask)."""
         weight = module._parameters[self.param].detach()
-        if module._buffers.get(self.mask_buffer) is not None:
-            return Method.is_baked(self.method, stored, weight)
         return self.method.is_baked(stored, weight)
 
     def current_mask(self, module: nn.Module) -> Tensor:

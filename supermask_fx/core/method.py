@@ -12,8 +12,9 @@ capabilities                 ``has_scores``, ``trains_scores``, ``trains_weights
 ``initial_scores(drawn)``    the scores a layer starts with, given the seeded Kaiming-uniform draw
 ``effective_weight``         ``w_eff`` (``S``), what the forward reads, with the method's gradient
 ``eval_mask``                the bool mask (``S``) of evaluation, files and ``fix_masks``
+``masked(w, mask)``          the weight under a given mask (fixed masks: loaded files, ``fix_masks``): ``w * mask``
 ``bake``                     what ``materialize`` and the ``state_dict`` store under the weight's name: by default
-                             ``w * eval_mask``, so that baking gives what evaluation computes
+                             ``masked(w, eval_mask)``, so that baking gives what evaluation computes
 ``is_baked(stored, w)``      whether a stored tensor is a bake of ``w`` (``load_state_dict``'s check)
 ``after_step``               what runs after each optimizer step that updated the layer's scores (methods with
                              ``wants_steps``; IteRand's redraws): called once per gate by a global optimizer
@@ -104,11 +105,18 @@ class Method:
         """The bool mask used in evaluation (and stored in a subnetwork file)."""
         raise NotImplementedError
 
+    def masked(self, weight: Tensor, mask: Tensor) -> Tensor:
+        """The weight the method computes from ``weight`` under a given bool ``mask`` (a fixed mask: a loaded file,
+        ``fix_masks``): ``w * mask`` (differentiable in ``weight`` when it requires grad: retraining)."""
+        if weight.requires_grad and torch.is_grad_enabled():
+            return weight * mask
+        return masked_weight(weight, mask)
+
     def bake(self, gate, module: nn.Module) -> Tensor:
-        """The weight ``materialize`` and the ``state_dict`` store: ``w * eval_mask`` unless the method computes
-        something else in evaluation. Returns a new tensor."""
+        """The weight ``materialize`` and the ``state_dict`` store: ``masked(w, eval_mask)`` unless the method
+        computes something else in evaluation. Returns a new tensor."""
         weight = module._parameters[gate.param].detach()
-        return masked_weight(weight, self.eval_mask(gate, module).to(weight.device))
+        return self.masked(weight, self.eval_mask(gate, module).to(weight.device))
 
     def after_step(self, gate, module: nn.Module) -> None:
         """Called after each optimizer step that updated this layer's scores (only with ``wants_steps``)."""

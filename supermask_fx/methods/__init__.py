@@ -1,11 +1,13 @@
 """The built-in methods; each is a file that registers itself (``supermask_fx.core.method.register_method``).
 
 ``edge_popup`` and ``random`` (``edge_popup.py``), ``sampled`` (``sampled.py``, Zhou et al.), ``dense``
-(``dense.py``). A method of your own: subclass ``Method``, give it a ``name`` (and an ``Options`` dataclass if it
-takes options), and call ``register_method`` on it; ``popupify(model, k, method=name)`` then uses it.
+(``dense.py``), ``biprop`` (``biprop.py``, binary weights with a gain). A method of your own: subclass ``Method``,
+give it a ``name`` (and an ``Options`` dataclass if it takes options), and call ``register_method`` on it;
+``popupify(model, k, method=name)`` then uses it.
 """
 
 from ..core.method import Method, NoOptions, register_method, registered_methods
+from .biprop import Biprop
 from .dense import Dense
 from .edge_popup import EdgePopup, RandomSubnetwork
 from .sampled import Sampled, SampledOptions
@@ -20,4 +22,5 @@ __all__ = [
     "Sampled",
     "SampledOptions",
     "Dense",
+    "Biprop",
 ]
