@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from supermask_fx import materialize, popupify, restore
+from supermask_fx import load_subnetwork, materialize, popupify, restore, save_subnetwork
 from supermask_fx.core.state import RECORD_KEY
 from supermask_fx.methods.sampled import ZHOU_ET_AL, Sampled, SampledOptions, configure, options
 
@@ -229,7 +229,7 @@ def test_rescaling_keeps_the_scale_of_glorot_weights_and_doubles_kaiming_varianc
     assert 4.0 < kaiming / glorot < 8.0  # about 2 ** 2.5
 
 
-def test_with_rescaling_materialize_and_the_state_dict_bake_what_evaluation_computes():
+def test_with_rescaling_materialize_and_the_state_dict_bake_what_evaluation_computes(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     model = popupify(net, k=0.5, method=SampledOptions(rescale=True)).eval()  # threshold evaluation
@@ -244,3 +244,7 @@ def test_with_rescaling_materialize_and_the_state_dict_bake_what_evaluation_comp
         torch.manual_seed(0)
         fresh = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
         assert torch.equal(restore(fresh, model.state_dict()).eval()(x), expected)
+        save_subnetwork(model, tmp_path / "rescaled.safetensors")  # fixed masks compute the multiplier too
+        torch.manual_seed(0)
+        fresh = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        assert torch.equal(load_subnetwork(fresh, tmp_path / "rescaled.safetensors").eval()(x), expected)

@@ -105,6 +105,11 @@ class Sampled(Method):
         self._refresh_eval(gate, module._parameters[gate.scores], module._parameters[gate.param])
         return gate.effective_buffer.clone()
 
+    def masked(self, weight: Tensor, mask: Tensor) -> Tensor:
+        """``w * mask``, times ``numel / kept`` with ``rescale`` (a loaded file computes what evaluation did)."""
+        out = super().masked(weight, mask)
+        return out * (mask.numel() / max(int(mask.sum()), 1)) if self.rescale else out
+
     def is_baked(self, stored: Tensor, weight: Tensor) -> bool:
         """``weight * mask``, or with ``rescale`` also ``weight * mask * numel / kept`` (state_dicts saved before
         the bake followed the multiplier hold the unscaled form; both load)."""
