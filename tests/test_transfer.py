@@ -72,6 +72,7 @@ def test_verdicts_on_synthetic_rows():
     assert "missing runs" in {v for _, _, v in transfer.evaluate_rows(rows)}
 
 
+@pytest.mark.needs_data("mnist", "fashion_mnist", "cifar10")
 def test_one_shrunken_run_of_every_arm_and_supsup_resumes(tmp_path):
     torch.set_num_threads(1)
     csv = tmp_path / "results.csv"
