@@ -339,3 +339,30 @@ def test_a_weight_used_under_no_grad_is_found_inside_the_region():
     gate = next(g for _, g in gated_layers(model) if g.name == "W")
     assert gate.fan_in_fan_out  # h @ W: stored (in, out), fan-in 6
     assert torch.allclose(model._parameters["W"].abs(), torch.full((6, 3), (2 / 6) ** 0.5))
+
+
+class _RescalesInEval(nn.Module):
+    """Writes into its own weight when it switches to eval, as RWKV does (``weight.div_`` under ``no_grad``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.rescaled = False
+
+    def forward(self, x):
+        if not self.training and not self.rescaled:
+            with torch.no_grad():
+                self.fc.weight.div_(2.0)
+            self.rescaled = True
+        return self.fc(x)
+
+
+def test_a_model_that_writes_into_its_masked_weights_is_refused():
+    model = popupify(_RescalesInEval(), k=0.5).eval()
+    with pytest.raises(RuntimeError, match=r"wrote into the masked weight in place.*rescale_every=0"):
+        with torch.no_grad():
+            model(torch.randn(2, 6))
+    plain = popupify(nn.Sequential(nn.Linear(6, 4)), k=0.5).eval()  # reads only: no refusal, same outputs
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        assert torch.equal(plain(x), plain(x))

@@ -200,7 +200,7 @@ class Gate:
             self.layer_mask.clear()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "key": None, "effective_buffer": None, "mask": None}
+        return {**self.__dict__, "key": None, "effective_buffer": None, "mask": None, "_handed": None}
 
     def __setstate__(self, state: dict) -> None:  # gates pickled before mask heads existed
         state.setdefault("k_popupify", state.get("k"))
@@ -304,9 +304,29 @@ def _gated_property(name: str) -> property:
             return param
         if recompute.compiling():
             return _effective_outside_graph(gate, self)
-        return gate.effective(self)
+        return _checked(gate, self, gate.effective(self))
 
     return property(effective, doc=f"The effective (masked) {name}; the frozen random one is _parameters[{name!r}].")
+
+
+def _checked(gate: Gate, module: nn.Module, value: Tensor) -> Tensor:
+    """Refuse a model that wrote into the cached effective weight it was handed (evaluation reads share one buffer):
+    RWKV divides its output weights in place at every switch to eval. The write would be lost at the next
+    selection, or kept in the cache while the masks move: never what the model meant."""
+    if value.requires_grad or value.is_inference():  # a fresh tensor per read, or one without a version counter
+        return value
+    key = (gate.key, gate.layer_mask.key if gate.layer_mask is not None else None)
+    handed = gate.__dict__.get("_handed")
+    if handed is not None and handed[0]() is value and handed[2] == key and value._version != handed[1]:
+        gate.__dict__["_handed"] = None
+        raise RuntimeError(
+            f"{gate.name}: the model wrote into the masked weight in place (e.g. RWKV rescales its layers when it "
+            "switches between train and eval); supermask_fx computes that weight from the frozen one and its mask, "
+            "so the write would be lost or outlive the mask. Turn that behaviour off (RWKV: config.rescale_every=0) "
+            "before popupify"
+        )
+    gate.__dict__["_handed"] = (weakref.ref(value), value._version, key)  # a cached buffer: what was handed out
+    return value
 
 
 def _alias_property(name: str) -> property:
