@@ -183,3 +183,38 @@ def test_hugging_face_reload_of_masks_over_pretrained_weights_needs_the_base(tmp
     with torch.no_grad():
         assert torch.equal(again.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
     assert torch.equal(again.classifier.scores, trained_scores) and again.classifier.scores.requires_grad
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_kept_weights_and_named_masks_on_timm_models(name, tmp_path):
+    """A timm model's own weights masked (k = 1: its outputs, bit for bit), a second mask trained while the first
+    stays bit-identical, and the file of both masks reloading onto the same base."""
+    timm = pytest.importorskip("timm")
+    from supermask_fx import add_mask, set_mask
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32} if "vit" in name else {}
+    base = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = base(x)
+    full = popupify(copy.deepcopy(base), k=1.0, init="keep").eval()
+    with torch.no_grad():
+        assert torch.equal(full(x), expected)
+    model = popupify(copy.deepcopy(base), k=0.5, init="keep").eval()
+    first = [g.current_mask(m).clone() for m, g in gated_layers(model)]
+    add_mask(model, "task2")
+    set_mask(model, "task2")
+    optimizer = torch.optim.SGD(supermask_parameters(model), lr=1.0)
+    model.train()
+    model(torch.randn(4, 3, 32, 32)).square().mean().backward()
+    optimizer.step()
+    model.eval()
+    set_mask(model, "default")
+    assert all(torch.equal(g.current_mask(m), a) for (m, g), a in zip(gated_layers(model), first))
+    with torch.no_grad():
+        default_logits = model(x)
+    save_subnetwork(model, tmp_path / "timm.safetensors")
+    again = load_subnetwork(copy.deepcopy(base), tmp_path / "timm.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), default_logits)
