@@ -9,12 +9,12 @@ import copy
 
 import pytest
 import torch
+from references import top_k_mask
 from torch import nn
 
 from supermask_fx import (
     SubnetworkFileError,
     gated_layers,
-    kept_count,
     load_subnetwork,
     materialize,
     popupify,
@@ -37,14 +37,6 @@ def pretrained_convnet(seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def top_k_by_magnitude(weight: torch.Tensor, k: float) -> torch.Tensor:
-    flat = weight.detach().abs().flatten()
-    order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[: kept_count(flat.numel(), k)]] = True
-    return mask.view_as(weight)
-
-
 def test_at_k_1_the_outputs_are_the_original_ones_and_nothing_changed():
     model = pretrained_convnet()
     before = copy.deepcopy(model.state_dict())
@@ -59,11 +51,11 @@ def test_at_k_1_the_outputs_are_the_original_ones_and_nothing_changed():
     assert [n for n, _ in ((n, p) for n, p in model.named_parameters() if p.requires_grad)] == ["0.scores", "4.scores"]
 
 
-def test_the_first_mask_is_each_layers_top_k_by_magnitude():
+def test_the_first_mask_is_each_layers_top_k_mask():
     model = popupify(pretrained_convnet(), k=0.3, init="keep")
     for module, gate in gated_layers(model):
         weight = module._parameters["weight"]
-        assert torch.equal(gate.current_mask(module), top_k_by_magnitude(weight, 0.3)), gate.name
+        assert torch.equal(gate.current_mask(module), top_k_mask(weight, 0.3)), gate.name
 
 
 def test_scores_can_start_random_over_kept_weights():
@@ -156,7 +148,7 @@ def test_kept_weights_on_real_architectures(name, tmp_path):
     for module, gate in gated_layers(masked):
         weight = module._parameters[gate.param]
         if gate.expert_dims == 0 and gate.selector is not None and len(gate.selector.members) == 1:
-            assert torch.equal(gate.current_mask(module), top_k_by_magnitude(weight, 0.5)), gate.name
+            assert torch.equal(gate.current_mask(module), top_k_mask(weight, 0.5)), gate.name
     save_subnetwork(masked, tmp_path / "m.safetensors")
     again = load_subnetwork(copy.deepcopy(base), tmp_path / "m.safetensors").eval()
     assert torch.equal(logits(again), logits(masked))

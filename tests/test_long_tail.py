@@ -21,6 +21,7 @@ from torch import nn
 pytest.importorskip("transformers")
 import transformers  # noqa: E402
 from hf_families import build  # noqa: E402
+from references import top_k_mask  # noqa: E402
 from test_hf_models import assert_identity_norm  # noqa: E402
 
 from supermask_fx import (  # noqa: E402
@@ -48,15 +49,6 @@ def plain_attributes(model: nn.Module) -> dict[str, dict]:
     for name, m in model.named_modules():
         out[name] = {k: v for k, v in vars(m).items() if isinstance(v, kinds) and not k.startswith("_supermask")}
     return out
-
-
-def reference_topk(scores: torch.Tensor, k: float) -> torch.Tensor:
-    """Keep the ``kept_count`` largest |scores|, ties by lowest flat index (a stable descending sort)."""
-    flat = scores.detach().abs().flatten()
-    order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[: kept_count(flat.numel(), k)]] = True
-    return mask.view_as(scores)
 
 
 # ------------------------------------------------------------------------------------------ capture leaves no trace
@@ -175,7 +167,7 @@ def test_masks_follow_scores_written_by_any_optimizer(make):
         optimizer.zero_grad()
         for (module, gate), old in zip(gated_layers(model), before):
             mask = gate.current_mask(module)
-            assert torch.equal(mask, reference_topk(module._parameters[gate.scores], 0.4)), gate.name
+            assert torch.equal(mask, top_k_mask(module._parameters[gate.scores], 0.4)), gate.name
             flipped += int((mask != old).sum())
     assert flipped > 0  # the scores moved enough to change the masks: the check above had something to see
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..graph.discover import WeightRef
 from ..selection import version_key
+from ..selection.backend import is_shard
 from ..selection.kernels import buffer_like
 from . import recompute
 
@@ -291,16 +292,11 @@ def gated_class(base: type, names: tuple[str, ...], aliases: tuple[str, ...] = (
     return cls
 
 
-def _is_shard(tensor) -> bool:
-    """A DTensor: FSDP2's sharded parameter between forwards (each forward reads the unsharded, plain one)."""
-    return type(tensor).__name__ == "DTensor"
-
-
 def _gated_property(name: str) -> property:
     def effective(self):
         gate = self._supermask_gates[name]
         param = self._parameters[gate.param]
-        if _is_shard(param):  # FSDP2 managing its shards (not a forward): the Parameter itself, not a mask of it
+        if is_shard(param):  # FSDP2 managing its shards (not a forward): the Parameter itself, not a mask of it
             return param
         if recompute.compiling():
             return _effective_outside_graph(gate, self)
@@ -332,7 +328,7 @@ def _checked(gate: Gate, module: nn.Module, value: Tensor) -> Tensor:
 def _alias_property(name: str) -> property:
     def effective(self):
         owner, gate = self._supermask_aliases[name]
-        if _is_shard(owner._parameters[gate.param]):
+        if is_shard(owner._parameters[gate.param]):
             return owner._parameters[gate.param]
         if recompute.compiling():
             return _effective_outside_graph(gate, owner)
