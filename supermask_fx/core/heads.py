@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..selection.topk import kept_count
+from .config import _check_k
 from .gate import Gate, gates_of, scores_name
 from .initializers import draw_scores, generator_for
 
@@ -75,8 +76,6 @@ def add_mask(model: nn.Module, name: str, k: float | None = None) -> nn.Module:
     if name in pairs[0][1].heads:
         raise ValueError(f"the model already has a mask named {name!r}; masks: {', '.join(list_masks(model))}")
     if k is not None:
-        from .config import _check_k
-
         _check_k(k, "k")
     with torch.no_grad():
         for module, gate in pairs:
@@ -122,8 +121,6 @@ def set_k(model: nn.Module, k: float) -> nn.Module:
     more at the start, biprop's ``--prune_rate_epoch``). Layers matched by ``layer_k`` keep theirs; with
     ``scope="global"`` the global count follows. The scores are unchanged: the next read selects the top-k at the new
     ``k``. Recorded in the ``state_dict`` and files, so a resume or a reload keeps it."""
-    from .config import _check_k
-
     _check_k(k, "k")
     pairs = _pairs(model)
     active = pairs[0][1].active

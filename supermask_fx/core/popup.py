@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import warnings
@@ -143,17 +144,7 @@ def popupify(
     attach_hooks(model)
     watch_optimizers()
     watch_fsdp()
-    model.__dict__["_supermask_discovery"] = Discovery(
-        [],
-        found.path,
-        found.trace_error,
-        found.export_error,
-        found.ungated,
-        found.norms,
-        found.frozen,
-        found.seconds,
-        untrained,
-    )
+    model.__dict__["_supermask_discovery"] = dataclasses.replace(found, refs=[], untrained=untrained)
     _mark_config(model, config)
     return model
 
