@@ -20,6 +20,7 @@ from .core.masks import (
     supermask_parameters,
 )
 from .core.popup import popupify
+from .core.schedule import KWarmup
 from .files.folder import load_masks, save_masks
 from .files.materialize import materialize
 from .files.restore import restore
@@ -53,6 +54,7 @@ __all__ = [
     "active_mask",
     "delete_mask",
     "set_k",
+    "KWarmup",
     "save_masks",
     "load_masks",
     "Method",

@@ -28,7 +28,19 @@ def n_params(model: nn.Module) -> int:
 
 
 def test_model_names():
-    assert set(MODEL_NAMES) == {"fc", "fc1", "fc2", "fc4", "fc6", "conv2", "conv4", "conv6", "conv8", "resnet18"}
+    assert set(MODEL_NAMES) == {
+        "fc",
+        "fc_bn",
+        "fc1",
+        "fc2",
+        "fc4",
+        "fc6",
+        "conv2",
+        "conv4",
+        "conv6",
+        "conv8",
+        "resnet18",
+    }
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -17,7 +17,7 @@ from .source import KEEP, KeptWeights, SeededDraw
 
 SCOPES = ("layer", "global")
 BIAS_RULES = ("zero", "keep")
-NORM_RULES = ("identity", "keep")
+NORM_RULES = ("identity", "keep", "learn")
 SCORE_STARTS = ("random", "magnitude")
 
 
@@ -47,8 +47,10 @@ class PopupConfig:
             the values the model was built with. Either way they are frozen. Default: ``"keep"`` with
             ``init="keep"``, else ``"zero"``.
         norms: ``"identity"``: normalization scales 1 and shifts 0 (the paper); ``"keep"``: their current values
-            (a pretrained model's). Either way frozen. Default: ``"keep"`` with ``init="keep"``, else
-            ``"identity"``.
+            (a pretrained model's). Either way frozen. ``"learn"``: the affine parameters train beside the scores
+            (``supermask_parameters`` yields them; biprop's learned BatchNorm), starting at identity (at their
+            current values with ``init="keep"``); files store their trained values. Default: ``"keep"`` with
+            ``init="keep"``, else ``"identity"``.
         scores: how the scores start: ``"random"`` (Kaiming-uniform from the seed, the paper) or ``"magnitude"``
             (``|w|``: the first mask is the weights' own top-k by magnitude, ties by lowest flat index). Default:
             ``"magnitude"`` with ``init="keep"``, else ``"random"``.

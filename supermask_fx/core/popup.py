@@ -27,6 +27,7 @@ from .gate import (
     watch_optimizers,
 )
 from .initializers import draw_scores, generator_for
+from .source import KEEP
 from .state import attach_hooks
 from .wrappers import wrapper_kind
 
@@ -132,6 +133,9 @@ def popupify(
         _set_constants(model, gates, config, untrained, found.norms)
     for p in model.parameters():
         p.requires_grad_(False)
+    if config.norms == "learn":
+        for param in learned_norms(model, found.norms, untrained):
+            param.requires_grad_(True)
     for module, gate in gates:
         module._parameters[gate.param].requires_grad_(method.trains_weights)
         if gate.scores is not None:
@@ -352,11 +356,32 @@ def constant_parameters(
             if bias is not None and isinstance(module._parameters.get(bias), torch.Tensor):
                 out[prefix[id(module)] + bias] = 0.0
     for module in model.modules():
-        if config.norms == "identity" and isinstance(module, NORM_TYPES) and id(module) in prefix:
+        if _resets_norms(config) and isinstance(module, NORM_TYPES) and id(module) in prefix:
             for name, value in (("weight", 1.0), ("bias", 0.0)):
                 if isinstance(module._parameters.get(name), torch.Tensor):
                     out[prefix[id(module)] + name] = value
     return {name: value for name, value in out.items() if name not in untrained}
+
+
+def _resets_norms(config: PopupConfig) -> bool:
+    """Whether popupify sets the norms to identity: ``norms="identity"``, and ``"learn"`` over random weights."""
+    return config.norms == "identity" or (config.norms == "learn" and config.init != KEEP)
+
+
+def learned_norms(model: nn.Module, graph_norms, untrained=()) -> list[nn.Parameter]:
+    """The affine parameters of the model's norms (``NORM_TYPES`` modules and those the graph found), that
+    ``norms="learn"`` trains; none the model did not train (``untrained`` names)."""
+    untrained = set(untrained)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if isinstance(module, NORM_TYPES)
+        for name in ("weight", "bias")
+        if isinstance(module._parameters.get(name), torch.Tensor)
+    ]
+    names += list(graph_norms)
+    return [params[n] for n in dict.fromkeys(names) if n in params and n not in untrained]
 
 
 def _set_constants(model, gates, config: PopupConfig, untrained, graph_norms: dict[str, str]) -> None:
@@ -365,7 +390,7 @@ def _set_constants(model, gates, config: PopupConfig, untrained, graph_norms: di
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, value in constant_parameters(model, gates, config, untrained).items():
         params[name].fill_(value)
-    if config.norms == "identity":
+    if _resets_norms(config):
         for name, kind in graph_norms.items():
             if name not in untrained:
                 params[name].fill_(NORM_IDENTITY[kind])

@@ -16,6 +16,10 @@ IMAGENET_MODELS = ("resnet50", "resnet101", "wide_resnet50_2")
 RUNS = Path("runs") / "experiments"
 
 
+BASELINES_CSV = Path("docs/results/baselines/results.csv")
+PAPER_CSV = Path("docs/results/cpu/results.csv")
+
+
 def default_csv(name: str) -> Path:
     """``runs/experiments/<name>/results.csv`` under the current folder."""
     return RUNS / name / "results.csv"
@@ -40,21 +44,36 @@ def imagenet_commands(seeds: int, data_dir: str = "$IMAGENET") -> list[str]:
 
 
 def decide(args) -> int:
-    """``decide``: the CPU protocol that decides the paper's claims (``protocol.py``): run it, or ``--report``."""
-    from . import protocol
+    """``decide``: the CPU protocol that decides the paper's claims (``protocol.py``), or with
+    ``--protocol followups`` the follow-up methods' (``followups.py``): run it, or ``--report``."""
+    from . import followups, protocol
 
-    csv_path = args.csv or default_csv("cpu")
-    also = tuple(p for p in args.also if p != csv_path)
-    seeds = args.seeds if args.seeds_given else protocol.SEEDS
+    paper = args.protocol == "paper"
+    proto = protocol if paper else followups
+    csv_path = args.csv or default_csv("cpu" if paper else "followups")
+    given = args.also if args.also is not None else [BASELINES_CSV] + ([] if paper else [PAPER_CSV])
+    also = tuple(p for p in given if p != csv_path)
+    seeds = args.seeds if args.seeds_given else proto.SEEDS
     if args.report:
         from .decide_report import make_decide_report
 
-        command = "python -m supermask_fx.experiments decide --report" + (f" --csv {csv_path}" if args.csv else "")
-        print(f"wrote {make_decide_report(csv_path, args.out or csv_path.parent, seeds, command, also)}")
+        command = (
+            "python -m supermask_fx.experiments decide"
+            + ("" if paper else " --protocol followups")
+            + " --report"
+            + (f" --csv {csv_path}" if args.csv else "")
+        )
+        written = make_decide_report(csv_path, args.out or csv_path.parent, seeds, command, also, proto=proto)
+        print(f"wrote {written}")
         return 0
+    from ..core.method import registered_methods
     from .configs import missing_data_reason
 
-    specs = protocol.plan(seeds)
+    specs = proto.plan(seeds)
+    unknown = sorted({s.method for s in specs} - set(registered_methods()))
+    if unknown:  # a method this checkout lacks: run the rest; the report lists these runs as missing
+        print(f"{sum(s.method in unknown for s in specs)} runs skipped: method(s) {', '.join(unknown)} not registered")
+        specs = [s for s in specs if s.method not in unknown]
     for dataset in sorted({s.dataset for s in specs}):
         reason = missing_data_reason(dataset)
         if reason is not None:  # run what can run here; the report lists the rest as missing
@@ -117,11 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--report", action="store_true", help="decide: write the report instead of running")
     parser.add_argument(
+        "--protocol",
+        choices=("paper", "followups"),
+        default="paper",
+        help="decide: the paper's claims (default; docs/results/cpu/) or the follow-up methods' "
+        "(docs/results/followups/; reads the paper protocol's edge-popup runs from --also)",
+    )
+    parser.add_argument(
         "--also",
         type=Path,
         nargs="*",
-        default=[Path("docs/results/baselines/results.csv")],
-        help="decide: read-only CSVs whose rows count as done (default: the FC MNIST baselines' CSV)",
+        default=None,
+        help="decide: read-only CSVs whose rows count as done (default: the FC MNIST baselines' CSV; with "
+        "--protocol followups also the paper protocol's docs/results/cpu/results.csv)",
     )
     args = parser.parse_args(argv)
     args.seeds_given = args.seeds is not None

@@ -29,9 +29,12 @@ JPEG_NOTE = (
 
 def describe(spec: RunSpec) -> str:
     """A short label of a configuration (no seed)."""
-    what = {"dense": f"dense {spec.optimizer}", "sampled": "Zhou et al.", "random": "random mask"}.get(
-        spec.method, "edge-popup"
-    )
+    what = {
+        "dense": f"dense {spec.optimizer}",
+        "sampled": "Zhou et al.",
+        "random": "random mask",
+        "edge_popup": "edge-popup",
+    }.get(spec.method, spec.method.replace("_", "-"))
     parts = [f"{spec.model}" + (f" w{spec.width:g}" if spec.width != 1.0 else ""), what]
     if spec.method != "dense":
         parts += [spec.init.replace("_", " "), f"k={spec.k:.3g}"]
@@ -144,6 +147,7 @@ def make_decide_report(
     seeds: int = protocol.SEEDS,
     command: str = "",
     also: tuple[str | Path, ...] = (),
+    proto=protocol,
 ) -> Path:
     """Write ``out_dir/report.md`` and the curve figures from ``csv_path`` (and the read-only CSVs ``also``)."""
     out = Path(out_dir)
@@ -154,11 +158,11 @@ def make_decide_report(
         **{k: v for p in also for k, v in read_curves(curves_path(p)).items()},
         **read_curves(curves_path(csv_path)),
     }
-    planned = protocol.plan(seeds)
+    planned = proto.plan(seeds)
     done = [s for s in planned if s.key() in index]
     hours = sum(float(index[s.key()]["wall_time_s"]) for s in done) / 3600
     lines = [
-        "# The paper's claims at CPU scale: verdicts",
+        "# " + getattr(proto, "TITLE", "The paper's claims at CPU scale: verdicts"),
         "",
         f"Generated from `{csv_path}`"
         + "".join(f" and `{p}`" for p in also)
@@ -172,7 +176,7 @@ def make_decide_report(
         "|---|---|---|---|",
     ]
     sections = []
-    for claim in protocol.claims():
+    for claim in proto.claims():
         verdicts, body = [], []
         for c in claim.comparisons:
             interval, verdict, how = evaluate(c, index, seeds)
@@ -193,7 +197,17 @@ def make_decide_report(
         if figure:
             section += ["", f"![curves of claim {claim.number}]({figure.name})"]
         sections += section + [""]
-    lines += ["", *sections, "## Anchors: published / ours", ""]
+    lines += ["", *sections]
+    if proto is protocol:
+        lines += _paper_anchors(index, seeds)
+    lines += _missing(planned, index)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _paper_anchors(index: dict, seeds: int) -> list[str]:
+    lines = ["## Anchors: published / ours", ""]
     lines += [
         f"FC 784-300-100-10 on MNIST (bit-exact copy), {protocol.ANCHOR_EPOCHS} epochs, batch 128 (Adam: 60):",
         "",
@@ -216,6 +230,11 @@ def make_decide_report(
         "paper-scale commands (docs/reproducing.md) make the same-model comparison on a GPU. " + JPEG_NOTE,
         "",
     ]
+    return lines
+
+
+def _missing(planned: list[RunSpec], index: dict) -> list[str]:
+    lines = []
     missing = [s for s in planned if s.key() not in index]
     if missing:
         lines += [f"## Missing runs ({len(missing)})", ""]
@@ -225,6 +244,4 @@ def make_decide_report(
         labels = {s.with_(seed=0).key(): s for s in missing}
         lines += [f"- {describe(labels[k])} ({labels[k].dataset}): seeds {v}" for k, v in by_config.items()]
         lines.append("")
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return lines

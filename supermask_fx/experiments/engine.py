@@ -39,12 +39,13 @@ def train_config(recipe: Recipe, epochs: int, seed: int, **options) -> TrainConf
 
 
 def fit(
-    model: nn.Module, params, train_set, test_set, recipe: Recipe, epochs: int, seed: int
+    model: nn.Module, params, train_set, test_set, recipe: Recipe, epochs: int, seed: int, **options
 ) -> tuple[float, list[float]]:
     """Train the parameters of ``model`` that require grad for ``epochs``; return the top-1 test accuracy in percent
     after the last epoch and after each epoch (the curve).
 
     ``params`` (``supermask_parameters(model)``) is the same set the engine trains: the parameters that require grad.
+    ``options``: other ``TrainConfig`` fields (``k_warmup_epochs``).
     """
     config = train_config(
         recipe,
@@ -55,6 +56,7 @@ def fit(
         out_dir=None,
         checkpoint=False,
         progress="none",
+        **options,
     )
     result = train(model, train_set, test_set, config)
     curve = [100.0 * float(m["test_top1"]) for m in result["history"] if m.get("test_top1") is not None]

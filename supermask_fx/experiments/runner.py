@@ -15,7 +15,7 @@ from .. import fix_masks, mask_stats, popupify, supermask_parameters
 from ..models import build_model
 from . import engine
 from .results import append_curve, append_row, curves_path, done_keys
-from .specs import RunSpec
+from .specs import RunSpec, variant_settings
 
 __all__ = ["run_one", "run_all", "git_revision", "estimate_seconds"]
 
@@ -67,8 +67,17 @@ def build(spec: RunSpec) -> torch.nn.Module:
         options = ZHOU_ET_AL  # sampled evaluation, weight rescaling, scores 0
     elif spec.method == "sampled" and spec.variant == "sample_eval":
         options = {"eval_rule": "sample"}  # the edge-popup authors' SampleSubnetConv
+    settings, _ = variant_settings(spec.variant)
+    options = {**options, **settings.pop("method_options", {})}
     popupify(
-        model, spec.k, method=spec.method, init=spec.init, scaled=spec.scaled, seed=spec.seed, method_options=options
+        model,
+        spec.k,
+        method=spec.method,
+        init=spec.init,
+        scaled=spec.scaled,
+        seed=spec.seed,
+        method_options=options,
+        **settings,
     )
     return model
 
@@ -102,8 +111,9 @@ def run_one(spec: RunSpec, revision: str | None = None, curves: list | None = No
         recipe = spec.retrain or spec.recipe
     else:
         recipe = spec.recipe
+    _, train_options = variant_settings(spec.variant)
     accuracy, curve = engine.fit(
-        model, supermask_parameters(model), train_set, test_set, recipe, spec.epochs, spec.seed
+        model, supermask_parameters(model), train_set, test_set, recipe, spec.epochs, spec.seed, **train_options
     )
     if curves is not None:
         curves.extend(curve)

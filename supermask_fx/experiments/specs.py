@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-__all__ = ["Recipe", "RunSpec", "Scale", "SCALES", "KEY_FIELDS"]
+__all__ = ["Recipe", "RunSpec", "Scale", "SCALES", "KEY_FIELDS", "variant_settings"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,29 @@ class RunSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: Tokens of a ``RunSpec.variant`` (joined by ``+``) that set popupify or training options (the follow-up methods'
+#: protocol): ``global`` (``scope="global"``), ``kwarmup<E>`` (k warm-up over the first E epochs, linear),
+#: ``norms_learn`` (``norms="learn"``), ``coats<C>`` (``method_options={"coats": C}``).
+OPTION_TOKENS = ("global", "kwarmup", "norms_learn", "coats")
+
+
+def variant_settings(variant: str) -> tuple[dict, dict]:
+    """``(popupify keyword arguments, TrainConfig fields)`` a variant's option tokens ask for (``OPTION_TOKENS``);
+    tokens of other meanings (``zhou``, ``retrain_found``, ...) ask for none here."""
+    popup: dict = {}
+    train: dict = {}
+    for token in filter(None, variant.split("+")):
+        if token == "global":
+            popup["scope"] = "global"
+        elif token == "norms_learn":
+            popup["norms"] = "learn"
+        elif token.startswith("kwarmup"):
+            train["k_warmup_epochs"] = float(token[len("kwarmup") :])
+        elif token.startswith("coats"):
+            popup.setdefault("method_options", {})["coats"] = int(token[len("coats") :])
+    return popup, train
 
 
 def _num(x: float) -> str:

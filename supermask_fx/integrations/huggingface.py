@@ -26,6 +26,7 @@ from transformers import AutoConfig, TrainerCallback
 
 from ..core.masks import check_no_adapters, gated_layers, mask_statistics
 from ..core.popup import CONFIG_KEY
+from ..core.schedule import KWarmup
 from ..core.wrappers import unwrap
 from ..files.folder import MASKS_CONFIG, load_masks
 from ..files.restore import restore
@@ -85,10 +86,15 @@ class SupermaskCallback(TrainerCallback):
     Warns once (``UserWarning``) when no mask bit changed over the first logging interval: the optimizer moves the
     scores too little to cross the threshold. Edge-popup needs learning rates far above fine-tuning's (the paper:
     SGD lr 0.1, momentum 0.9); ``Trainer``'s default AdamW at 5e-5 flips almost nothing.
+
+    ``k_warmup``: a ``supermask_fx.KWarmup``, applied when training begins (or resumes) and after every optimizer
+    step, at the fractional epoch ``global_step * num_train_epochs / max_steps``: a resumed run computes the same
+    ``k``.
     """
 
-    def __init__(self, write_subnetwork: bool = True) -> None:
+    def __init__(self, write_subnetwork: bool = True, k_warmup: KWarmup | None = None) -> None:
         self.write_subnetwork = write_subnetwork
+        self.k_warmup = k_warmup
         self._previous: list | None = None  # the masks at the previous training log
         self._warned = False
 
@@ -96,7 +102,18 @@ class SupermaskCallback(TrainerCallback):
         if model is None:
             return
         check_no_adapters(unwrap(model))
+        self._apply_k(state, model)
         _, self._previous = mask_statistics(unwrap(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._apply_k(state, model)
+
+    def _apply_k(self, state, model) -> None:
+        """The k warm-up at the fractional epoch ``global_step / steps per epoch`` (the k of the next step)."""
+        if self.k_warmup is None or model is None or not state.max_steps:
+            return
+        per_epoch = state.max_steps / max(1e-12, float(state.num_train_epochs or 1))
+        self.k_warmup.apply(unwrap(model), state.global_step / per_epoch)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if model is None or logs is None:

@@ -9,6 +9,7 @@ Lightning needs no adapter to train a popupified network (popupify it in ``__ini
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 try:
@@ -17,6 +18,7 @@ except ImportError:  # the older package name
     from pytorch_lightning.callbacks import Callback
 
 from ..core.masks import check_no_adapters, gated_layers, mask_statistics
+from ..core.schedule import KWarmup
 from ..files.subnetwork import save_subnetwork
 
 SUBNETWORK_FILE = "subnetwork.safetensors"
@@ -27,14 +29,30 @@ __all__ = ["SupermaskCallback", "SUBNETWORK_FILE"]
 class SupermaskCallback(Callback):
     """Logs ``supermask/kept_fraction`` and ``supermask/mask_changed`` (fraction of gated weights whose mask bit
     flipped since the previous epoch) at the end of every training epoch, and writes ``subnetwork.safetensors``
-    (``save_subnetwork``) into the checkpoint folder whenever Lightning saves a checkpoint (rank 0 only)."""
+    (``save_subnetwork``) into the checkpoint folder whenever Lightning saves a checkpoint (rank 0 only).
 
-    def __init__(self, write_subnetwork: bool = True) -> None:
+    ``k_warmup``: a ``supermask_fx.KWarmup``, applied before training starts (or resumes) and after every optimizer
+    step, at the fractional epoch ``global_step / steps per epoch``: a resumed fit computes the same ``k``."""
+
+    def __init__(self, write_subnetwork: bool = True, k_warmup: KWarmup | None = None) -> None:
         self.write_subnetwork = write_subnetwork
+        self.k_warmup = k_warmup
         self._previous: list | None = None  # the masks at the previous log
 
     def on_fit_start(self, trainer, pl_module) -> None:
         check_no_adapters(pl_module)  # PEFT adapters froze the scores: no mask would train
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._apply_k(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._apply_k(trainer, pl_module)
+
+    def _apply_k(self, trainer, pl_module) -> None:
+        if self.k_warmup is None:
+            return
+        per_epoch = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
+        self.k_warmup.apply(pl_module, trainer.global_step / max(1, per_epoch))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         stats, self._previous = mask_statistics(pl_module, self._previous)

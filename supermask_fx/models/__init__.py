@@ -1,7 +1,7 @@
 """The networks of Ramanujan et al. (CVPR 2020) as plain ``nn.Module``s (no supermask code).
 
 All models map ``(N, C, H, W)`` images to logits ``(N, num_classes)``, contain no data-dependent control flow
-(so ``torch.fx.symbolic_trace`` works), and only the ResNet has BatchNorm.
+(so ``torch.fx.symbolic_trace`` works), and only the ResNet and ``fc_bn`` have BatchNorm.
 
 Use :func:`build_model` to build one by name; valid names are in :data:`MODEL_NAMES`. ``dataset=`` sizes the
 input and output layers for a data set of :mod:`supermask_fx.data` (``build_model("conv4", dataset="cifar10")``).
@@ -32,7 +32,19 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`build_model`.
-MODEL_NAMES: tuple[str, ...] = ("fc", "fc1", "fc2", "fc4", "fc6", "conv2", "conv4", "conv6", "conv8", "resnet18")
+MODEL_NAMES: tuple[str, ...] = (
+    "fc",
+    "fc_bn",
+    "fc1",
+    "fc2",
+    "fc4",
+    "fc6",
+    "conv2",
+    "conv4",
+    "conv6",
+    "conv8",
+    "resnet18",
+)
 
 _FC_HIDDEN = (300, 100)
 #: Depth variants of the FC net (the CPU reproduction's depth claim): ``fcN`` has N hidden layers of 300 units.
@@ -53,7 +65,8 @@ def build_model(
     Args:
         name: one of :data:`MODEL_NAMES` (case-insensitive): ``"fc"`` (784-300-100-10 MLP,
             ``in_features = in_channels * image_size**2``), ``"conv2"`` ... ``"conv8"`` (Table 1 VGG-like
-            nets), ``"resnet18"`` (CIFAR ResNet-18); ``"fc1"``, ``"fc2"``, ``"fc4"``, ``"fc6"``: the FC net with
+            nets), ``"resnet18"`` (CIFAR ResNet-18); ``"fc_bn"``: ``"fc"`` with a BatchNorm after each hidden
+            layer; ``"fc1"``, ``"fc2"``, ``"fc4"``, ``"fc6"``: the FC net with
             1, 2, 4 or 6 hidden layers of 300 units (depth variants; ``"fc2"`` is 784-300-300-10).
         dataset: a data set name (``"fashion_mnist"``, ``"cifar10"``, ... as :func:`supermask_fx.data.dataset_info`
             accepts) or its :class:`~supermask_fx.data.DatasetInfo`; sets ``num_classes``, ``in_channels`` and
@@ -73,9 +86,14 @@ def build_model(
     """
     num_classes, in_channels, image_size = _sizes(dataset, num_classes, in_channels, image_size)
     key = name.lower().strip() if isinstance(name, str) else name
-    if key == "fc":
+    if key in ("fc", "fc_bn"):
         hidden = tuple(scale_width(h, width) for h in _FC_HIDDEN)
-        return FC(in_features=in_channels * image_size * image_size, hidden=hidden, num_classes=num_classes)
+        return FC(
+            in_features=in_channels * image_size * image_size,
+            hidden=hidden,
+            num_classes=num_classes,
+            batch_norm=key == "fc_bn",
+        )
     if key in _FC_DEPTHS:
         hidden = (scale_width(300, width),) * _FC_DEPTHS[key]
         return FC(in_features=in_channels * image_size * image_size, hidden=hidden, num_classes=num_classes)

@@ -228,6 +228,10 @@ def model_fingerprint(model: nn.Module) -> dict:
     }
 
 
+#: Result fields added after checkpoints were first written, with the value an older checkpoint ran with.
+_ADDED_FIELDS = {"k_warmup_epochs": 0.0, "k_warmup_shape": "linear"}
+
+
 def check_compatible(
     path: str | os.PathLike, state: dict, model_fp: dict, result_fields: dict, data_fp: dict | None = None
 ) -> None:
@@ -267,7 +271,8 @@ def check_compatible(
     differs = [
         f"{key}: checkpoint {saved_fields.get(key)!r}, now {value!r}"
         for key, value in result_fields.items()
-        if _normal(saved_fields.get(key)) != _normal(value)
+        if (key in saved_fields or _normal(value) != _normal(_ADDED_FIELDS.get(key)))
+        and _normal(saved_fields.get(key)) != _normal(value)
     ]
     if differs:
         raise CheckpointMismatchError(

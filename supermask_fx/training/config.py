@@ -28,6 +28,8 @@ RESULT_FIELDS = (
     "schedule",
     "warmup_epochs",
     "min_lr",
+    "k_warmup_epochs",
+    "k_warmup_shape",
     "grad_accum_steps",
     "max_grad_norm",
     "mixed_precision",
@@ -58,6 +60,9 @@ class TrainConfig:
         warmup_epochs: linear warm-up length in epochs (may be fractional); the rate climbs from ``lr / W`` to
             ``lr`` over the ``W`` warm-up steps.
         min_lr: final learning rate of the cosine schedule.
+        k_warmup_epochs: a k warm-up (``supermask_fx.KWarmup``): the fraction kept goes from 1 to popupify's ``k``
+            over this many epochs (may be fractional; updated before every optimizer step), then stays; 0: none.
+        k_warmup_shape: ``"linear"`` or ``"cosine"``.
         grad_accum_steps: micro-batches whose gradients are summed into one optimizer step.
         max_grad_norm: clip the gradient norm to this value (``None``: no clipping).
         mixed_precision: ``"no"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (bf16 on a CUDA device that supports
@@ -101,6 +106,8 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
+    k_warmup_epochs: float = 0.0
+    k_warmup_shape: str = "linear"
     grad_accum_steps: int = 1
     max_grad_norm: float | None = None
     mixed_precision: str = "no"
@@ -135,7 +142,7 @@ class TrainConfig:
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("progress", self.progress, PROGRESS_CHOICES)
         _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
-        for name in ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_epochs", "min_lr"):
+        for name in ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_epochs", "min_lr", "k_warmup_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0")
@@ -145,6 +152,9 @@ class TrainConfig:
             raise ValueError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1)")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} is longer than the run (epochs={self.epochs})")
+        _choice("k_warmup_shape", self.k_warmup_shape, ("linear", "cosine"))
+        if self.k_warmup_epochs > self.epochs:
+            raise ValueError(f"k_warmup_epochs={self.k_warmup_epochs} is longer than the run (epochs={self.epochs})")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be positive or None")
         if not self.topk or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.topk):

@@ -28,6 +28,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.data import DataLoader
 
+from ..core.masks import gated_layers
+from ..core.schedule import KWarmup
 from ..core.wrappers import unwrap
 from ..files.atomic import atomic_file, remove_stale_temporaries
 from .checkpoint import (
@@ -276,6 +278,12 @@ class Run:
                 config.min_lr,
                 cosine=config.schedule == "cosine",
             )
+
+        self.k_warmup = None
+        if config.k_warmup_epochs > 0:
+            if not any(True for _ in gated_layers(self.base)):
+                raise ValueError("k_warmup_epochs needs a popupified model (a top-k method): call popupify first")
+            self.k_warmup = KWarmup(config.k_warmup_epochs, config.k_warmup_shape)
 
         # state: fresh or resumed
         self.epoch = 0
@@ -548,6 +556,8 @@ class Run:
         skipped = 0
         step0 = self.step
         for i, (inputs, targets) in enumerate(self.train_loader):
+            if self.k_warmup is not None and i % accum == 0:  # the k of this optimizer step (core.schedule)
+                self.k_warmup.apply(self.base, self.step / self.steps_per_epoch)
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if c.channels_last and inputs.dim() == 4:
@@ -671,7 +681,9 @@ class Run:
         )
 
     def evaluate(self) -> dict:
-        """Test-set metrics (every process gets them)."""
+        """Test-set metrics (every process gets them), with the k of the steps made so far."""
+        if self.k_warmup is not None:
+            self.k_warmup.apply(self.base, self.step / self.steps_per_epoch)
         return evaluate(self.base, self.test_loader, self.accelerator, self.config.topk)
 
     def _lr(self) -> float:
