@@ -248,3 +248,14 @@ def test_fc_bn_model_has_a_batch_norm_per_hidden_layer():
     assert [n.num_features for n in norms] == [300, 100]
     popupify(model, 0.5, norms="learn")
     assert mask_stats(model).numel == 784 * 300 + 300 * 100 + 100 * 10
+
+
+def test_a_scaled_init_saves_and_loads_in_the_middle_of_a_warmup(tmp_path):
+    """The scaled inits draw with popupify's k: the file's regeneration check must not use the warm-up's k."""
+    model = mlp(0.2, init="signed_constant", scaled=True)
+    KWarmup(4).apply(model, 1.0)
+    x = torch.randn(3, 20)
+    out = model.eval()(x)
+    save_subnetwork(model, tmp_path / "s.safetensors")
+    fresh = nn.Sequential(nn.Linear(20, 30, bias=False), nn.ReLU(), nn.Linear(30, 5, bias=False))
+    assert torch.equal(load_subnetwork(fresh, tmp_path / "s.safetensors").eval()(x), out)

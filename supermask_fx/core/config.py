@@ -102,8 +102,14 @@ class PopupConfig:
         _check_k(self.k, "k")
         for pattern, k in self.layer_k:
             _check_k(k, f"layer_k[{pattern!r}]")
-        method_class(self.method)  # a registered method, or a ValueError naming those that are
+        method = method_class(self.method)  # a registered method, or a ValueError naming those that are
         _check_choice("init", self.init, (*INITIALIZERS, KEEP))
+        if method.redraws_weights and self.init == KEEP:
+            raise ValueError(
+                f"method={self.method!r} redraws pruned weights from the weights' distribution, and init='keep' has "
+                "none: popupify with a distribution (init='signed_constant', 'kaiming_normal', ...), or use "
+                "method='edge_popup' on kept weights"
+            )
         kept = self.init == KEEP
         for name, when_kept, otherwise in (
             ("bias", "keep", "zero"),

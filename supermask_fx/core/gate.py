@@ -369,10 +369,12 @@ def _save_effective(self, destination, prefix, keep_vars):
 def _load_effective(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """``load_state_dict``: an incoming effective weight must be a bake of this model's frozen random weight
     (``Method.is_baked``: the weight times a 0/1 mask for top-k methods), else the state_dict belongs to other
-    weights, or is damaged; the frozen weight is kept. Trainable weights (``method="dense"``, retraining under
-    ``fix_masks``) load as they are."""
-    from .state import settings_already_refused
+    weights, or is damaged; the frozen weight is kept (a method that rewrites it, IteRand, first rebuilds it from the
+    incoming buffers it depends on: ``state.load_method_state``). Trainable weights (``method="dense"``, retraining
+    under ``fix_masks``) load as they are."""
+    from .state import load_method_state, settings_already_refused
 
+    load_method_state(self, state_dict, prefix)  # buffers a rewritten frozen weight depends on (IteRand), first
     check = not settings_already_refused()
     for name, (owner, gate) in _reads(self).items():
         key = prefix + name

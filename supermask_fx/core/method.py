@@ -8,7 +8,8 @@ methods with scores) into the weight the forward pass uses, and owns that layer'
                              ``PopupConfig.method_options`` and so in files and checkpoints
 capabilities                 ``has_scores``, ``trains_scores``, ``trains_weights``, ``uses_topk`` (the layers are
                              ranked by a ``selection.TopKSelector``, per layer or globally), ``has_mask`` (a
-                             0/1 mask a file can store and ``fix_masks`` can freeze)
+                             0/1 mask a file can store and ``fix_masks`` can freeze), ``redraws_weights``
+                             (rewrites frozen weights from their distribution: ``init="keep"`` is refused)
 ``initial_scores(drawn)``    the scores a layer starts with, given the seeded Kaiming-uniform draw
 ``effective_weight``         ``w_eff`` (``S``), what the forward reads, with the method's gradient
 ``eval_mask``                the bool mask (``S``) of evaluation, files and ``fix_masks``
@@ -19,6 +20,24 @@ capabilities                 ``has_scores``, ``trains_scores``, ``trains_weights
 ``after_step``               what runs after each optimizer step that updated the layer's scores (methods with
                              ``wants_steps``; IteRand's redraws): called once per gate by a global optimizer
                              step post-hook
+``attach(gate, module)``     called once per gated layer as ``popupify`` finishes: register the buffers the
+                             method keeps on the module (IteRand's ``generation``), so that every
+                             ``state_dict`` carries them from the start; refuse a config it cannot run with
+``buffer_names(gate)``       the names of those buffers: ``load_state_dict`` brings them in before it checks the
+                             weight, ``materialize`` drops them, a subnetwork file stores them only through
+                             ``file_tensors``
+``weight_of``                ``weight_of(gate, module, drawn)``: the frozen weight ``w`` (``S``, float32, CPU)
+                             the layer must hold given the seeded draw ``drawn``; ``drawn`` itself unless the
+                             method rewrites frozen weights (IteRand: a function of the seed, the layer's name
+                             and its ``generation`` buffer). ``core.popup.expected_weight``, the files'
+                             regeneration check and the ``load_state_dict`` check compare with it
+``file_tensors``             ``file_tensors(gate, module, mask) -> {key: tensor}``: what a subnetwork file stores
+                             for the layer beside its ``mask`` (bool, ``S``), under ``extra/<gate name>/<key>``:
+                             what ``weight_of`` needs that the seed does not give (IteRand: the generations of
+                             the kept weights); default none
+``load_file_tensors``        ``load_file_tensors(gate, module, tensors, mask)``: takes them back at
+                             ``load_subnetwork`` (``tensors`` empty for a file without extras) before the
+                             weights are checked, and makes the module hold ``weight_of``'s weight
 ===========================  ==================================================================================
 
 Methods register themselves with ``register_method`` (public: a user's own method is one class and one call);
@@ -61,6 +80,7 @@ class Method:
     uses_topk: ClassVar[bool] = False
     has_mask: ClassVar[bool] = True
     wants_steps: ClassVar[bool] = False
+    redraws_weights: ClassVar[bool] = False  # rewrites frozen weights from their distribution: needs a seeded draw
 
     def __init__(self, options=None) -> None:
         self.options = options if options is not None else self.Options()
@@ -120,6 +140,29 @@ class Method:
 
     def after_step(self, gate, module: nn.Module) -> None:
         """Called after each optimizer step that updated this layer's scores (only with ``wants_steps``)."""
+
+    def attach(self, gate, module: nn.Module) -> None:
+        """Called once per gated layer as ``popupify`` finishes (its ``state_dict`` hooks are attached): register the
+        method's own buffers (``buffer_names``) on ``module``; raise ``ValueError`` for a config it cannot run with."""
+
+    def buffer_names(self, gate) -> tuple[str, ...]:
+        """The buffers ``attach`` registered for ``gate`` (names on the module holding the weight)."""
+        return ()
+
+    def weight_of(self, gate, module: nn.Module, drawn: Tensor) -> Tensor:
+        """The frozen weight the layer must hold (float32, CPU, shaped like the weight), given the seeded draw
+        ``drawn`` (``core.popup.expected_weight``): ``drawn`` unless the method rewrites frozen weights."""
+        return drawn
+
+    def file_tensors(self, gate, module: nn.Module, mask: Tensor) -> dict[str, Tensor]:
+        """Extra tensors a subnetwork file stores for this layer, whose stored ``mask`` (bool, shaped like the
+        weight) is given: what ``weight_of`` needs beyond the seed. Default: none."""
+        return {}
+
+    def load_file_tensors(self, gate, module: nn.Module, tensors: dict[str, Tensor], mask: Tensor) -> None:
+        """Take back what ``file_tensors`` stored (``tensors``: empty for a file without extras) before
+        ``load_subnetwork`` checks the weights, and make ``module`` hold ``weight_of``'s weight. Raise
+        ``ValueError`` for tensors that do not fit (the loader names the file)."""
 
     def is_baked(self, stored: Tensor, weight: Tensor) -> bool:
         """Whether ``stored`` can be a ``bake`` of the frozen ``weight`` (checked when a ``state_dict`` loads: a

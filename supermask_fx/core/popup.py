@@ -279,11 +279,16 @@ def _warn_coverage(model: nn.Module, found: Discovery) -> None:
         )
 
 
-def expected_weight(gate, current: torch.Tensor | None = None) -> torch.Tensor | None:
+def expected_weight(gate, current: torch.Tensor | None = None, module: nn.Module | None = None):
     """The weight a gated layer must hold, from its config's source (``core.source``): the seeded draw (float32,
-    CPU), or for kept weights ``current`` itself."""
+    CPU), or for kept weights ``current`` itself. With ``module`` (the one holding the weight), what the layer's
+    method makes of that draw (``Method.weight_of``: IteRand's redrawn weights, read off its buffers)."""
     shape = tuple(current.shape) if current is not None else None
-    return gate.config.source.weight(gate.name, shape, gate.k, gate, current)
+    k = getattr(gate, "k_popupify", gate.k)  # the k it was drawn for (set_k and a k warm-up change gate.k)
+    drawn = gate.config.source.weight(gate.name, shape, k, gate, current)
+    if module is None or drawn is None:
+        return drawn
+    return gate.method.weight_of(gate, module, drawn)
 
 
 def _shown(names: list[str]) -> str:

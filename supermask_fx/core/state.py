@@ -15,6 +15,10 @@
 error naming each field that differs and its two values; it checks that every effective weight is the model's own
 random weight times a 0/1 mask (a checkpoint of other weights or a damaged one is refused); and it keeps the
 model's frozen random weights (trained weights, ``method="dense"`` or retraining under ``fix_masks``, are loaded).
+A method that rewrites its frozen weights keeps what they depend on in buffers of its own (``Method.buffer_names``,
+registered by ``Method.attach`` when ``popupify`` attaches these hooks: IteRand's ``generation``); a load brings
+those in first and rebuilds the weight from them (``Method.weight_of``), so the check compares the incoming effective
+weight with the weight the checkpoint's model held (``load_method_state``).
 ``supermask_fx.restore(model, source)`` (``files/restore.py``) turns a freshly built model into the saved popupified
 one from a state_dict, a file, a Hugging Face ``save_pretrained`` / ``Trainer`` directory or a Lightning checkpoint,
 with no discovery pass.
@@ -37,7 +41,16 @@ RECORD_KEY = "supermask_fx.popupified__load_with_supermask_fx.restore__or_strict
 FORMAT = "supermask_fx.state"
 RULE_VERSION = 1
 
-__all__ = ["RECORD_KEY", "record_of", "attach_hooks", "detach_hooks", "encode_record", "decode_record", "differences"]
+__all__ = [
+    "RECORD_KEY",
+    "record_of",
+    "attach_hooks",
+    "detach_hooks",
+    "encode_record",
+    "decode_record",
+    "differences",
+    "load_method_state",
+]
 
 
 def record_of(model: nn.Module) -> dict:
@@ -117,7 +130,12 @@ def settings_already_refused() -> bool:
 
 
 def attach_hooks(model: nn.Module) -> None:
-    """Make ``model.state_dict()`` carry the record and ``model.load_state_dict`` check it (called by popupify)."""
+    """Make ``model.state_dict()`` carry the record and ``model.load_state_dict`` check it (called by popupify), and
+    let each gated layer's method register the buffers it keeps (``Method.attach``), so that every ``state_dict``
+    of the model carries them."""
+    for module in model.modules():
+        for gate in gates_of(module).values():
+            gate.method.attach(gate, module)
     model._register_state_dict_hook(_add_record)
     model._register_load_state_dict_pre_hook(_check_record, with_module=True)
     model.register_load_state_dict_post_hook(_end_load)
@@ -166,6 +184,55 @@ def _check_record(module, state_dict, prefix, local_metadata, strict, missing_ke
             + (" ..." if len(differ) > 8 else "")
             + ". Popupify a fresh model with the saved settings: supermask_fx.restore(fresh_model, state_dict)."
         )
+        return
+    names = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
+    for inner in module.modules():  # before any module's weight check (a tied weight's too)
+        if gates_of(inner):
+            load_method_state(inner, state_dict, prefix + (names[id(inner)] + "." if names[id(inner)] else ""))
+
+
+def load_method_state(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Bring the buffers that the methods of ``module``'s gated weights keep (``Method.buffer_names``) in from a
+    ``state_dict`` being loaded, and rebuild each such weight from them (``Method.weight_of``, in place), before the
+    incoming effective weights are checked against the frozen ones. Buffers equal to the incoming ones (already
+    brought in by the root's hook, or unchanged) cost one comparison; missing or misshapen entries are left to
+    ``load_state_dict``'s own report. A buffer takes the incoming dtype (a count that outgrew a smaller one)."""
+    if settings_already_refused():
+        return
+    for gate in gates_of(module).values():
+        names = gate.method.buffer_names(gate)
+        if names and _take_buffers(module, state_dict, prefix, names):
+            _rebuild_weight(module, gate)
+
+
+def _take_buffers(module: nn.Module, state_dict: dict, prefix: str, names: tuple[str, ...]) -> bool:
+    """Copy the incoming ``names`` into ``module``'s buffers; whether any changed."""
+    changed = False
+    with torch.no_grad():
+        for name in names:
+            incoming, own = state_dict.get(prefix + name), module._buffers.get(name)
+            if not isinstance(incoming, Tensor) or own is None or incoming.shape != own.shape:
+                continue
+            incoming = incoming.detach().to(own.device)
+            if incoming.dtype == own.dtype and torch.equal(incoming, own):
+                continue
+            if incoming.dtype != own.dtype:
+                own = module._buffers[name] = torch.empty_like(own, dtype=incoming.dtype)
+            own.copy_(incoming)
+            changed = True
+    return changed
+
+
+def _rebuild_weight(module: nn.Module, gate: Gate) -> None:
+    """Write ``Method.weight_of``'s weight into the frozen parameter, in place (its version counter moves, and the
+    gate's caches are cleared)."""
+    from .popup import expected_weight  # popup imports this module
+
+    weight = module._parameters[gate.param]
+    with torch.no_grad():
+        rebuilt = expected_weight(gate, weight.detach().cpu(), module)
+        weight.copy_(rebuilt.to(weight.device, weight.dtype))
+    gate.clear_cache()
 
 
 def _end_load(module, incompatible_keys) -> None:

@@ -45,6 +45,8 @@ def materialize(model: nn.Module, mask: str | None = None) -> nn.Module:
             if gate.scores is not None:
                 del module._parameters[gate.scores]
             module._buffers.pop(gate.mask_buffer, None)
+            for name in gate.method.buffer_names(gate):  # the method's own (IteRand's generations)
+                module._buffers.pop(name, None)
             for head in gate.heads:
                 module._buffers.pop(bits_name(gate.param, head), None)
     discoveries = [m.__dict__["_supermask_discovery"] for m in out.modules() if "_supermask_discovery" in m.__dict__]

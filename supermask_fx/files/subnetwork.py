@@ -7,20 +7,26 @@ redrawn from the seed. ``save_subnetwork`` writes a safetensors file (format ver
   exact layout): ``"bits"``, bit-packed (8 weights a byte, first weight in the most significant bit, zero-padded:
   1 bit per weight), or ``"rice"``, a Golomb-Rice code of the gaps between the positions of the less frequent
   value (about ``H(k)`` bits per weight: 0.89 at ``k = 0.3``). A mask at ``k = 0.5`` stays at 1 bit per weight;
+* ``extra/<layer>.<param>/<key>``: what the layer's method needs beyond the seed to rebuild the weights the mask
+  keeps (``Method.file_tensors``; IteRand: the generation of each kept weight, in the smallest unsigned integer
+  type that holds them). Methods whose frozen weights are the seeded draw store none;
 * ``state/<state_dict key>``: every other ``state_dict`` entry that ``popupify`` does not regenerate: BatchNorm
-  running statistics, and parameters like ViT's position embeddings. Gated weights, scores, zeroed biases and
-  normalization affine values at 1/0 are regenerated and not stored;
+  running statistics, and parameters like ViT's position embeddings. Gated weights, scores, the methods' own buffers
+  (``Method.buffer_names``), zeroed biases and normalization affine values at 1/0 are regenerated and not stored;
 * metadata ``supermask_fx``: JSON with the format name and version, the ``PopupConfig``, the model class, per layer
-  its name, shape, kept count, the SHA-256 of its regenerated float32 weight and the mask's encoding (with the
-  Rice code's parameters), the SHA-256 of the data, and the SHA-256 of the header (``supermask_fx.header_sha256``:
-  the JSON header in canonical form without that key, so every byte of the file is covered by one checksum or the
-  other).
+  its name, shape, kept count, the SHA-256 of its seeded float32 draw and the mask's encoding (with the Rice code's
+  parameters; for a layer with extras, ``kept_sha256``: the SHA-256 of the float32 weight the method rebuilds, zero
+  where the mask drops it), the SHA-256 of the data, and the SHA-256 of the header
+  (``supermask_fx.header_sha256``: the JSON header in canonical form without that key, so every byte of the file is
+  covered by one checksum or the other).
 
 ``load_subnetwork`` rebuilds the supermask network from a freshly built model of the same architecture and
 checks everything it can: format, checksums (corruption), the metadata field by field, architecture (names and
-shapes), each layer's kept count against the config's ``k`` (top-k methods), regenerated weights, the masks against
-their metadata. It reads version 2 with both checksums; a file without the header checksum is refused (every
-released version writes it: one without it was edited or damaged).
+shapes), each layer's kept count against the config's ``k`` (top-k methods), regenerated weights (after the
+method has read its extras: ``Method.load_file_tensors``), the masks against their metadata. It reads version 2
+with both checksums; a file without the header checksum is refused (every released version writes it: one without
+it was edited or damaged). A file without extras (every file of a method without them, and every file written
+before they existed) loads as it always did.
 
 The file is written and read by the ``safetensors`` package (``safetensors.torch.save``, ``safe_open``). Reading
 streams: the header (a few kB) is parsed for its checksum, the data section is hashed in 1 MiB chunks, and the
@@ -46,6 +52,7 @@ from ..core.config import PopupConfig, config_differences
 from ..core.gate import Gate, aliases_of, is_gated
 from ..core.heads import heads_record, install_heads
 from ..core.masks import gated_layers, install_fixed_masks
+from ..core.method import Method
 from ..core.popup import constant_parameters, expected_weight, popupify
 from ..core.state import RECORD_KEY
 from ..core.wrappers import unwrap
@@ -58,6 +65,7 @@ VERSION = 2  # masks as "bits" or "rice" (per layer); version 1 (bits only) was 
 _META = "supermask_fx"
 _CHECKSUM = "supermask_fx.content_sha256"
 _HEADER_CHECKSUM = "supermask_fx.header_sha256"
+_EXTRA = "extra/"  # extra/<gate name>/<key>: a method's file tensors (Method.file_tensors)
 
 __all__ = ["save_subnetwork", "load_subnetwork", "SubnetworkFileError", "pack_bits", "unpack_bits", "unwrap"]
 
@@ -90,7 +98,8 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
     with torch.no_grad():
         for module, gate in pairs:
             weight = module._parameters[gate.param]
-            regenerated = expected_weight(gate, weight.detach().cpu())  # kept weights: the weight itself
+            drawn = expected_weight(gate, weight.detach().cpu())  # kept weights: the weight itself
+            regenerated = gate.method.weight_of(gate, module, drawn)  # IteRand: with its redraws
             if not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
                 raise ValueError(
                     f"the weights of {gate.name} are not the ones seed {config.seed} gives (were they retrained?); "
@@ -99,16 +108,20 @@ def save_subnetwork(model: nn.Module, path: str | os.PathLike) -> int:
                 )
             mask = gate.current_mask(module)
             tensors[f"mask/{gate.name}"], encoding = encode_mask(mask)
-            layers.append(
-                {
-                    "name": gate.name,
-                    "shape": list(weight.shape),
-                    "kept": int(torch.count_nonzero(mask)),
-                    "sha256": _sha(regenerated),
-                    **gate.ref().to_record(),
-                    **encoding,
-                }
-            )
+            layer = {
+                "name": gate.name,
+                "shape": list(weight.shape),
+                "kept": int(torch.count_nonzero(mask)),
+                "sha256": _sha(drawn),
+                **gate.ref().to_record(),
+                **encoding,
+            }
+            extras = gate.method.file_tensors(gate, module, mask)
+            for key, value in extras.items():
+                tensors[f"{_EXTRA}{gate.name}/{key}"] = value.detach().cpu().contiguous()
+            if extras:
+                layer["kept_sha256"] = _kept_sha(regenerated, mask)
+            layers.append(layer)
         for key, value in _stored_state(model, pairs, config).items():
             tensors[f"state/{key}"] = value
     info = {
@@ -208,28 +221,17 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     _check_kept_counts(path, info, pairs, config)
     with torch.no_grad():
         for (module, gate), layer in zip(pairs, info["layers"]):
-            weight = module._parameters[gate.param]
-            regenerated = expected_weight(gate, weight.detach().cpu())
-            if _sha(regenerated) != layer["sha256"] and not config.source.regenerates:
-                raise SubnetworkFileError(
-                    f"{path}: the model's weights of {gate.name} are not the base weights the file's masks were "
-                    "found on (their SHA-256 differs): load those weights into the model (e.g. the same "
-                    "from_pretrained checkpoint) before load_subnetwork"
-                )
-            if _sha(regenerated) != layer["sha256"]:
-                raise SubnetworkFileError(
-                    f"{path}: the weights regenerated for {gate.name} from seed {config.seed} differ from those the "
-                    f"file was made with (torch {info.get('torch_version')} then, {torch.__version__} now)"
-                )
-            if not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
-                raise SubnetworkFileError(f"{path}: the model's weights of {gate.name} are not the seed's weights")
+            _check_drawn(path, info, config, gate, module._parameters[gate.param], layer)
         with _tensors(path) as file:
             names = set(file.keys())
             masks = []
-            for (_, gate), layer in zip(pairs, info["layers"]):
+            for (module, gate), layer in zip(pairs, info["layers"]):
                 if f"mask/{gate.name}" not in names:
                     raise SubnetworkFileError(f"{path}: corrupted: the file lacks the mask of {gate.name}")
-                masks.append(decode_mask(file.get_tensor(f"mask/{gate.name}"), layer, where=f"{path}: "))
+                mask = decode_mask(file.get_tensor(f"mask/{gate.name}"), layer, where=f"{path}: ")
+                _load_extras(path, file, names, module, gate, mask)
+                _check_rebuilt(path, info, module, gate, layer, mask)
+                masks.append(mask)
             install_fixed_masks(model, pairs, masks)  # the file's masks; none is selected first
             del masks
             stored = {name[len("state/") :]: name for name in names if name.startswith("state/")}
@@ -251,6 +253,59 @@ def load_subnetwork(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for _, gate in pairs:
         gate.clear_cache()
     return model
+
+
+def _check_drawn(path: Path, info: dict, config: PopupConfig, gate: Gate, weight: Tensor, layer: dict) -> None:
+    """The layer's seeded draw (or kept base weight) against the file's SHA-256 of it and, for a method whose frozen
+    weight is that draw (``Method.weight_of`` not overridden), against the model's weight."""
+    regenerated = expected_weight(gate, weight.detach().cpu())
+    if _sha(regenerated) != layer["sha256"] and not config.source.regenerates:
+        raise SubnetworkFileError(
+            f"{path}: the model's weights of {gate.name} are not the base weights the file's masks were "
+            "found on (their SHA-256 differs): load those weights into the model (e.g. the same "
+            "from_pretrained checkpoint) before load_subnetwork"
+        )
+    if _sha(regenerated) != layer["sha256"]:
+        raise SubnetworkFileError(
+            f"{path}: the weights regenerated for {gate.name} from seed {config.seed} differ from those the "
+            f"file was made with (torch {info.get('torch_version')} then, {torch.__version__} now)"
+        )
+    if _weight_is_drawn(gate) and not torch.equal(weight.detach().cpu(), regenerated.to(weight.dtype)):
+        raise SubnetworkFileError(f"{path}: the model's weights of {gate.name} are not the seed's weights")
+
+
+def _weight_is_drawn(gate: Gate) -> bool:
+    """Whether the layer's frozen weight is its seeded draw itself (the method keeps ``Method.weight_of``)."""
+    return type(gate.method).weight_of is Method.weight_of
+
+
+def _load_extras(path: Path, file, names: set[str], module: nn.Module, gate: Gate, mask: Tensor) -> None:
+    """Hand the layer's ``extra/<gate name>/<key>`` tensors (none in a file of a method without extras) to its
+    method (``Method.load_file_tensors``), which makes the module hold the weights they describe."""
+    stem = f"{_EXTRA}{gate.name}/"
+    extras = {name[len(stem) :]: file.get_tensor(name) for name in sorted(names) if name.startswith(stem)}
+    try:
+        gate.method.load_file_tensors(gate, module, extras, mask)
+    except ValueError as error:
+        raise SubnetworkFileError(f"{path}: corrupted: {error}") from None
+
+
+def _check_rebuilt(path: Path, info: dict, module: nn.Module, gate: Gate, layer: dict, mask: Tensor) -> None:
+    """For a method that rewrites its frozen weights: the model's weight against what the method makes of the seeded
+    draw (``Method.weight_of``, after ``_load_extras``) and, for a layer with extras, the kept weights against the
+    file's ``kept_sha256``."""
+    if _weight_is_drawn(gate) and "kept_sha256" not in layer:
+        return  # checked against the draw already (_check_drawn)
+    weight = module._parameters[gate.param]
+    expected = expected_weight(gate, weight.detach().cpu(), module)
+    if "kept_sha256" in layer and _kept_sha(expected, mask) != layer["kept_sha256"]:
+        raise SubnetworkFileError(
+            f"{path}: the weights rebuilt for {gate.name} from seed {gate.config.seed} and the file's extras differ "
+            f"from those the file was made with (torch {info.get('torch_version')} then, {torch.__version__} now), "
+            "or the extras are damaged"
+        )
+    if not torch.equal(weight.detach().cpu(), expected.to(weight.dtype)):
+        raise SubnetworkFileError(f"{path}: the model's weights of {gate.name} are not the seed's weights")
 
 
 def _read_file(path: Path) -> tuple[dict, PopupConfig]:
@@ -392,6 +447,8 @@ def _check_layer_entries(path: Path, info: dict) -> None:
             problem = f"fans {layer.get('fans')!r}"
         elif not isinstance(layer.get("encoding", "bits"), str):
             problem = f"encoding {layer.get('encoding')!r}"
+        elif not isinstance(layer.get("kept_sha256", ""), str):
+            problem = f"kept_sha256 {layer.get('kept_sha256')!r}"
         if problem is not None:
             raise SubnetworkFileError(f"{path}: corrupted: layer entry {i} of the metadata: {problem}")
 
@@ -433,6 +490,7 @@ def _stored_state(
     for module, gate in pairs:
         p = prefix[id(module)]
         regenerated.update({p + gate.param, p + gate.mask_buffer} | ({p + gate.scores} if gate.scores else set()))
+        regenerated.update(p + name for name in gate.method.buffer_names(gate))  # in extra/ if the file needs them
     for module in model.modules():  # tied to a gated weight: regenerated with it
         regenerated.update(prefix[id(module)] + name for name in aliases_of(module))
     discovery = model.__dict__.get("_supermask_discovery")
@@ -514,6 +572,11 @@ def _check_kept_counts(path: Path, info: dict, pairs: list[tuple[nn.Module, Gate
                 f"(of {ranked}, method {config.method!r}): the header's config and its masks disagree; save the "
                 "subnetwork again from its model"
             )
+
+
+def _kept_sha(weight: Tensor, mask: Tensor) -> str:
+    """SHA-256 (``_sha``) of the float32 ``weight`` where ``mask`` keeps it, 0 elsewhere."""
+    return _sha(torch.where(mask.to("cpu", torch.bool), weight.to("cpu", torch.float32), 0.0))
 
 
 def _sha(t: Tensor) -> str:

@@ -1,7 +1,8 @@
 """The built-in methods; each is a file that registers itself (``supermask_fx.core.method.register_method``).
 
 ``edge_popup`` and ``random`` (``edge_popup.py``), ``sampled`` (``sampled.py``, Zhou et al.), ``dense``
-(``dense.py``), ``biprop`` (``biprop.py``, binary weights with a gain). A method of your own: subclass ``Method``,
+(``dense.py``), ``biprop`` (``biprop.py``, binary weights with a gain), ``iterand`` (``iterand.py``, Chijiwa et al.:
+edge-popup with redraws of pruned weights). A method of your own: subclass ``Method``,
 give it a ``name`` (and an ``Options`` dataclass if it takes options), and call ``register_method`` on it;
 ``popupify(model, k, method=name)`` then uses it.
 """
@@ -10,6 +11,7 @@ from ..core.method import Method, NoOptions, register_method, registered_methods
 from .biprop import Biprop
 from .dense import Dense
 from .edge_popup import EdgePopup, RandomSubnetwork
+from .iterand import IteRand, IteRandOptions
 from .sampled import Sampled, SampledOptions
 
 __all__ = [
@@ -23,4 +25,6 @@ __all__ = [
     "SampledOptions",
     "Dense",
     "Biprop",
+    "IteRand",
+    "IteRandOptions",
 ]
