@@ -382,3 +382,58 @@ def test_fashion_mnist_gets_the_data_itself_or_says_what_to_run(monkeypatch, cap
     assert calls == []
     assert "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist" in message
     assert "pip install torchvision" in message and "--data-dir DIR" in message
+
+
+# ---------------------------------------------------------------------------------------------- the LLM example
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _llm_masks(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    (path,) = folder.glob("*.safetensors")
+    with safe_open(path, framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys() if key.startswith("mask/")}
+
+
+def test_llm_example_learns_and_writes_a_loadable_subnetwork(tmp_path):
+    pytest.importorskip("transformers")
+    out = run([EXAMPLES / "llm.py", "--steps", "40", "--out", tmp_path], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before = float(re.search(r"held-out loss before: ([\d.]+)", out.stdout).group(1))
+    after = float(re.search(r"held-out loss after: ([\d.]+)", out.stdout).group(1))
+    assert after < before - 1.0  # bytes of text: far below the untrained model's loss
+    llm = script("llm")
+    (path,) = tmp_path.glob("*.safetensors")
+    fresh = llm.build(llm.parse_args([]))  # popupified: load_subnetwork checks it has the file's config
+    model = load_subnetwork(fresh, path)
+    assert mask_stats(model).fraction == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="needs torchrun")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_llm_example_on_two_ranks_finds_the_masks_of_one_process(tmp_path, parallel):
+    """Two CPU ranks (gloo) on the halves of each batch: the same subnetwork file as one process on whole batches
+    (5 steps: few enough that float rounding of the averaged gradient flips no mask bit here)."""
+    pytest.importorskip("transformers")
+    single = run([EXAMPLES / "llm.py", "--steps", "5", "--out", tmp_path / "one"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    two = subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(EXAMPLES / "llm.py"),
+         "--parallel", parallel, "--steps", "5", "--out", str(tmp_path / "two")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _llm_masks(tmp_path / "one"), _llm_masks(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
