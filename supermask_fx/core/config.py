@@ -18,6 +18,7 @@ from .source import KEEP, KeptWeights, SeededDraw
 SCOPES = ("layer", "global")
 BIAS_RULES = ("zero", "keep")
 NORM_RULES = ("identity", "keep", "learn")
+SCORE_DTYPES = ("bfloat16", "float16", "float32")
 SCORE_STARTS = ("random", "magnitude")
 
 
@@ -64,6 +65,10 @@ class PopupConfig:
             mask, as Zhou et al.), ``rescale`` (dynamic weight rescaling, ``numel / kept``) and ``score_init`` (a
             constant for the initial scores; Zhou et al. use 0). ``supermask_fx.methods.sampled.ZHOU_ET_AL`` holds
             their settings. Other methods take none.
+        score_dtype: the scores' dtype, ``"bfloat16"``, ``"float16"`` or ``"float32"`` (also as a ``torch.dtype``);
+            default the weight's. ``"bfloat16"`` halves the memory of the scores, their gradients and the
+            optimizer's state; the mask is still the exact top-k of the stored (bf16) values, ties by the selection
+            rule (lowest flat index first), and the gradient reaching them is rounded to bf16.
         fan_in_fan_out: the ``include``d weights are stored ``(in, out, ...)``, like Hugging Face GPT-2's ``Conv1D``
             (``x @ W``), so their fan-in (for the weight's and the scores' scale) is the first dimension. Weights
             found by the built-in rules keep their known layout.
@@ -84,6 +89,7 @@ class PopupConfig:
     method_options: tuple[tuple[str, object], ...] = field(default=())
     norms: str | None = None
     scores: str | None = None
+    score_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):  # typed options: SampledOptions(...) -> "sampled" + its options
@@ -145,6 +151,10 @@ class PopupConfig:
             ) from None
         object.__setattr__(self, "method_options", options)
         method_class(self.method).parse_options(dict(options))
+        if self.score_dtype is not None:
+            name = str(self.score_dtype).removeprefix("torch.")
+            _check_choice("score_dtype", name, SCORE_DTYPES)
+            object.__setattr__(self, "score_dtype", name)
         if self.fan_in_fan_out and not self.include:
             raise ValueError("fan_in_fan_out=True applies to the include= weights, and include is empty")
 

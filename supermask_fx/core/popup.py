@@ -329,7 +329,8 @@ def _redraw_weight(
             generator = generator_for(config.seed, ref.name, "scores")
             drawn = draw_scores(shape, generator, ref.fan_in_fan_out, ref.expert_dims, ref.fans)
         scores = method.initial_scores(drawn)
-        module.register_parameter(name, nn.Parameter(scores.to(weight.device, weight.dtype)))
+        dtype = getattr(torch, config.score_dtype) if config.score_dtype else weight.dtype
+        module.register_parameter(name, nn.Parameter(scores.to(weight.device, dtype)))
 
 
 def _alias_tied(model: nn.Module, gates: list[tuple[nn.Module, Gate]]) -> None:
