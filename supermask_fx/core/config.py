@@ -144,7 +144,7 @@ class PopupConfig:
         if isinstance(options, dict):
             options = options.items()
         try:
-            options = tuple(sorted((str(name), _as_number(value)) for name, value in options))
+            options = tuple(sorted((str(name), _as_option(value)) for name, value in options))
         except (TypeError, ValueError):
             raise ValueError(
                 f"method_options={self.method_options!r} must be a dict of option names to values"
@@ -206,6 +206,14 @@ def _completed(data: dict) -> dict:
         return PopupConfig.from_dict(data).to_dict()
     except (ValueError, TypeError):
         return data
+
+
+def _as_option(value: object) -> object:
+    """A method option's value, canonical: numbers as ``_as_number``, lists (a JSON round trip) as tuples, so that
+    equal options compare and hash equal."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_option(item) for item in value)
+    return _as_number(value)
 
 
 def _as_number(value: object) -> object:

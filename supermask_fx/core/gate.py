@@ -217,23 +217,23 @@ class Gate:
         if fixed is None:
             return self.method.effective_weight(self, module, weight)
         if torch.is_grad_enabled() and weight.requires_grad:
-            return self.method.masked(weight, fixed)
+            return self.method.fixed_weight(self, module, weight, fixed)
         key = (version_key(weight), version_key(fixed))
         if key != self.key:
             with torch.inference_mode(False), torch.no_grad():
                 self.effective_buffer = buffer_like(self.effective_buffer, weight)
-                self.effective_buffer.copy_(self.method.masked(weight.detach(), fixed))
+                self.effective_buffer.copy_(self.method.fixed_weight(self, module, weight.detach(), fixed))
                 self.mask = fixed
             self.key = key
         return self.effective_buffer
 
     def bake(self, module: nn.Module) -> Tensor:
         """The weight ``materialize`` and the ``state_dict`` store (a new tensor): with a fixed mask the method's
-        weight for that mask (``Method.masked``), else what the method bakes (``Method.bake``)."""
+        weight for that mask (``Method.fixed_weight``), else what the method bakes (``Method.bake``)."""
         fixed = module._buffers.get(self.mask_buffer)
         weight = module._parameters[self.param].detach()
         if fixed is not None:
-            return self.method.masked(weight, fixed.to(weight.device))
+            return self.method.fixed_weight(self, module, weight, fixed.to(weight.device))
         return self.method.bake(self, module)
 
     def is_baked(self, module: nn.Module, stored: Tensor) -> bool:

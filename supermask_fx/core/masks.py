@@ -147,14 +147,22 @@ def _check_fixable(pairs) -> None:
 def install_fixed_masks(model: nn.Module, pairs, masks, *, train_weights: bool = False) -> None:
     """``fix_masks`` with the masks given: ``masks[i]`` (bool, shaped like the weight of ``pairs[i]``) becomes
     that layer's ``mask`` buffer, on the weight's device and in its memory format. No mask is selected, so
-    ``load_subnetwork`` installs the file's masks without first computing the ones they replace."""
+    ``load_subnetwork`` installs the file's masks without first computing the ones they replace. Each layer's
+    method first keeps what its fixed form needs (``Method.fix``), every layer before any buffer is registered,
+    so that globally ranked layers still select together."""
     _check_fixable(pairs)
+    prepared = []
     for (module, gate), mask in zip(pairs, masks, strict=True):
         weight = module._parameters[gate.param]
         if tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"{gate.name}: a mask of shape {tuple(mask.shape)} for a weight {tuple(weight.shape)}")
         if mask.device != weight.device or mask.dtype != torch.bool or mask.stride() != weight.stride():
             mask = torch.empty_like(weight, dtype=torch.bool).copy_(mask)
+        prepared.append(mask)
+    for (module, gate), mask in zip(pairs, prepared):
+        gate.method.fix(gate, module, mask)
+    for (module, gate), mask in zip(pairs, prepared):
+        weight = module._parameters[gate.param]
         module.register_buffer(gate.mask_buffer, mask)
         if gate.scores is not None:
             module._parameters[gate.scores].requires_grad_(False)

@@ -14,6 +14,13 @@ capabilities                 ``has_scores``, ``trains_scores``, ``trains_weights
 ``effective_weight``         ``w_eff`` (``S``), what the forward reads, with the method's gradient
 ``eval_mask``                the bool mask (``S``) of evaluation, files and ``fix_masks``
 ``masked(w, mask)``          the weight under a given mask (fixed masks: loaded files, ``fix_masks``): ``w * mask``
+``fix(gate, module, mask)``  called by ``install_fixed_masks`` (``fix_masks``, ``load_subnetwork``) for every layer,
+                             before any ``mask`` buffer is registered, with the mask (bool, ``S``, on the weight's
+                             device) about to be fixed: keep what the fixed form needs beyond the mask (a buffer
+                             listed in ``buffer_names``; multicoat: the level of each weight); default nothing
+``fixed_weight``             ``fixed_weight(gate, module, w, mask)``: the weight under the layer's fixed ``mask``
+                             buffer, what ``Gate.effective`` (differentiable in ``w`` when it requires grad:
+                             retraining) and ``Gate.bake`` compute; default ``masked(w, mask)``
 ``bake``                     what ``materialize`` and the ``state_dict`` store under the weight's name: by default
                              ``masked(w, eval_mask)``, so that baking gives what evaluation computes
 ``is_baked(stored, w)``      whether a stored tensor is a bake of ``w`` (``load_state_dict``'s check)
@@ -131,6 +138,17 @@ class Method:
         if weight.requires_grad and torch.is_grad_enabled():
             return weight * mask
         return masked_weight(weight, mask)
+
+    def fix(self, gate, module: nn.Module, mask: Tensor) -> None:
+        """Called by ``install_fixed_masks`` for each layer before any layer's ``mask`` buffer is registered (the
+        scores still select), with ``mask`` (bool, shaped like the weight, on its device) the mask about to be fixed:
+        keep what ``fixed_weight`` needs beyond it (a buffer named in ``buffer_names``). Default: nothing."""
+
+    def fixed_weight(self, gate, module: nn.Module, weight: Tensor, mask: Tensor) -> Tensor:
+        """The weight under the layer's fixed ``mask`` buffer (a loaded file, ``fix_masks``), as ``Gate.effective``
+        and ``Gate.bake`` compute it (differentiable in ``weight`` when it requires grad: retraining). Default:
+        ``masked(weight, mask)``."""
+        return self.masked(weight, mask)
 
     def bake(self, gate, module: nn.Module) -> Tensor:
         """The weight ``materialize`` and the ``state_dict`` store: ``masked(w, eval_mask)`` unless the method
