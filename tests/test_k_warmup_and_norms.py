@@ -20,6 +20,7 @@ from supermask_fx import (
     supermask_parameters,
 )
 from supermask_fx.models import build_model
+from tests.references import top_k_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -259,3 +260,36 @@ def test_a_scaled_init_saves_and_loads_in_the_middle_of_a_warmup(tmp_path):
     save_subnetwork(model, tmp_path / "s.safetensors")
     fresh = nn.Sequential(nn.Linear(20, 30, bias=False), nn.ReLU(), nn.Linear(30, 5, bias=False))
     assert torch.equal(load_subnetwork(fresh, tmp_path / "s.safetensors").eval()(x), out)
+
+
+def test_learned_norms_match_an_independent_re_implementation():
+    """Linear -> BatchNorm1d with norms="learn", against plain tensors: w_eff = w * top-k(|s|), batch statistics,
+    scale and shift trained by SGD beside the scores (straight-through score gradient dL/dw_eff * w * sign(s))."""
+    torch.manual_seed(0)
+    model = popupify(nn.Sequential(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5)), 0.4, norms="learn")
+    linear, norm = model[0], model[1]
+    w = linear._parameters["weight"].detach().clone()
+    s = linear._parameters["scores"].detach().clone().requires_grad_(True)
+    gamma = torch.ones(5, requires_grad=True)
+    beta = torch.zeros(5, requires_grad=True)
+    optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.3)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+        mask = top_k_mask(s, 0.4).float()
+        w_eff = (w * mask).requires_grad_(True)
+        h = x @ w_eff.T
+        h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + norm.eps) * gamma + beta
+        nn.functional.cross_entropy(h, y).backward()
+        with torch.no_grad():
+            s -= 0.3 * w_eff.grad * w * torch.sign(s)
+            gamma -= 0.3 * gamma.grad
+            beta -= 0.3 * beta.grad
+            gamma.grad = beta.grad = None
+        torch.testing.assert_close(linear._parameters["scores"].detach(), s.detach())
+        torch.testing.assert_close(norm.weight.detach(), gamma.detach())
+        torch.testing.assert_close(norm.bias.detach(), beta.detach())
