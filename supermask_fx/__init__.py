@@ -25,7 +25,13 @@ from .files.folder import load_masks, save_masks
 from .files.materialize import materialize
 from .files.restore import restore
 from .files.subnetwork import SubnetworkFileError, load_subnetwork, save_subnetwork
-from .methods import Method, SampledOptions, register_method  # importing methods registers the built-in ones
+from .methods import (  # importing methods registers the built-in ones
+    IteRandOptions,
+    Method,
+    MulticoatOptions,
+    SampledOptions,
+    register_method,
+)
 from .selection.topk import kept_count
 
 __version__ = "0.1.0"
@@ -60,4 +66,6 @@ __all__ = [
     "Method",
     "register_method",
     "SampledOptions",
+    "IteRandOptions",
+    "MulticoatOptions",
 ]
