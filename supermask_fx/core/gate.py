@@ -139,6 +139,12 @@ def mask_name(param: str) -> str:
 class Gate:
     """The state of one gated parameter: its names, its method and its caches.
 
+    Three kinds of attribute: *names* (``layer``, ``param``, ``scores``, ``mask_buffer``: strings that locate tensors
+    on the module, which holds them); *settings* (``config``: the one ``PopupConfig`` object of the ``popupify``
+    call, shared by every gate of the model and kept shared by ``deepcopy``, pickling and ``restore``; ``method``,
+    ``k``, the layout); *caches* (``key``, ``mask``, ``effective_buffer``: tensors derived from the module's, never
+    saved). ``layer`` and ``param`` are ``WeightRef.module`` and ``WeightRef.param`` of the weight's ``ref()``.
+
     Attributes:
         layer: qualified name of the module at ``popupify`` time (``"layer1.0.conv1"``).
         param: name of the gated parameter on that module (``"weight"``).
