@@ -36,24 +36,26 @@ from supermask_fx.data import DatasetFormatError, DatasetNotFoundError, load_dat
 from supermask_fx.data.subset import LIMIT_HELP, TEST_LIMIT_HELP
 from supermask_fx.models import MODEL_NAMES, build_model
 from supermask_fx.training import (
+    METHOD_SETTINGS,
     CheckpointError,
     CheckpointMismatchError,
     RandomCropFlip,
     TrainConfig,
+    add_method_arguments,
     add_progress_argument,
     make_accelerator,
+    popup_options,
     train,
 )
 from supermask_fx.training.runlog import RESUME_HELP, check_run_folder, write_run_settings
 
-METHODS = ("edge_popup", "sampled", "random", "dense")
 DATASETS = ("cifar10", "fashion_mnist", "mnist")
 # The flags that change what a run computes: a run folder continues only with the same ones.
 RESULT_SETTINGS = (
     "dataset",
     "model",
     "width",
-    "method",
+    *METHOD_SETTINGS,
     "init",
     "scaled",
     "k",
@@ -80,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="conv4", choices=MODEL_NAMES, help="network (default conv4)")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1)")
-    p.add_argument("--method", default="edge_popup", choices=METHODS, help="default edge_popup")
+    add_method_arguments(p)
     p.add_argument(
         "--init",
         choices=tuple(INITIALIZERS),
@@ -172,6 +174,7 @@ def main(argv=None) -> dict:
         weight_decay=hyper["weight_decay"],
         label_smoothing=args.label_smoothing,
         warmup_epochs=args.warmup_epochs,
+        k_warmup_epochs=args.k_warmup_epochs,
         mixed_precision=args.mixed_precision,
         seed=args.seed,
         num_workers=args.workers,
@@ -200,14 +203,17 @@ def main(argv=None) -> dict:
         model = build_model(args.model, dataset=args.dataset, width=args.width)
     except ValueError as error:
         p.error(str(error))
-    popupify(
-        model,
-        1.0 if args.method == "dense" else args.k,
-        method=args.method,
-        init=args.init,
-        scaled=args.scaled,
-        seed=args.seed,
-    )
+    try:
+        popupify(
+            model,
+            1.0 if args.method == "dense" else args.k,
+            init=args.init,
+            scaled=args.scaled,
+            seed=args.seed,
+            **popup_options(args),
+        )
+    except ValueError as error:
+        p.error(str(error))
     if accelerator.is_main_process:
         print(
             f"{getattr(train_set, 'display_name', args.dataset)}: {len(train_set)} train / "

@@ -36,11 +36,14 @@ import torch
 from supermask_fx import INITIALIZERS, PopupConfig, mask_stats, popupify, save_subnetwork
 from supermask_fx.data.subset import LIMIT_HELP, subset_indices
 from supermask_fx.training import (
+    METHOD_SETTINGS,
     CheckpointError,
     CheckpointMismatchError,
     TrainConfig,
+    add_method_arguments,
     add_progress_argument,
     make_accelerator,
+    popup_options,
     train,
 )
 from supermask_fx.training.runlog import RESUME_HELP, check_run_folder, write_run_settings
@@ -66,7 +69,7 @@ EPILOG = f"{DATA_HELP}\n\nresuming:\n{textwrap.fill(RESUME_HELP, 116, initial_in
 # The settings that change what a run computes: a run folder continues only with the same ones.
 RESULT_SETTINGS = (
     "model",
-    "method",
+    *METHOD_SETTINGS,
     "k",
     "init",
     "scaled",
@@ -116,12 +119,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="wide_resnet50_2", help="any torchvision.models name (default wide_resnet50_2)")
     p.add_argument("--data-dir", help="image folder with train/<class>/ and val/<class>/ (or validation/, test/)")
     p.add_argument("--dataset", help="a Hugging Face Hub dataset id with an image and a class-label column")
-    p.add_argument(
-        "--method",
-        default="edge_popup",
-        choices=("edge_popup", "sampled", "random", "dense"),
-        help="default edge_popup",
-    )
+    add_method_arguments(p)
     p.add_argument("--k", type=float, default=0.3, help="fraction of weights kept per layer (default 0.3)")
     p.add_argument("--init", default="signed_constant", choices=tuple(INITIALIZERS), help="default signed_constant")
     p.add_argument("--scaled", action="store_true", help="scale the weight std by sqrt(1/k)")
@@ -290,10 +288,10 @@ def main(argv=None) -> dict:
     try:
         popup = PopupConfig(
             k=1.0 if args.method == "dense" else args.k,
-            method=args.method,
             init=args.init,
             scaled=args.scaled,
             seed=args.seed,
+            **popup_options(args),
         )
     except ValueError as error:
         fail(str(error))
@@ -319,6 +317,7 @@ def main(argv=None) -> dict:
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         warmup_epochs=args.warmup_epochs,
+        k_warmup_epochs=args.k_warmup_epochs,
         mixed_precision=args.mixed_precision,
         channels_last=not args.no_channels_last,
         seed=args.seed,

@@ -437,3 +437,26 @@ def test_llm_example_on_two_ranks_finds_the_masks_of_one_process(tmp_path, paral
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _llm_masks(tmp_path / "one"), _llm_masks(tmp_path / "two")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_examples_take_every_method_with_its_options():
+    from supermask_fx import PopupConfig
+    from supermask_fx.methods import registered_methods
+    from supermask_fx.training import popup_options
+
+    cifar = script("cifar")
+    args = cifar.parser().parse_args(
+        ["--method", "iterand", "--option", "rerand_freq=50", "--option", "rerand_lambda=0.2", "--scope", "global"]
+    )
+    options = popup_options(args)
+    assert options == {
+        "method": "iterand",
+        "method_options": {"rerand_freq": 50, "rerand_lambda": 0.2},
+        "scope": "global",
+    }
+    assert PopupConfig(0.5, **options).make_method().options.rerand_freq == 50
+    for method in registered_methods():
+        assert cifar.parser().parse_args(["--method", method]).method == method
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        popup_options(cifar.parser().parse_args(["--option", "coats"]))
+    assert "option" in cifar.RESULT_SETTINGS and "k_warmup_epochs" in script("imagenet").RESULT_SETTINGS

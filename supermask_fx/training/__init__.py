@@ -15,7 +15,7 @@ package does not: accelerate is imported when a run starts. See docs/training.md
 """
 
 from .checkpoint import CheckpointError, CheckpointMismatchError, atomic_save, load_checkpoint
-from .config import TrainConfig, add_progress_argument
+from .config import METHOD_SETTINGS, TrainConfig, add_method_arguments, add_progress_argument, popup_options
 from .data import EpochBatchSampler, RandomCropFlip, batched, dataset_fingerprint
 from .engine import (
     NonFiniteLossError,
@@ -33,6 +33,9 @@ from .schedule import WarmupCosine, warmup_cosine
 
 __all__ = [
     "add_progress_argument",
+    "add_method_arguments",
+    "popup_options",
+    "METHOD_SETTINGS",
     "train",
     "TrainConfig",
     "Run",

@@ -209,3 +209,59 @@ def add_progress_argument(parser) -> None:
         help="auto (default): a progress bar with elapsed time and ETA when stdout is a terminal, else log lines "
         "with the ETA (every 50 steps and per epoch); bar, lines, or none",
     )
+
+
+#: The method flags ``add_method_arguments`` adds, for a script's ``RESULT_SETTINGS``.
+METHOD_SETTINGS = ("method", "option", "scope", "norms", "k_warmup_epochs")
+
+
+def add_method_arguments(parser) -> None:
+    """``--method`` (every registered method), ``--option NAME=VALUE`` (its options, repeatable), ``--scope``,
+    ``--norms`` and ``--k-warmup-epochs`` for a training script's ``argparse`` parser, with the help the examples
+    share (``popup_options(args)`` turns them into ``popupify`` keyword arguments)."""
+    from ..core.method import registered_methods
+
+    parser.add_argument("--method", default="edge_popup", choices=registered_methods(), help="default edge_popup")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option of the method, repeatable (--method iterand --option rerand_freq=300; --method multicoat "
+        "--option coats=3); values are read as JSON, else as text",
+    )
+    parser.add_argument(
+        "--scope", default="layer", choices=("layer", "global"), help="top-k per layer (default) or over all layers"
+    )
+    parser.add_argument(
+        "--norms",
+        choices=("identity", "keep", "learn"),
+        default=None,
+        help="normalization layers: identity (default: scale 1, shift 0, frozen, the paper), keep, or learn",
+    )
+    parser.add_argument(
+        "--k-warmup-epochs",
+        type=float,
+        default=0.0,
+        help="k goes from 1 to --k over this many epochs (biprop's warm-up; default 0: none)",
+    )
+
+
+def popup_options(args) -> dict:
+    """``popupify`` keyword arguments of ``add_method_arguments``' flags (``method``, ``method_options``, ``scope``,
+    ``norms``). Raises ``ValueError`` for an ``--option`` that is not ``NAME=VALUE``."""
+    import json
+
+    options = {}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--option {item!r}: write it as NAME=VALUE, e.g. --option coats=3")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    out = {"method": args.method, "method_options": options, "scope": args.scope}
+    if args.norms is not None:
+        out["norms"] = args.norms
+    return out
