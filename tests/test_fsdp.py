@@ -5,7 +5,9 @@ exact top-k of the whole layer, computed when FSDP has gathered the layer for it
 After a few SGD steps on the two halves of each global batch, the scores equal a single process's on the whole
 batches (to float rounding: the gradient is averaged across ranks), and so do the masks, except where a score lies
 within rounding of its layer's threshold. ``scope="global"`` (one top-k over every layer) cannot be computed from
-one gathered layer and is refused with the reason. An MLP and a small Llama.
+one gathered layer and is refused with the reason. An MLP, a small Llama and a CIFAR ResNet-18 (width 0.125) with
+BatchNorm: each rank normalizes its half of the batch by the half's statistics, so the single process it is compared
+with averages the losses of the two halves.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ WORKER = textwrap.dedent(
             net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
             scope = "global" if which == "mlp_global" else "layer"
             return popupify(net, k=0.5, scope=scope), [net[0], net[2], net[4]]
+        if which == "resnet":
+            from supermask_fx.models import resnet18_cifar
+            net = popupify(resnet18_cifar(num_classes=4, width=0.125), k=0.5)
+            return net, [block for stage in (net.layer1, net.layer2, net.layer3, net.layer4) for block in stage]
         from transformers import LlamaConfig, LlamaForCausalLM, logging
         logging.set_verbosity_error()
         config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -46,6 +52,8 @@ WORKER = textwrap.dedent(
 
     def batch(step):
         g = torch.Generator().manual_seed(100 + step)
+        if which == "resnet":
+            return (torch.randn(8, 3, 16, 16, generator=g),), torch.randint(0, 4, (8,), generator=g)
         if which.startswith("mlp"):
             x = torch.randn(8, 16, generator=g)
             return (x,), torch.randint(0, 4, (8,), generator=g)
@@ -53,7 +61,13 @@ WORKER = textwrap.dedent(
         return (ids,), ids
 
     def loss_of(model, inputs, target):
-        if which.startswith("mlp"):
+        if which == "resnet" and not sharded:  # BatchNorm normalizes each rank's half by its own statistics
+            half = target.shape[0] // 2
+            return sum(
+                nn.functional.cross_entropy(model(inputs[0][h * half : (h + 1) * half]), target[h * half : (h + 1) * half])
+                for h in range(2)
+            ) / 2
+        if which.startswith("mlp") or which == "resnet":
             return nn.functional.cross_entropy(model(*inputs), target)
         return model(input_ids=inputs[0], labels=target).loss
 
@@ -120,7 +134,7 @@ def top_k(scores: torch.Tensor, k: float) -> torch.Tensor:
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
-@pytest.mark.parametrize("which", ["mlp", "llama"])
+@pytest.mark.parametrize("which", ["mlp", "llama", "resnet"])
 def test_two_sharded_ranks_train_the_masks_of_one_process(tmp_path, which):
     if which == "llama":
         pytest.importorskip("transformers")
