@@ -63,10 +63,8 @@ WORKER = textwrap.dedent(
     def loss_of(model, inputs, target):
         if which == "resnet" and not sharded:  # BatchNorm normalizes each rank's half by its own statistics
             half = target.shape[0] // 2
-            return sum(
-                nn.functional.cross_entropy(model(inputs[0][h * half : (h + 1) * half]), target[h * half : (h + 1) * half])
-                for h in range(2)
-            ) / 2
+            parts = [slice(h * half, (h + 1) * half) for h in range(2)]
+            return sum(nn.functional.cross_entropy(model(inputs[0][p]), target[p]) for p in parts) / 2
         if which.startswith("mlp") or which == "resnet":
             return nn.functional.cross_entropy(model(*inputs), target)
         return model(input_ids=inputs[0], labels=target).loss
