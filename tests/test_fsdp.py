@@ -4,8 +4,9 @@ Popupify first, then shard per block and at the root: scores are sharded like th
 exact top-k of the whole layer, computed when FSDP has gathered the layer for its forward (every rank the same).
 After a few SGD steps on the two halves of each global batch, the scores equal a single process's on the whole
 batches (to float rounding: the gradient is averaged across ranks), and so do the masks, except where a score lies
-within rounding of its layer's threshold. ``scope="global"`` (one top-k over every layer) cannot be computed from
-one gathered layer and is refused with the reason. An MLP, a small Llama and a CIFAR ResNet-18 (width 0.125) with
+within rounding of its layer's threshold. ``scope="global"`` (one top-k over every layer) takes its threshold from
+histograms summed across the ranks (``selection.sharded``) and equals one process's too. An MLP, a small Llama and a
+CIFAR ResNet-18 (width 0.125) with
 BatchNorm: each rank normalizes its half of the batch by the half's statistics, so the single process it is compared
 with averages the losses of the two halves.
 """
@@ -88,6 +89,18 @@ WORKER = textwrap.dedent(
         optimizer.step()
         optimizer.zero_grad()
     full = {}
+    if which == "mlp_global":  # the masks each layer uses in evaluation, read while FSDP has it gathered
+        from supermask_fx.core.gate import gates_of
+        def record(module, args):
+            for gate in gates_of(module).values():
+                full["mask:" + gate.name] = gate.current_mask(module).clone()
+        hooks = [m.register_forward_pre_hook(record) for m in model.modules() if gates_of(m)]
+        model.eval()
+        with torch.no_grad():
+            inputs, _ = batch(99)
+            model(*(t[rank * 4 : (rank + 1) * 4] for t in inputs))
+        for hook in hooks:
+            hook.remove()
     for name, p in model.named_parameters():
         if name.endswith("scores"):
             full[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
@@ -148,6 +161,53 @@ def test_two_sharded_ranks_train_the_masks_of_one_process(tmp_path, which):
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
-def test_a_global_top_k_under_fsdp_is_refused_with_the_reason(tmp_path):
-    stderr = run(tmp_path, "mlp_global", "fsdp", expect_failure=True)
-    assert "scope='global' ranks every gated layer together" in stderr and "scope='layer'" in stderr
+def test_a_global_top_k_under_fsdp_is_the_one_of_one_process(tmp_path):
+    """scope="global": the threshold over every layer comes from histograms summed across the two ranks, no score
+    gathered; the scores train as one process's, and each layer's evaluation mask is the global top-k."""
+    sharded, single = run(tmp_path, "mlp_global", "fsdp"), run(tmp_path, "mlp_global", "single")
+    names = [name for name in single if not name.startswith("mask:")]
+    assert sharded.keys() == single.keys() and len(names) == 3
+    for name in names:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+    scores = torch.cat([single[name].flatten() for name in names])
+    reference, threshold = top_k(scores, 0.5)  # the global top-k, written independently
+    near = (scores.abs() - threshold).abs() <= 1e-5 * threshold.abs() + 1e-6
+    masks = {kind: torch.cat([run[f"mask:{n[: -len('scores')]}weight"].flatten() for n in names]) for kind, run in
+             (("single", single), ("sharded", sharded))}  # fmt: skip
+    assert torch.equal(masks["single"], reference)
+    assert torch.equal(masks["sharded"][~near], reference[~near])
+    assert int(masks["sharded"].sum()) == int(reference.sum())
+
+
+def test_the_sharded_radix_select_is_the_top_k_of_its_keys(tmp_path):
+    """``selection.sharded``'s threshold and tie allowances (one process: its collectives are identities) give the
+    exact top-k with ties by lowest index, on magnitudes with many ties, NaN and infinity."""
+    import torch.distributed as dist
+
+    from supermask_fx.selection import sharded
+    from supermask_fx.selection.device import order_keys
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for trial in range(20):
+            parts = [torch.randint(0, 6, (n,), generator=g).float() / 4 for n in (37, 50, 13)]
+            parts[0][:3] = torch.tensor([float("nan"), float("inf"), 0.0])
+            kept = int(torch.randint(1, 100, (1,), generator=g))
+            keys = [order_keys(p).to(torch.int64) for p in parts]
+            threshold, need = sharded.threshold_of(torch.cat(keys), kept)
+            ties = torch.tensor([int((k == threshold).sum()) for k in keys])
+            allowed = sharded.allowances(ties, need)
+            got = torch.cat(
+                [
+                    (k > threshold) | ((k == threshold) & ((k == threshold).cumsum(0) <= a))
+                    for k, a in zip(keys, allowed)
+                ]
+            )
+            flat = torch.cat(parts)
+            order = torch.sort(torch.nan_to_num(flat, nan=-1.0), descending=True, stable=True).indices
+            want = torch.zeros(flat.numel(), dtype=torch.bool)
+            want[order[:kept]] = True
+            assert torch.equal(got, want), trial
+    finally:
+        dist.destroy_process_group()

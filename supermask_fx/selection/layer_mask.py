@@ -33,6 +33,7 @@ class LayerMask:
         self.bool_mask: Tensor | None = None
         self.bits: BitMask | None = None
         self.effective_buffer: Tensor | None = None
+        self.member_key = None  # set by a back-end that writes this member alone (``selection.sharded``)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "bool_mask": None, "bits": None, "effective_buffer": None}
@@ -51,8 +52,10 @@ class LayerMask:
 
     @property
     def key(self):
-        """What the mask was computed from (its selector's key; ``None`` before the first selection)."""
-        return self.selector.key
+        """What the mask was computed from: its selector's key (``None`` before the first selection), or, where a
+        back-end wrote this member's mask alone (``selection.sharded``: the global top-k under FSDP2, whose selector
+        key changes as FSDP gathers other layers), what this member's mask was written from."""
+        return self.member_key if self.member_key is not None else self.selector.key
 
     def tensor(self, cache: bool = True) -> Tensor:
         """The mask as a bool tensor shaped like the weight. From bits it is unpacked, and with ``cache`` kept until
@@ -73,7 +76,7 @@ class LayerMask:
 
     def clear(self) -> None:
         """Drop the storage (and make the selector select again at the next read)."""
-        self.bool_mask = self.bits = self.effective_buffer = None
+        self.bool_mask = self.bits = self.effective_buffer = self.member_key = None
         self.selector.invalidate()
 
     # ------------------------------------------------------------------------------------- for the back-ends

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu, device, reference
+from . import cpu, device, reference, sharded
 from .backend import backend_for, is_shard, version_key
 from .layer_mask import LayerMask
 
@@ -74,17 +74,16 @@ class TopKSelector:
                 self._select(key, effective)
                 return
             for _, weight, mask in self.tensors():  # masks are current; only the effective buffers are missing
-                mask.hold_effective(weight, True)
+                if not is_shard(weight):  # (a layer FSDP holds sharded gets its buffer when gathered)
+                    mask.hold_effective(weight, True)
             self.fill_effective()
             self.effective_key = key
 
     def _select(self, key: tuple, effective: bool) -> None:
         if len(self.members) > 1 and any(is_shard(t) for member in self.members for t in member.tensors()):
-            raise ValueError(
-                "scope='global' ranks every gated layer together, and FSDP holds some of them sharded while one "
-                "layer runs: the global top-k cannot be computed there. Use scope='layer' (each layer's exact "
-                "top-k) with fully_shard, or DDP for scope='global'"
-            )
+            sharded.refresh(self, effective)  # scope="global" under FSDP2: histograms summed across processes
+            _mark_selected([(self, key)], effective)
+            return
         backend = backend_for(self.members[0].tensors()[0].device)
         if backend == "device":  # every peer on the device, stale or not (an optimizer step changes them all)
             batch = [(self, key)] + [(p, p.current_key()) for p in self.peers if p is not self and p._device_peer(self)]
@@ -138,9 +137,10 @@ class TopKSelector:
                 mask.hold_bool(weight, effective)
 
     def fill_effective(self) -> None:
-        """``w * mask`` into every member's effective buffer (allocated)."""
+        """``w * mask`` into every member's effective buffer (allocated; not for members FSDP holds sharded)."""
         for _, weight, mask in self.tensors():
-            mask.apply(weight, mask.effective_buffer)
+            if not is_shard(weight):
+                mask.apply(weight, mask.effective_buffer)
 
 
 def _mark_selected(batch: list[tuple[TopKSelector, tuple]], effective: bool) -> None:
