@@ -1,5 +1,6 @@
 """One prepared command for a lent GPU: step ratios against dense per selection back-end, the masks of ResNet-50
-against one pass over its scores, host synchronisations counted, then the CUDA and selection tests.
+against one pass over its scores, host synchronisations counted, the memory per parameter of a GPT-2 training step
+(dense AdamW against fp32 and bf16 scores), then the CUDA and selection tests.
 
     python -m benchmarks.gpu                      # on the GPU machine: about 5-8 minutes on one H100/H200
     python -m benchmarks.gpu --small              # the same code on tiny sizes, on the CPU if there is no GPU
@@ -148,6 +149,48 @@ def bench_masks(setting: Setting, small: bool, repeats: int, warmup: int) -> dic
     }
 
 
+def bench_llm_memory(setting: Setting, small: bool) -> dict:
+    """Bytes per parameter of a training step (peak allocated over what was allocated before the model, divided by
+    the parameters) of GPT-2 124M (2 layers with ``--small``), batch 8 x 512 tokens (2 x 64), bf16 autocast: dense
+    AdamW against edge-popup (SGD with momentum on the scores) with fp32 and with bf16 scores. CUDA only."""
+    if not setting.cuda:
+        return {"skipped": "needs CUDA (torch.cuda.max_memory_allocated)"}
+    from transformers import GPT2Config, GPT2LMHeadModel, logging
+
+    from supermask_fx import supermask_parameters
+
+    logging.set_verbosity_error()
+    batch, tokens = (2, 64) if small else (8, 512)
+    out = {}
+    for case in ("dense_adamw", "popup_sgd", "popup_bf16"):
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2 if small else 12)).to(setting.device)
+        params = sum(p.numel() for p in model.parameters())
+        if case == "dense_adamw":
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        else:
+            popupify(model, k=0.5, score_dtype="bfloat16" if case == "popup_bf16" else None)
+            optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.1, momentum=0.9)
+        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, 50257, (batch, tokens), device=setting.device)
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        out[case] = round((torch.cuda.max_memory_allocated() - before) / params, 2)
+        del model, optimizer, loss
+    dense = out["dense_adamw"]
+    out["ratio_vs_dense_adamw"] = {
+        case: round(value / dense, 3) for case, value in out.items() if case != "dense_adamw"
+    }
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="tiny sizes (batch 8, images <= 64 px): a check of the code")
@@ -168,6 +211,8 @@ def main(argv=None) -> dict:
         print(name, json.dumps(results["cases"][name]["ratio_vs_dense"]), flush=True)
     results["masks_resnet50"] = bench_masks(setting, args.small, repeats, warmup)
     print("all masks / one abs pass:", json.dumps(results["masks_resnet50"]["ratio_vs_abs_pass"]))
+    results["llm_memory_bytes_per_param"] = bench_llm_memory(setting, args.small)
+    print("GPT-2 step, bytes per parameter:", json.dumps(results["llm_memory_bytes_per_param"]), flush=True)
     device_name = torch.cuda.get_device_name().split()[-1].lower() if setting.cuda else "cpu"
     path = Path(
         args.json or ROOT / "benchmarks" / "results" / f"gpu_{device_name}{'_small' if args.small else ''}.json"
@@ -183,6 +228,8 @@ def main(argv=None) -> dict:
                 "no:cacheprovider",
                 "tests/test_cuda.py",
                 "tests/test_selection.py",
+                "tests/test_score_dtype.py",
+                "tests/test_multicoat.py",
             ],
             cwd=ROOT,
             capture_output=True,
