@@ -146,10 +146,10 @@ def main(argv=None) -> dict:
     try:  # validate k / init / seed before anything slow
         PopupConfig(
             k=args.k if args.method != "dense" else 1.0,
-            method=args.method,
             init=args.init,
             scaled=args.scaled,
             seed=args.seed,
+            **popup_options(args),
         )
     except ValueError as error:
         p.error(str(error))
