@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supermask_fx import (
+    INITIALIZERS,
     PopupConfig,
     fix_masks,
     gated_layers,
@@ -420,3 +421,19 @@ def test_meta_device_models_are_refused_at_popupify():
         popupify(model, k=0.5)
     model.to_empty(device="cpu")
     assert popupify(model, k=0.5) is model
+
+
+@pytest.mark.parametrize("init", sorted(INITIALIZERS))
+def test_drawing_in_place_gives_the_same_weights_bit_for_bit(init):
+    """popupify draws into the model's own float32 weight (no temporary the size of the layer): the values must be
+    those of a fresh draw, or files made before would no longer regenerate."""
+    from supermask_fx.core.initializers import draw_weight, generator_for
+
+    shape = (300, 77)
+    fresh = draw_weight(shape, init, std=0.05, generator=generator_for(3, "layer.weight", "weight"))
+    out = torch.full(shape, float("nan"))
+    drawn = draw_weight(shape, init, std=0.05, generator=generator_for(3, "layer.weight", "weight"), out=out)
+    assert drawn is out and torch.equal(out, fresh)
+    if init not in ("unsigned_constant",):  # a random draw: the seed matters
+        other = draw_weight(shape, init, std=0.05, generator=generator_for(4, "layer.weight", "weight"))
+        assert not torch.equal(other, fresh)

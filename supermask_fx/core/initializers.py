@@ -84,17 +84,31 @@ def weight_std(
     return std * math.sqrt(1.0 / k) if scaled else std
 
 
-def draw_weight(shape: tuple[int, ...], init: str, *, std: float, generator: torch.Generator) -> Tensor:
-    """A float32 CPU tensor of ``shape`` from distribution ``INITIALIZERS[init]`` with standard deviation ``std``."""
+def draw_weight(
+    shape: tuple[int, ...], init: str, *, std: float, generator: torch.Generator, out: Tensor | None = None
+) -> Tensor:
+    """A float32 CPU tensor of ``shape`` from distribution ``INITIALIZERS[init]`` with standard deviation ``std``.
+
+    ``out``: a contiguous float32 CPU tensor of ``shape`` to draw into, in place, with the same values bit for bit
+    (``randn`` and ``rand`` are ``normal_`` and ``uniform_`` of a new tensor; the arithmetic is the same ops in the
+    same order): no temporary the size of the weight but a bool mask for the signed constants."""
     distribution = INITIALIZERS[init][0]
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
     if distribution == "normal":
-        return torch.randn(shape, generator=generator) * std
+        return out.normal_(generator=generator).mul_(std)
     if distribution == "uniform":
         bound = math.sqrt(3.0) * std
-        return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound
+        return out.uniform_(generator=generator).mul_(2.0).sub_(1.0).mul_(bound)
     if distribution == "signed_constant":
-        return torch.where(torch.rand(shape, generator=generator) < 0.5, -std, std).to(torch.float32)
-    return torch.full(shape, std, dtype=torch.float32)  # unsigned_constant
+        negative = out.uniform_(generator=generator) < 0.5
+        return out.fill_(std).masked_fill_(negative, -std)
+    return out.fill_(std)  # unsigned_constant
+
+
+def can_draw_into(t: Tensor) -> bool:
+    """Whether ``draw_weight`` / ``draw_scores`` can draw into ``t`` in place (a contiguous float32 CPU tensor)."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
 
 
 def draw_scores(
@@ -104,6 +118,7 @@ def draw_scores(
     expert_dims: int = 0,
     given_fans: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Kaiming-uniform with ``a = sqrt(5)``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32 on the CPU."""
+    """Kaiming-uniform with ``a = sqrt(5)``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32 on the CPU (drawn in place
+    into one new tensor: the values of ``(rand * 2 - 1) * bound`` without its temporaries)."""
     bound = 1.0 / math.sqrt(fans(shape, fan_in_fan_out, expert_dims, given_fans)[0])
-    return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound
+    return torch.empty(shape, dtype=torch.float32).uniform_(generator=generator).mul_(2.0).sub_(1.0).mul_(bound)

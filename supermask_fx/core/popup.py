@@ -26,7 +26,7 @@ from .gate import (
     watch_fsdp,
     watch_optimizers,
 )
-from .initializers import draw_scores, generator_for
+from .initializers import can_draw_into, draw_scores, generator_for
 from .source import KEEP
 from .state import attach_hooks
 from .wrappers import wrapper_kind
@@ -318,7 +318,10 @@ def _redraw_weight(
     shape = tuple(weight.shape)
     source = config.source
     if source.regenerates:
-        weight.copy_(source.weight(ref.name, shape, k, ref, padding_idx=padding_idx))
+        if can_draw_into(weight):  # in place: no temporary the size of the layer
+            source.weight(ref.name, shape, k, ref, padding_idx=padding_idx, out=weight.data)
+        else:
+            weight.copy_(source.weight(ref.name, shape, k, ref, padding_idx=padding_idx))
     if method.has_scores:
         name = scores_name(ref.param)
         if name in module._parameters or hasattr(module, name):

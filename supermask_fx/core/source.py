@@ -50,12 +50,14 @@ class SeededDraw:
         current=None,
         padding_idx=None,
         role: str = "weight",
+        out: Tensor | None = None,
     ) -> Tensor:
         """The float32 CPU weight of the gated parameter ``name`` (``"<module>.<param>"``), its fans read from
         ``layout`` (a ``WeightRef`` or ``Gate``: ``fan_in_fan_out``, ``expert_dims``, ``fans``); an embedding's
         ``padding_idx`` row (given, or the layout's) stays zero, as ``nn.Embedding`` keeps it. ``role`` names the
         draw: ``"weight"`` is the one ``popupify`` writes; any other gives an independent draw of the same
-        distribution and standard deviation (IteRand's redraws)."""
+        distribution and standard deviation (IteRand's redraws). ``out``: a contiguous float32 CPU tensor to draw
+        into in place (the same values; ``popupify`` draws into the model's own weight)."""
         std = weight_std(
             shape,
             self.init,
@@ -67,7 +69,7 @@ class SeededDraw:
             expert_dims=getattr(layout, "expert_dims", 0),
             given_fans=getattr(layout, "fans", None),
         )
-        weight = draw_weight(shape, self.init, std=std, generator=generator_for(self.seed, name, role))
+        weight = draw_weight(shape, self.init, std=std, generator=generator_for(self.seed, name, role), out=out)
         if padding_idx is None:
             padding_idx = getattr(layout, "padding_idx", None)
         if padding_idx is not None:
