@@ -39,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (default tiny: 0.1M weights)")
     p.add_argument("--k", type=float, default=0.5, help="fraction of each layer's weights kept (default 0.5)")
     p.add_argument("--init", default="signed_constant", help="weight distribution (default signed_constant)")
+    p.add_argument(
+        "--scope", choices=("layer", "global"), default="layer", help="top-k per layer (default) or over all layers"
+    )
+    p.add_argument("--score-dtype", choices=("float32", "bfloat16"), default=None, help="default: the weights'")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step, all processes together")
     p.add_argument("--seq-len", type=int, default=128, help="bytes per sequence (default 128)")
@@ -88,7 +92,14 @@ def build(args):
         tie_word_embeddings=False,
     )
     torch.manual_seed(args.seed)
-    return popupify(LlamaForCausalLM(config), k=args.k, init=args.init, seed=args.seed)
+    return popupify(
+        LlamaForCausalLM(config),
+        k=args.k,
+        init=args.init,
+        seed=args.seed,
+        scope=args.scope,
+        score_dtype=args.score_dtype,
+    )
 
 
 def batch(data: torch.Tensor, step: int, size: int, seq_len: int, seed: int) -> torch.Tensor:

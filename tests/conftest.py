@@ -49,6 +49,29 @@ def dataset_is_local(name: str) -> bool:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_data(*names): skip unless each data set loads without a download")
+    _force_popup_options()
+
+
+def _force_popup_options() -> None:
+    """``SUPERMASK_FX_TEST_FORCE="score_dtype=bfloat16"`` (comma-separated ``field=value``): every ``PopupConfig``
+    that leaves the field unset gets that value, to run the whole suite with an option forced where it applies."""
+    import os
+
+    forced = os.environ.get("SUPERMASK_FX_TEST_FORCE")
+    if not forced:
+        return
+    from supermask_fx.core.config import PopupConfig
+
+    values = dict(item.split("=", 1) for item in forced.split(","))
+    original = PopupConfig.__post_init__
+
+    def post_init(self):
+        for field, value in values.items():
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, value)
+        original(self)
+
+    PopupConfig.__post_init__ = post_init
 
 
 def pytest_runtest_setup(item):

@@ -421,17 +421,19 @@ def test_llm_example_learns_and_writes_a_loadable_subnetwork(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="needs torchrun")
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp_global"])
 def test_llm_example_on_two_ranks_finds_the_masks_of_one_process(tmp_path, parallel):
     """Two CPU ranks (gloo) on the halves of each batch: the same subnetwork file as one process on whole batches
     (5 steps: few enough that float rounding of the averaged gradient flips no mask bit here)."""
     pytest.importorskip("transformers")
-    single = run([EXAMPLES / "llm.py", "--steps", "5", "--out", tmp_path / "one"], cwd=tmp_path)
+    scope = ["--scope", "global"] if parallel.endswith("global") else []
+    parallel = parallel.removesuffix("_global")
+    single = run([EXAMPLES / "llm.py", "--steps", "5", *scope, "--out", tmp_path / "one"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     two = subprocess.run(
         [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(EXAMPLES / "llm.py"),
-         "--parallel", parallel, "--steps", "5", "--out", str(tmp_path / "two")],
+         "--parallel", parallel, "--steps", "5", *scope, "--out", str(tmp_path / "two")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
