@@ -84,3 +84,21 @@ def test_memory_of_scores_halves():
         return sum(p.numel() * p.element_size() for p in supermask_parameters(model))
 
     assert 2 * nbytes(half) == nbytes(full)
+
+
+def test_the_engine_trains_bf16_scores_and_still_refuses_a_converted_model():
+    pytest.importorskip("accelerate")
+    from supermask_fx.training import TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(32, 3, 6, 6, generator=g), torch.randint(0, 10, (32,), generator=g)
+    )
+    config = TrainConfig(epochs=1, batch_size=16, progress="none", eval_every=0)
+    model = popupify(net(), 0.3, score_dtype="bfloat16")
+    before = [m._parameters[g.scores].detach().clone() for m, g in gated_layers(model)]
+    train(model, data, None, config)
+    after = [m._parameters[g.scores] for m, g in gated_layers(model)]
+    assert all(a.dtype == torch.bfloat16 and not torch.equal(a, b) for a, b in zip(after, before))
+    with pytest.raises(ValueError, match="converted with"):
+        train(popupify(net(), 0.3).bfloat16(), data, None, config)

@@ -715,8 +715,17 @@ def _loss_on_host(device: torch.device) -> bool:
 
 def _refuse_half_models(model: nn.Module) -> None:
     """A model converted with ``.half()`` / ``.bfloat16()`` would meet float32 inputs ("expected m1 and m2 to have
-    the same dtype"), and would keep its scores and optimizer state in 16 bits: say what to do instead."""
-    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    the same dtype"), and would keep its scores and optimizer state in 16 bits: say what to do instead. Scores kept in
+    16 bits on purpose (``popupify(..., score_dtype="bfloat16")``) are not such a conversion: the forward reads the
+    float32 weights."""
+    chosen = {
+        id(module._parameters[gate.scores])
+        for module, gate in gated_layers(model)
+        if gate.scores is not None and gate.config.score_dtype is not None
+    }
+    half = sorted(
+        {str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16) and id(p) not in chosen}
+    )
     if half:
         raise ValueError(
             f"the model's parameters are {', '.join(half)} (converted with .half() or .bfloat16()?): the engine "
