@@ -1,0 +1,75 @@
+"""Every follow-up method and option on every tiny Hugging Face family of tests/hf_families.py (mixtures of
+experts, tied and padded embeddings, einsum and joined weights) and a torchvision ResNet: popupify, two training
+steps, then the file reloads to the same logits bit for bit and ``materialize`` computes what evaluation does."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from supermask_fx import load_subnetwork, materialize, popupify, save_subnetwork, supermask_parameters
+
+pytest.importorskip("transformers")
+from hf_families import FAMILIES  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+SETTINGS = {
+    "iterand": dict(method="iterand", method_options={"rerand_freq": 1, "rerand_lambda": 0.5}),
+    "multicoat": dict(method="multicoat", method_options={"coats": 3}),
+    "biprop": dict(method="biprop", init="kaiming_normal"),
+    "learned_norms_global": dict(norms="learn", scope="global"),
+    "bf16_scores": dict(score_dtype="bfloat16"),
+}
+
+
+def _resnet():
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=5), {"x": torch.randn(2, 3, 32, 32)}
+
+
+MODELS = {**FAMILIES, "torchvision_resnet18": _resnet}
+
+
+def _output(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state", "pooler_output"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    return out[0]
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_method_trains_saves_and_materializes(family, setting, tmp_path):
+    from transformers import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model, inputs = MODELS[family]()
+
+    def call(m):
+        return _output(m(inputs["x"]) if "x" in inputs else m(**inputs))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # coverage notes of models with example-input fallbacks
+        popupify(model, 0.5, **SETTINGS[setting])
+    model.train()
+    optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.5)
+    for _ in range(2):
+        call(model).float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        expected = call(model)
+        save_subnetwork(model, tmp_path / "s.safetensors")
+        torch.manual_seed(0)
+        fresh, _ = MODELS[family]()
+        assert torch.equal(call(load_subnetwork(fresh, tmp_path / "s.safetensors").eval()), expected)
+        torch.testing.assert_close(call(materialize(model).eval()).float(), expected.float(), atol=1e-5, rtol=1e-4)
