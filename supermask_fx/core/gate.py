@@ -92,6 +92,12 @@ def _forget_under_fsdp(module: nn.Module, args) -> None:
         return
     for inner in module.modules():
         for gate in gates_of(inner).values():
+            if gate.method.wants_steps:  # its after_step follows the Parameters popupify made, which FSDP replaced
+                raise ValueError(
+                    f"method={gate.method.name!r} changes {gate.name} after every optimizer step, and FSDP holds that "
+                    "layer sharded in Parameters of its own, which the method cannot follow (IteRand would silently "
+                    "train as edge-popup). Train it with DDP (each process holds whole layers) or in one process"
+                )
             gate.clear_cache()
 
 
