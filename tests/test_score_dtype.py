@@ -102,3 +102,12 @@ def test_the_engine_trains_bf16_scores_and_still_refuses_a_converted_model():
     assert all(a.dtype == torch.bfloat16 and not torch.equal(a, b) for a, b in zip(after, before))
     with pytest.raises(ValueError, match="converted with"):
         train(popupify(net(), 0.3).bfloat16(), data, None, config)
+
+
+def test_bf16_scores_are_the_float32_scores_rounded():
+    """popupify draws bf16 scores a chunk at a time (no float32 copy of a layer): the values must be the float32
+    draw rounded, across chunk boundaries (a layer of 2.1M scores)."""
+    big = lambda: nn.Sequential(nn.Linear(700, 3001, bias=False))  # noqa: E731
+    full = popupify(big(), 0.3)
+    half = popupify(big(), 0.3, score_dtype="bfloat16")
+    assert torch.equal(half[0].scores, full[0].scores.detach().to(torch.bfloat16))

@@ -117,8 +117,21 @@ def draw_scores(
     fan_in_fan_out: bool = False,
     expert_dims: int = 0,
     given_fans: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Kaiming-uniform with ``a = sqrt(5)``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32 on the CPU (drawn in place
-    into one new tensor: the values of ``(rand * 2 - 1) * bound`` without its temporaries)."""
+    """Kaiming-uniform with ``a = sqrt(5)``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), on the CPU (drawn in place into one
+    new tensor: the values of ``(rand * 2 - 1) * bound`` without its temporaries). With a narrower ``dtype`` the
+    float32 values are drawn a chunk at a time and rounded into the result: the same values as drawing all of them
+    in float32 and converting (the generator is consumed in order), without a float32 copy of the layer."""
     bound = 1.0 / math.sqrt(fans(shape, fan_in_fan_out, expert_dims, given_fans)[0])
-    return torch.empty(shape, dtype=torch.float32).uniform_(generator=generator).mul_(2.0).sub_(1.0).mul_(bound)
+    if dtype == torch.float32:
+        return torch.empty(shape, dtype=torch.float32).uniform_(generator=generator).mul_(2.0).sub_(1.0).mul_(bound)
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        part.copy_(torch.empty(part.numel()).uniform_(generator=generator).mul_(2.0).sub_(1.0).mul_(bound))
+    return out
+
+
+_CHUNK = 1 << 20  # entries drawn at a time into a narrower dtype

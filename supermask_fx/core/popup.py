@@ -27,6 +27,7 @@ from .gate import (
     watch_optimizers,
 )
 from .initializers import can_draw_into, draw_scores, generator_for
+from .method import Method
 from .source import KEEP
 from .state import attach_hooks
 from .wrappers import wrapper_kind
@@ -326,13 +327,15 @@ def _redraw_weight(
         name = scores_name(ref.param)
         if name in module._parameters or hasattr(module, name):
             raise ValueError(f"{ref.module or 'the model'} already has an attribute {name!r}; cannot add scores")
+        dtype = getattr(torch, config.score_dtype) if config.score_dtype else weight.dtype
+        # scores drawn straight into a narrower dtype when the method starts from the draw itself (same values)
+        narrow = dtype if type(method).initial_scores is Method.initial_scores and dtype.itemsize < 4 else torch.float32
         if config.scores == "magnitude":  # the first mask: the weights' own top-k by |w|
             drawn = weight.detach().abs().to("cpu", torch.float32, copy=True)
         else:
             generator = generator_for(config.seed, ref.name, "scores")
-            drawn = draw_scores(shape, generator, ref.fan_in_fan_out, ref.expert_dims, ref.fans)
+            drawn = draw_scores(shape, generator, ref.fan_in_fan_out, ref.expert_dims, ref.fans, dtype=narrow)
         scores = method.initial_scores(drawn)
-        dtype = getattr(torch, config.score_dtype) if config.score_dtype else weight.dtype
         module.register_parameter(name, nn.Parameter(scores.to(weight.device, dtype)))
 
 
