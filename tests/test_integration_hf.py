@@ -175,3 +175,47 @@ def test_callback_does_not_warn_when_masks_move(tmp_path):
         trainer.train()
     changed = [e["supermask/mask_changed"] for e in trainer.state.log_history if "supermask/mask_changed" in e]
     assert changed and changed[0] > 0
+
+
+class _KeptAtStepBegin(TrainerCallback):
+    """The kept fraction of the first gated layer at every step's beginning (after the warm-up's update)."""
+
+    def __init__(self):
+        self.kept = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        from supermask_fx import gated_layers
+
+        module, gate = next(iter(gated_layers(model)))
+        self.kept.append(int(gate.current_mask(module).sum()))
+
+
+def test_k_warmup_in_a_real_trainer_and_its_exact_resume(tmp_path):
+    from supermask_fx import KWarmup, gated_layers
+
+    def trainer(out, callbacks=()):
+        model, _ = build("bert")
+        popupify(model, k=0.5)
+        args = TrainingArguments(
+            output_dir=str(out), num_train_epochs=2, save_steps=3, logging_steps=3, per_device_train_batch_size=4,
+            learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", use_cpu=True, report_to=[], seed=0,
+            disable_tqdm=True,
+        )  # fmt: skip
+        callback = SupermaskCallback(write_subnetwork=False, k_warmup=KWarmup(1.0))
+        return Trainer(model=model, args=args, train_dataset=Pairs(), callbacks=[callback, *callbacks])
+
+    probe = _KeptAtStepBegin()
+    whole = trainer(tmp_path / "whole", [probe])
+    whole.train()  # 24 examples / 4 = 6 steps per epoch, 12 in all; k from 1 to 0.5 over the first 6
+    module, gate = next(iter(gated_layers(whole.model)))
+    n = module._parameters[gate.param].numel()
+    want = [n - int((1 - (0.5 + 0.5 * (1 - min(s / 6, 1.0)))) * n) for s in range(12)]
+    assert probe.kept == want
+    assert int(gate.current_mask(module).sum()) == n - int(0.5 * n)
+
+    stopped = trainer(tmp_path / "stopped", [_StopAt(3)])
+    stopped.train()
+    resumed = trainer(tmp_path / "stopped")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "stopped" / "checkpoint-3"))
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
