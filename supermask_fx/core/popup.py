@@ -367,12 +367,19 @@ def constant_parameters(
             bias = BIAS_OF.get(gate.param)
             if bias is not None and isinstance(module._parameters.get(bias), torch.Tensor):
                 out[prefix[id(module)] + bias] = 0.0
+    if _resets_norms(config):
+        out.update(_norm_affine(model, prefix))
+    return {name: value for name, value in out.items() if name not in untrained}
+
+
+def _norm_affine(model: nn.Module, prefix: dict[int, str]):
+    """``(qualified name, identity value)`` of the scale (1) and shift (0) of every ``NORM_TYPES`` module
+    (``prefix``: ``{id(module): "its.name."}``)."""
     for module in model.modules():
-        if _resets_norms(config) and isinstance(module, NORM_TYPES) and id(module) in prefix:
+        if isinstance(module, NORM_TYPES) and id(module) in prefix:
             for name, value in (("weight", 1.0), ("bias", 0.0)):
                 if isinstance(module._parameters.get(name), torch.Tensor):
-                    out[prefix[id(module)] + name] = value
-    return {name: value for name, value in out.items() if name not in untrained}
+                    yield prefix[id(module)] + name, value
 
 
 def _resets_norms(config: PopupConfig) -> bool:
@@ -385,14 +392,8 @@ def learned_norms(model: nn.Module, graph_norms, untrained=()) -> list[nn.Parame
     ``norms="learn"`` trains; none the model did not train (``untrained`` names)."""
     untrained = set(untrained)
     params = dict(model.named_parameters(remove_duplicate=False))
-    names = [
-        f"{prefix}.{name}" if prefix else name
-        for prefix, module in model.named_modules()
-        if isinstance(module, NORM_TYPES)
-        for name in ("weight", "bias")
-        if isinstance(module._parameters.get(name), torch.Tensor)
-    ]
-    names += list(graph_norms)
+    prefix = {id(m): f"{name}." if name else "" for name, m in model.named_modules(remove_duplicate=False)}
+    names = [name for name, _ in _norm_affine(model, prefix)] + list(graph_norms)
     return [params[n] for n in dict.fromkeys(names) if n in params and n not in untrained]
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .gate import gates_of
 from .heads import set_k
+from .masks import gated_layers
 
 __all__ = ["KWarmup", "warmup_k"]
 
@@ -57,7 +57,7 @@ class KWarmup:
 
     def apply(self, model: nn.Module, epoch: float) -> float:
         """Set the active mask's ``k`` for ``epoch`` (fractional) and return it."""
-        gate = next((g for m in model.modules() for g in gates_of(m).values()), None)
+        gate = next((g for _, g in gated_layers(model)), None)
         if gate is None:
             raise ValueError("KWarmup.apply: the model has no gated layer: call supermask_fx.popupify(model, k) first")
         k = self.k_at(gate.config.k, epoch)
