@@ -13,3 +13,13 @@ def top_k_mask(values: torch.Tensor, k: float) -> torch.Tensor:
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[torch.sort(flat, descending=True, stable=True).indices[:kept]] = True
     return mask.view_as(values)
+
+
+def relu_mlp(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """``x`` through bias-free linear layers of ``weights`` with a ReLU between them (the re-implementations' MLP)."""
+    h = x
+    for i, w in enumerate(weights):
+        h = torch.nn.functional.linear(h, w)
+        if i < len(weights) - 1:
+            h = torch.relu(h)
+    return h
