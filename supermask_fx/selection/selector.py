@@ -80,7 +80,7 @@ class TopKSelector:
             self.effective_key = key
 
     def _select(self, key: tuple, effective: bool) -> None:
-        if len(self.members) > 1 and any(is_shard(t) for member in self.members for t in member.tensors()):
+        if len(self.members) > 1 and self.holds_shards():
             sharded.refresh(self, effective)  # scope="global" under FSDP2: histograms summed across processes
             _mark_selected([(self, key)], effective)
             return
@@ -110,9 +110,13 @@ class TopKSelector:
         """Whether this peer is selected in ``lead``'s batch: scores on the same device, no fixed mask."""
         if any(member.frozen() for member in self.members):
             return False
-        if any(is_shard(t) for member in self.members for t in member.tensors()):
+        if self.holds_shards():
             return False  # FSDP2 holds this layer sharded now: selected when gathered for its own forward
         return self.members[0].tensors()[0].device == lead.members[0].tensors()[0].device
+
+    def holds_shards(self) -> bool:
+        """Whether FSDP2 holds some member's scores or weight as a shard (a ``DTensor``) now."""
+        return any(is_shard(t) for member in self.members for t in member.tensors())
 
     def segments(self) -> list[tuple[int, int]]:
         """``(size, kept)`` of each group this selector ranks: its members together, or each block alone."""
