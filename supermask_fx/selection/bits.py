@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .kernels import compiled, masked_weight
+from .kernels import compiled, masked_weight, plain
 
 __all__ = ["BitMask"]
 
@@ -49,6 +49,7 @@ class BitMask:
         tensors, else through the unpacked bool tensor."""
         if self.shape != weight.shape:
             raise ValueError(f"a bit mask of shape {tuple(self.shape)} cannot mask a weight of {tuple(weight.shape)}")
+        weight = plain(weight)
         out = torch.empty_like(weight) if out is None else out
         kern = compiled(weight, out) if weight.dtype == out.dtype == torch.float32 else None
         if kern is not None:

@@ -12,6 +12,13 @@ from torch import Tensor
 from . import native
 
 
+def plain(tensor: Tensor) -> Tensor:
+    """``tensor`` as a plain tensor: one that stores its values in another form (``core.packed.PackedSigns``: sign
+    bits and a scale) gives them expanded (a transient tensor of its shape and dtype), any other is returned as is."""
+    expand = getattr(type(tensor), "expanded", None)
+    return expand(tensor) if expand is not None else tensor
+
+
 def compiled(*tensors: Tensor):
     """The compiled kernel if every tensor is a contiguous CPU tensor of the first one's shape, else ``None``."""
     first = tensors[0]
@@ -24,6 +31,7 @@ def masked_weight(weight: Tensor, mask: Tensor, out: Tensor | None = None) -> Te
     """``weight`` where ``mask`` (bool) is set, ``0`` elsewhere (a dropped weight is gone, even a NaN or infinite
     one), into ``out`` or a new tensor in the weight's memory format. A float ``mask`` (a fixed mask buffer a user
     registered as float) multiplies."""
+    weight = plain(weight)
     out = torch.empty_like(weight) if out is None else out
     if mask.dtype != torch.bool:
         return torch.mul(weight, mask, out=out)
@@ -51,6 +59,7 @@ def buffer_like(buffer: Tensor | None, weight: Tensor) -> Tensor:
 def straight_through_grad(grad: Tensor, scores: Tensor, weight: Tensor) -> Tensor:
     """``grad * w * sign(s)``, shaped like ``scores``: one compiled pass, or three PyTorch ops (the same values:
     ``w * sign(s)`` is exact, so each entry is one rounded product)."""
+    weight = plain(weight)
     same = all(t.dtype == torch.float32 for t in (grad, scores, weight))
     kern = compiled(grad, scores, weight) if same else None
     if kern is not None:
