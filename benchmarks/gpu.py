@@ -152,7 +152,8 @@ def bench_masks(setting: Setting, small: bool, repeats: int, warmup: int) -> dic
 def bench_llm_memory(setting: Setting, small: bool) -> dict:
     """Bytes per parameter of a training step (peak allocated over what was allocated before the model, divided by
     the parameters) of GPT-2 124M (2 layers with ``--small``), batch 8 x 512 tokens (2 x 64), bf16 autocast: dense
-    AdamW against edge-popup (SGD with momentum on the scores) with fp32 and with bf16 scores. CUDA only."""
+    AdamW against edge-popup (SGD with momentum on the scores) with fp32 and with bf16 scores, and with bf16 scores
+    and the frozen weights as sign bits (``weight_storage="bits"``). CUDA only."""
     if not setting.cuda:
         return {"skipped": "needs CUDA (torch.cuda.max_memory_allocated)"}
     from transformers import GPT2Config, GPT2LMHeadModel, logging
@@ -162,7 +163,7 @@ def bench_llm_memory(setting: Setting, small: bool) -> dict:
     logging.set_verbosity_error()
     batch, tokens = (2, 64) if small else (8, 512)
     out = {}
-    for case in ("dense_adamw", "popup_sgd", "popup_bf16"):
+    for case in ("dense_adamw", "popup_sgd", "popup_bf16", "popup_bf16_bits"):
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.manual_seed(0)
@@ -171,7 +172,12 @@ def bench_llm_memory(setting: Setting, small: bool) -> dict:
         if case == "dense_adamw":
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         else:
-            popupify(model, k=0.5, score_dtype="bfloat16" if case == "popup_bf16" else None)
+            popupify(
+                model,
+                k=0.5,
+                score_dtype="bfloat16" if "bf16" in case else None,
+                weight_storage="bits" if case.endswith("bits") else None,
+            )
             optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.1, momentum=0.9)
         torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, 50257, (batch, tokens), device=setting.device)
@@ -230,6 +236,7 @@ def main(argv=None) -> dict:
                 "tests/test_selection.py",
                 "tests/test_score_dtype.py",
                 "tests/test_multicoat.py",
+                "tests/test_weight_storage.py",
             ],
             cwd=ROOT,
             capture_output=True,

@@ -6,7 +6,9 @@ CPU, batch 1 x 128 tokens, random weights built from a config (no download):
 * ``dense_adamw``: the model's own weights trained with AdamW (fp32: weights, gradients, two moments);
 * ``popup_sgd``: ``popupify(k=0.5)`` and SGD with momentum on the scores (the paper's optimizer; fp32 scores);
 * ``popup_bf16``: the same with ``score_dtype="bfloat16"`` (scores, gradients and momentum in bf16);
-* ``popup_bf16_adamw``: bf16 scores trained with AdamW (what a fine-tuning script would pass).
+* ``popup_bf16_adamw``: bf16 scores trained with AdamW (what a fine-tuning script would pass);
+* ``popup_bf16_bits``: bf16 scores and ``weight_storage="bits"`` (the frozen weights as one sign bit each), SGD
+  with momentum.
 
 For each it prints the peak RSS of the step over the RSS of the bare process (Python + torch + transformers
 imported), divided by the parameter count: bytes per parameter, and each case's ratio to ``dense_adamw``. For the
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import time
 
-CASES = ("dense_adamw", "popup_sgd", "popup_bf16", "popup_bf16_adamw")
+CASES = ("dense_adamw", "popup_sgd", "popup_bf16", "popup_bf16_adamw", "popup_bf16_bits")
 MODELS = ("gpt2", "qwen2_0.39b")
 
 
@@ -85,7 +87,12 @@ def case(model_name: str, name: str, small: bool) -> dict:
     else:
         before = _rss()
         start = time.perf_counter()
-        popupify(model, k=0.5, score_dtype="bfloat16" if "bf16" in name else None)
+        popupify(
+            model,
+            k=0.5,
+            score_dtype="bfloat16" if "bf16" in name else None,
+            weight_storage="bits" if name.endswith("bits") else None,
+        )
         out["popupify_s"] = time.perf_counter() - start
         out["popupify_peak_over_base"] = _peak() - base
         out["model_bytes_after"] = _rss() - base

@@ -43,6 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--scope", choices=("layer", "global"), default="layer", help="top-k per layer (default) or over all layers"
     )
     p.add_argument("--score-dtype", choices=("float32", "bfloat16"), default=None, help="default: the weights'")
+    p.add_argument(
+        "--weight-storage",
+        choices=("dense", "bits"),
+        default="dense",
+        help="frozen weights as float tensors (default) or one sign bit each (signed-constant inits)",
+    )
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step, all processes together")
     p.add_argument("--seq-len", type=int, default=128, help="bytes per sequence (default 128)")
@@ -99,6 +105,7 @@ def build(args):
         seed=args.seed,
         scope=args.scope,
         score_dtype=args.score_dtype,
+        weight_storage=args.weight_storage,
     )
 
 

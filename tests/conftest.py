@@ -54,7 +54,8 @@ def pytest_configure(config):
 
 def _force_popup_options() -> None:
     """``SUPERMASK_FX_TEST_FORCE="score_dtype=bfloat16"`` (comma-separated ``field=value``): every ``PopupConfig``
-    that leaves the field unset gets that value, to run the whole suite with an option forced where it applies."""
+    that leaves the field unset gets that value, to run the whole suite with an option forced where it applies (a
+    config the value does not apply to, which it would make invalid, keeps its own)."""
     import os
 
     forced = os.environ.get("SUPERMASK_FX_TEST_FORCE")
@@ -66,10 +67,17 @@ def _force_popup_options() -> None:
     original = PopupConfig.__post_init__
 
     def post_init(self):
-        for field, value in values.items():
-            if getattr(self, field) is None:
-                object.__setattr__(self, field, value)
-        original(self)
+        unset = [field for field in values if getattr(self, field) is None]
+        for field in unset:
+            object.__setattr__(self, field, values[field])
+        try:
+            original(self)
+        except ValueError:  # the forced value does not apply to this config (weight_storage=bits, init=...)
+            if not unset:
+                raise
+            for field in unset:
+                object.__setattr__(self, field, None)
+            original(self)
 
     PopupConfig.__post_init__ = post_init
 

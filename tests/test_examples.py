@@ -421,13 +421,15 @@ def test_llm_example_learns_and_writes_a_loadable_subnetwork(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="needs torchrun")
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp_global"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp_global", "ddp_bits", "fsdp_bits"])
 def test_llm_example_on_two_ranks_finds_the_masks_of_one_process(tmp_path, parallel):
     """Two CPU ranks (gloo) on the halves of each batch: the same subnetwork file as one process on whole batches
-    (5 steps: few enough that float rounding of the averaged gradient flips no mask bit here)."""
+    (5 steps: few enough that float rounding of the averaged gradient flips no mask bit here); with
+    ``--weight-storage bits`` on both sides too."""
     pytest.importorskip("transformers")
     scope = ["--scope", "global"] if parallel.endswith("global") else []
-    parallel = parallel.removesuffix("_global")
+    scope += ["--weight-storage", "bits"] if parallel.endswith("bits") else []
+    parallel = parallel.removesuffix("_global").removesuffix("_bits")
     single = run([EXAMPLES / "llm.py", "--steps", "5", *scope, "--out", tmp_path / "one"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -461,4 +463,5 @@ def test_examples_take_every_method_with_its_options():
         assert cifar.parser().parse_args(["--method", method]).method == method
     with pytest.raises(ValueError, match="NAME=VALUE"):
         popup_options(cifar.parser().parse_args(["--option", "coats"]))
+    assert popup_options(cifar.parser().parse_args(["--weight-storage", "bits"]))["weight_storage"] == "bits"
     assert "option" in cifar.RESULT_SETTINGS and "k_warmup_epochs" in script("imagenet").RESULT_SETTINGS

@@ -40,6 +40,8 @@ WORKER = textwrap.dedent(
             net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
             scope = "global" if which == "mlp_global" else "layer"
             options = dict(method="iterand", method_options={"rerand_freq": 1}) if which == "mlp_iterand" else {}
+            if which == "mlp_bits":
+                options["weight_storage"] = "bits"
             return popupify(net, k=0.5, scope=scope, **options), [net[0], net[2], net[4]]
         if which == "resnet":
             from supermask_fx.models import resnet18_cifar
@@ -120,7 +122,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tmp_path: Path, which: str, mode: str, expect_failure: bool = False):
+def run(tmp_path: Path, which: str, mode: str, expect_failure: bool = False, stderr: list | None = None):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / f"{which}-{mode}.pt"
@@ -134,6 +136,8 @@ def run(tmp_path: Path, which: str, mode: str, expect_failure: bool = False):
         assert result.returncode != 0
         return result.stderr
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    if stderr is not None:
+        stderr.append(result.stderr)
     return torch.load(out)
 
 
@@ -220,3 +224,15 @@ def test_iterand_under_fsdp_is_refused_with_the_reason(tmp_path):
     (measured: after 3 steps no weight redrawn, against 740 in one process): refused at the first forward."""
     stderr = run(tmp_path, "mlp_iterand", "fsdp", expect_failure=True)
     assert "method='iterand' changes 0.weight after every optimizer step" in stderr and "DDP" in stderr
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
+def test_packed_sign_weights_under_fsdp_train_as_dense_ones_and_say_what_they_hold(tmp_path):
+    """weight_storage="bits": FSDP shards the frozen weights as float tensors of their values (not the bits): the
+    scores train as one process's with plain weights, and a warning says the memory is FSDP's, not one bit each."""
+    stderr = []
+    sharded, single = run(tmp_path, "mlp_bits", "fsdp", stderr=stderr), run(tmp_path, "mlp", "single")
+    assert sharded.keys() == single.keys() and sharded
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert "not as the sign bits of weight_storage='bits'" in stderr[0]

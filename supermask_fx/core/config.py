@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from .dataclass_io import dataclass_from_dict
 from .initializers import INITIALIZERS, NONLINEARITIES
 from .method import method_class, options_of
+from .packed import packable
 from .source import KEEP, KeptWeights, SeededDraw
 
 SCOPES = ("layer", "global")
@@ -20,6 +21,7 @@ BIAS_RULES = ("zero", "keep")
 NORM_RULES = ("identity", "keep", "learn")
 SCORE_DTYPES = ("bfloat16", "float16", "float32")
 SCORE_STARTS = ("random", "magnitude")
+WEIGHT_STORAGES = ("dense", "bits")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,12 @@ class PopupConfig:
             default the weight's. ``"bfloat16"`` halves the memory of the scores, their gradients and the
             optimizer's state; the mask is still the exact top-k of the stored (bf16) values, ties by the selection
             rule (lowest flat index first), and the gradient reaching them is rounded to bf16.
+        weight_storage: how the frozen weights are held: ``"dense"`` (a tensor of the model's dtype, the default)
+            or ``"bits"``: one sign bit per weight and one scale per layer (``core.packed.PackedSigns``, 1/32 of
+            float32), expanded only inside the operations that read it (the gated forward and backward: a transient
+            tensor of one layer). For the inits of one magnitude per layer (``"signed_constant"``,
+            ``"xavier_signed_constant"``, ``"unsigned_constant"``) and methods that do not train the weights; the
+            values and so every mask, gradient and file are those of ``"dense"``.
         fan_in_fan_out: the ``include``d weights are stored ``(in, out, ...)``, like Hugging Face GPT-2's ``Conv1D``
             (``x @ W``), so their fan-in (for the weight's and the scores' scale) is the first dimension. Weights
             found by the built-in rules keep their known layout.
@@ -90,6 +98,7 @@ class PopupConfig:
     norms: str | None = None
     scores: str | None = None
     score_dtype: str | None = None
+    weight_storage: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):  # typed options: SampledOptions(...) -> "sampled" + its options
@@ -155,6 +164,20 @@ class PopupConfig:
             name = str(self.score_dtype).removeprefix("torch.")
             _check_choice("score_dtype", name, SCORE_DTYPES)
             object.__setattr__(self, "score_dtype", name)
+        if self.weight_storage is None:
+            object.__setattr__(self, "weight_storage", "dense")
+        _check_choice("weight_storage", self.weight_storage, WEIGHT_STORAGES)
+        if self.weight_storage == "bits":
+            if not packable(self.init):
+                raise ValueError(
+                    f"weight_storage='bits' holds weights of one magnitude per layer, and init={self.init!r} draws "
+                    "others: use init='signed_constant' (or 'xavier_signed_constant', 'unsigned_constant'), or "
+                    "weight_storage='dense'"
+                )
+            if method.trains_weights:
+                raise ValueError(
+                    f"method={self.method!r} trains the weights, which then take any value: use weight_storage='dense'"
+                )
         if self.fan_in_fan_out and not self.include:
             raise ValueError("fan_in_fan_out=True applies to the include= weights, and include is empty")
 

@@ -30,6 +30,7 @@ bumps them after such a step, so a mask never outlives the scores it was compute
 from __future__ import annotations
 
 import copyreg
+import warnings
 import weakref
 
 import torch
@@ -98,7 +99,24 @@ def _forget_under_fsdp(module: nn.Module, args) -> None:
                     "layer sharded in Parameters of its own, which the method cannot follow (IteRand would silently "
                     "train as edge-popup). Train it with DDP (each process holds whole layers) or in one process"
                 )
+            if gate.config is not None and gate.config.weight_storage == "bits":
+                _warn_bits_under_fsdp()
             gate.clear_cache()
+
+
+_warned_bits = False
+
+
+def _warn_bits_under_fsdp() -> None:
+    global _warned_bits
+    if not _warned_bits:
+        _warned_bits = True
+        warnings.warn(
+            "FSDP holds the frozen weights as shards of float tensors, not as the sign bits of weight_storage='bits' "
+            "(the values and masks are the same; the memory is FSDP's: 32 bits per weight, divided among the "
+            "ranks). Use DDP or one process to hold one bit per weight",
+            stacklevel=3,
+        )
 
 
 # id(scores Parameter) -> (the Parameter, module, gate), weakly, for the layers whose method runs after optimizer

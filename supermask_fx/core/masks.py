@@ -11,6 +11,7 @@ from torch import nn
 
 from ..graph.rule import NORM_ROLES
 from .gate import Gate, adapter_modules, aliases_of, gates_of
+from .packed import unpack_parameters
 
 __all__ = [
     "gated_layers",
@@ -162,11 +163,13 @@ def install_fixed_masks(model: nn.Module, pairs, masks, *, train_weights: bool =
     for (module, gate), mask in zip(pairs, prepared):
         gate.method.fix(gate, module, mask)
     for (module, gate), mask in zip(pairs, prepared):
-        weight = module._parameters[gate.param]
         module.register_buffer(gate.mask_buffer, mask)
         if gate.scores is not None:
             module._parameters[gate.scores].requires_grad_(False)
-        weight.requires_grad_(train_weights)
+    if train_weights:  # retrained weights take any value: packed sign bits become plain tensors again
+        unpack_parameters(model, [module._parameters[gate.param] for module, gate in pairs])
+    for module, gate in pairs:
+        module._parameters[gate.param].requires_grad_(train_weights)
     refresh_masks(model)
 
 

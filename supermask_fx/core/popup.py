@@ -28,6 +28,7 @@ from .gate import (
 )
 from .initializers import can_draw_into, draw_scores, generator_for
 from .method import Method
+from .packed import pack_parameters, parameter_holders
 from .source import KEEP
 from .state import attach_hooks
 from .wrappers import wrapper_kind
@@ -120,12 +121,15 @@ def popupify(
     layer_k = {ref: config.k_for(ref.module) for ref in refs}
     gates: list[tuple[nn.Module, Gate]] = []
     padding = _padding_rows(model)
+    holders = parameter_holders(model) if config.weight_storage == "bits" else None
     with torch.no_grad():
         for ref in refs:
             module = model.get_submodule(ref.module)
             k_layer = layer_k[ref] if layer_k[ref] is not None else config.k
             padding_idx = padding.get(id(module._parameters[ref.param]))
             _redraw_weight(module, ref, config, k_layer, method, padding_idx)
+            if holders is not None:  # layer by layer: each float weight is freed before the next is drawn
+                pack_parameters(model, [module._parameters[ref.param]], holders)
             gate = Gate(ref.module, ref.param, method, k_layer, config=config, layout=ref, padding_idx=padding_idx)
             gate_parameter(module, gate)
             gates.append((module, gate))

@@ -10,6 +10,7 @@ from torch import nn
 from ..core.gate import aliases_of, gates_of, ungate
 from ..core.heads import bits_name, mask_of
 from ..core.masks import gated_layers
+from ..core.packed import unpack_parameters
 from ..core.popup import unmark_config
 from ..core.state import detach_hooks
 from ..core.wrappers import unwrap
@@ -40,6 +41,7 @@ def materialize(model: nn.Module, mask: str | None = None) -> nn.Module:
             else:
                 weight = module._parameters[gate.param].detach()
                 baked.append(masked_weight(weight, mask_of(module, gate, mask)))
+        unpack_parameters(out, [module._parameters[gate.param] for module, gate in pairs])  # sign bits hold no 0
         for (module, gate), value in zip(pairs, baked):
             module._parameters[gate.param].copy_(value)  # in place: modules tied to this weight read it too
             if gate.scores is not None:

@@ -217,8 +217,8 @@ METHOD_SETTINGS = ("method", "option", "scope", "norms", "k_warmup_epochs")
 
 def add_method_arguments(parser) -> None:
     """``--method`` (every registered method), ``--option NAME=VALUE`` (its options, repeatable), ``--scope``,
-    ``--norms`` and ``--k-warmup-epochs`` for a training script's ``argparse`` parser, with the help the examples
-    share (``popup_options(args)`` turns them into ``popupify`` keyword arguments)."""
+    ``--norms``, ``--weight-storage`` and ``--k-warmup-epochs`` for a training script's ``argparse`` parser, with
+    the help the examples share (``popup_options(args)`` turns them into ``popupify`` keyword arguments)."""
     from ..core.method import registered_methods
 
     parser.add_argument("--method", default="edge_popup", choices=registered_methods(), help="default edge_popup")
@@ -240,6 +240,12 @@ def add_method_arguments(parser) -> None:
         help="normalization layers: identity (default: scale 1, shift 0, frozen, the paper), keep, or learn",
     )
     parser.add_argument(
+        "--weight-storage",
+        choices=("dense", "bits"),
+        default=None,
+        help="frozen weights as float tensors (default) or one sign bit each (signed-constant inits)",
+    )
+    parser.add_argument(
         "--k-warmup-epochs",
         type=float,
         default=0.0,
@@ -249,7 +255,7 @@ def add_method_arguments(parser) -> None:
 
 def popup_options(args) -> dict:
     """``popupify`` keyword arguments of ``add_method_arguments``' flags (``method``, ``method_options``, ``scope``,
-    ``norms``). Raises ``ValueError`` for an ``--option`` that is not ``NAME=VALUE``."""
+    ``norms``, ``weight_storage``). Raises ``ValueError`` for an ``--option`` that is not ``NAME=VALUE``."""
     import json
 
     options = {}
@@ -262,6 +268,7 @@ def popup_options(args) -> dict:
         except json.JSONDecodeError:
             options[name] = value
     out = {"method": args.method, "method_options": options, "scope": args.scope}
-    if args.norms is not None:
-        out["norms"] = args.norms
+    for name in ("norms", "weight_storage"):
+        if getattr(args, name, None) is not None:
+            out[name] = getattr(args, name)
     return out

@@ -1,0 +1,264 @@
+"""``weight_storage="bits"``: frozen weights held as one sign bit each plus a scale (``core.packed.PackedSigns``).
+
+What a user relies on: the same values as ``"dense"`` everywhere (training steps, masks, files, state_dicts,
+materialize) for every method that keeps its weights, 1/32 of the float32 weight's memory held between steps, and
+clear refusals where the weights cannot be two-valued.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import supermask_fx as sfx
+from supermask_fx.core.packed import PackedSigns
+
+SETTINGS = "supermask_fx.popupified"  # the settings record's key prefix: it states the storage, so it differs
+
+
+class TinyLM(nn.Module):
+    """An embedding with a padding row, tied to the output layer, and two linear layers between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 16, padding_idx=3)
+        self.fc1 = nn.Linear(16, 37)
+        self.fc2 = nn.Linear(37, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(self.fc2(torch.relu(self.fc1(self.emb(ids)))).mean(1))
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, 50, (6, 5), generator=g), torch.randint(0, 50, (6,), generator=g)
+
+
+def _train(model: nn.Module, steps: int = 6) -> nn.Module:
+    opt = torch.optim.SGD(sfx.supermask_parameters(model), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    for step in range(steps):
+        ids, y = _batch(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(ids), y).backward()
+        opt.step()
+    return model
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(SETTINGS)}
+
+
+def _packed_weights(model: nn.Module) -> list[PackedSigns]:
+    return [
+        m._parameters[g.param] for m, g in sfx.gated_layers(model) if isinstance(m._parameters[g.param], PackedSigns)
+    ]
+
+
+# ------------------------------------------------------------------------------------------- the packed form
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 2, 3, 3), (16,), (1, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bits_are_little_endian_signs_and_expand_to_the_weight(shape, dtype):
+    g = torch.Generator().manual_seed(1)
+    signs = torch.rand(shape, generator=g) < 0.5
+    weight = torch.where(signs, 0.375, -0.375).to(dtype)
+    packed = PackedSigns.pack(weight)
+    expected = np.packbits((weight > 0).reshape(-1).numpy(), bitorder="little")  # numpy's, not ours
+    assert packed.bits.dtype == torch.uint8 and packed.bits.numel() == math.ceil(weight.numel() / 8)
+    assert np.array_equal(packed.bits.numpy(), expected)
+    assert packed.scale == 0.375 and packed.dtype == dtype and tuple(packed.shape) == shape
+    assert torch.equal(packed.expanded(), weight)
+
+
+def test_blocks_of_rows_and_channels_last():
+    """Packing reads blocks of rows: a weight of several blocks (rows not a multiple of 8, zero rows in two blocks)
+    packs as numpy packs its signs; a channels-last weight keeps its strides when expanded."""
+    weight = torch.where(torch.rand(2**15 + 3, 97) < 0.5, 1.5, -1.5)
+    weight[[5, 2**14 + 1]] = 0
+    packed = PackedSigns.pack(weight)
+    assert packed.zero_rows == (5, 2**14 + 1) and torch.equal(packed.expanded(), weight)
+    expected = np.packbits((weight > 0).reshape(-1).numpy(), bitorder="little")
+    assert np.array_equal(packed.bits.numpy(), expected)
+    conv = torch.where(torch.rand(6, 5, 3, 3) < 0.5, 0.5, -0.5).contiguous(memory_format=torch.channels_last)
+    packed = PackedSigns.pack(conv)
+    assert packed.stride() == conv.stride() and packed.expanded().stride() == conv.stride()
+    assert torch.equal(packed.expanded(), conv)
+    assert packed.to(memory_format=torch.contiguous_format).expanded().is_contiguous()
+
+
+def test_zero_rows_and_refusals():
+    weight = torch.where(torch.rand(6, 4) < 0.5, 0.5, -0.5)
+    weight[[0, 4]] = 0
+    packed = PackedSigns.pack(weight)
+    assert packed.zero_rows == (0, 4) and torch.equal(packed.expanded(), weight)
+    two_magnitudes = weight.clone()
+    two_magnitudes[1, 1] = 0.25
+    with pytest.raises(ValueError, match="one magnitude"):
+        PackedSigns.pack(two_magnitudes)
+    stray_zero = torch.where(torch.rand(6, 4) < 0.5, 0.5, -0.5)
+    stray_zero[2, 3] = 0  # a zero outside an all-zero row
+    with pytest.raises(ValueError, match="one magnitude"):
+        PackedSigns.pack(stray_zero)
+
+
+def test_operations_read_the_values_and_in_place_writes_pack_again():
+    weight = torch.where(torch.rand(4, 9) < 0.5, 0.5, -0.5)
+    packed = nn.Parameter(PackedSigns.pack(weight), requires_grad=False)
+    assert isinstance(packed, nn.Parameter) and isinstance(packed, PackedSigns)
+    assert torch.equal(packed * 3, weight * 3) and torch.equal(
+        torch.ones(2, 9) @ packed.t(), torch.ones(2, 9) @ weight.t()
+    )
+    assert type(packed.detach()) is PackedSigns and type(torch.empty_like(packed)) is torch.Tensor
+    half = packed.to(torch.bfloat16)
+    assert isinstance(half, PackedSigns) and torch.equal(half.expanded(), weight.to(torch.bfloat16))
+    for copied in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert isinstance(copied, nn.Parameter) and torch.equal(copied.expanded(), weight)
+        assert copied.bits.data_ptr() != packed.bits.data_ptr()
+    buffer = io.BytesIO()
+    torch.save({"w": packed}, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)["w"].expanded(), weight)
+    version = packed._version
+    with torch.no_grad():
+        packed.neg_()
+    assert torch.equal(packed.expanded(), -weight) and packed._version > version  # counters move: masks refresh
+    with torch.no_grad(), pytest.raises(ValueError, match="one magnitude"):
+        packed.add_(1.0)
+    assert torch.equal(packed.expanded(), -weight)  # a refused write leaves the weight as it was
+
+
+# ------------------------------------------------------------------------------------------- in a model
+
+
+def test_config_refuses_what_bits_cannot_hold():
+    with pytest.raises(ValueError, match="init='kaiming_normal'.*weight_storage='dense'"):
+        sfx.PopupConfig(k=0.5, init="kaiming_normal", weight_storage="bits")
+    with pytest.raises(ValueError, match="init='keep'"):
+        sfx.PopupConfig(k=0.5, init="keep", weight_storage="bits")
+    with pytest.raises(ValueError, match="trains the weights"):
+        sfx.PopupConfig(k=0.5, method="dense", weight_storage="bits")
+    with pytest.raises(ValueError, match="unknown weight_storage 'packed'"):
+        sfx.PopupConfig(k=0.5, weight_storage="packed")
+    assert sfx.PopupConfig.__dataclass_fields__["weight_storage"].default is None  # None: "dense"
+    assert sfx.PopupConfig(k=0.5, init="kaiming_normal").weight_storage == "dense"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"scope": "global", "scaled": True},
+        {"init": "xavier_signed_constant", "score_dtype": "bfloat16"},
+        {"method": "multicoat"},
+        {"method": "iterand", "method_options": {"rerand_freq": 2, "rerand_lambda": 0.5}},
+        {"method": "biprop"},
+        {"method": "sampled"},
+        {"norms": "learn"},
+    ],
+    ids=["layer", "global-scaled", "xavier-bf16", "multicoat", "iterand", "biprop", "sampled", "norms-learn"],
+)
+def test_training_with_bits_equals_dense_bit_for_bit(options, tmp_path):
+    dense = _train(sfx.popupify(TinyLM(), k=0.3, **options))
+    bits = sfx.popupify(TinyLM(), k=0.3, weight_storage="bits", **options)
+    packed = _packed_weights(bits)
+    assert len(packed) == 3  # emb (tied to out), fc1, fc2: every gated weight, the tied one once
+    assert bits.out._parameters["weight"] is bits.emb._parameters["weight"]
+    _train(bits)
+    assert all(isinstance(p, PackedSigns) for p in packed)  # still packed after the steps (IteRand's redraws too)
+    mine, theirs = _state(bits), _state(dense)
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+    ids, _ = _batch(99)
+    dense.eval(), bits.eval()
+    assert torch.equal(bits(ids), dense(ids))
+    if sfx.PopupConfig(k=0.3, **options).make_method().has_mask:
+        path = tmp_path / "bits.sfx"
+        sfx.save_subnetwork(bits, path)
+        loaded = sfx.load_subnetwork(TinyLM(), path).eval()
+        assert _packed_weights(loaded) and torch.equal(loaded(ids), dense(ids))
+    plain = sfx.materialize(bits)
+    assert not any(isinstance(p, PackedSigns) for p in plain.parameters())
+    assert torch.equal(plain(ids), dense(ids))
+
+
+def test_the_gated_step_holds_the_packed_weight_not_an_expanded_one():
+    """What the model holds between steps, and what the backward keeps of each weight, is the packed form."""
+    model = sfx.popupify(
+        nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)), k=0.3, weight_storage="bits"
+    )
+    for weight in _packed_weights(model):
+        assert weight.bits.numel() == math.ceil(weight.numel() / 8)
+    held = {id(t.untyped_storage()) if not isinstance(t, PackedSigns) else id(t.bits): t for t in model.parameters()}
+    float_bytes = sum(t.numel() * 4 for t in held.values() if not isinstance(t, PackedSigns))
+    scores = sum(m._parameters[g.scores].numel() * 4 for m, g in sfx.gated_layers(model))
+    biases = sum(p.numel() * 4 for n, p in model.named_parameters() if n.endswith("bias"))
+    assert float_bytes == scores + biases  # no float32 copy of any gated weight
+    loss = model(torch.randn(3, 256)).sum()
+    saved = []
+    nodes, seen = [loss.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "StraightThroughBackward":
+            saved.extend(node.saved_tensors)
+        nodes.extend(fn for fn, _ in node.next_functions)
+    weights = [t for t in saved if t is not None and t.shape == (512, 256) or t is not None and t.shape == (10, 512)]
+    assert len(saved) >= 2 and any(isinstance(t, PackedSigns) for t in saved)
+    assert not any(
+        type(t) is torch.Tensor and t.dtype == torch.float32 and t.dim() == 2 and not t.requires_grad for t in weights
+    )
+    loss.backward()
+
+
+def test_state_dict_round_trip_retrain_and_device_dtype_moves():
+    model = _train(sfx.popupify(TinyLM(), k=0.4, weight_storage="bits"), steps=2)
+    fresh = sfx.popupify(TinyLM(), k=0.4, weight_storage="bits")
+    fresh.load_state_dict(model.state_dict())
+    ids, _ = _batch(7)
+    model.eval(), fresh.eval()
+    assert torch.equal(fresh(ids), model(ids)) and _packed_weights(fresh)
+    other_seed = sfx.popupify(TinyLM(), k=0.4, weight_storage="bits", seed=1)
+    with pytest.raises(RuntimeError, match="seed: 0 in the state_dict, 1 in this model"):
+        other_seed.load_state_dict(model.state_dict())
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied(ids), model(ids)) and _packed_weights(copied)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert all(w.dtype == torch.bfloat16 for w in _packed_weights(half))
+    assert torch.equal(half.fc1._parameters["weight"].expanded(), model.fc1._parameters["weight"].expanded().bfloat16())
+    sfx.fix_masks(model, train_weights=True)  # retraining: the weights take any value, so they are plain again
+    assert not _packed_weights(model) and model.fc1._parameters["weight"].requires_grad
+    before = model.fc1._parameters["weight"].detach().clone()
+    _train_weights = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    nn.functional.cross_entropy(model(ids), _batch(7)[1]).backward()
+    _train_weights.step()
+    assert not torch.equal(model.fc1._parameters["weight"], before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bits_on_cuda_equal_dense_on_cuda():
+    ids, y = (t.cuda() for t in _batch(0))
+    models = [sfx.popupify(TinyLM().cuda(), k=0.3, **o) for o in ({}, {"weight_storage": "bits"})]
+    for model in models:
+        opt = torch.optim.SGD(sfx.supermask_parameters(model), lr=0.5, momentum=0.9)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(ids), y).backward()
+            opt.step()
+    dense, bits = models
+    assert _packed_weights(bits) and all(w.bits.is_cuda for w in _packed_weights(bits))
+    assert all(torch.equal(a, b) for a, b in zip(_state(dense).values(), _state(bits).values()))
