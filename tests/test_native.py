@@ -244,6 +244,22 @@ def test_masked_weight_equals_pytorch(threads, build):
     assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, conv * mask)
 
 
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+def test_bit_mask_apply_and_unpack_equal_pytorch(threads, build):
+    """``BitMask.apply`` (``w * mask`` a word at a time) and ``to_bool`` against PyTorch, bit for bit, over several
+    chunks and a partial last word; a dropped NaN weight is +0."""
+    g = torch.Generator().manual_seed(threads)
+    n = 2 * CHUNK + 77
+    w = torch.randn(n, generator=g)
+    w[::5] = float("nan")
+    bits = BitMask.empty(torch.Size([n]))
+    bits.words.random_(-(2**63), 2**63 - 1, generator=g)  # every bit, the sign bit too
+    bits.words[-1] &= (1 << (n % 64)) - 1  # the bits past the end are zero
+    mask = _unpacked(bits)
+    want = torch.where(mask, w, torch.zeros(()))
+    assert torch.equal(bits.apply(w).view(torch.int32), want.view(torch.int32))
+
+
 def test_a_step_between_forward_and_backward_is_caught():
     model = popupify(nn.Linear(8, 4), k=0.5)
     opt = torch.optim.SGD(supermask_parameters(model), lr=0.1)
