@@ -224,6 +224,22 @@ def test_the_gated_step_holds_the_packed_weight_not_an_expanded_one():
     loss.backward()
 
 
+def test_files_and_state_dicts_cross_between_the_two_storages(tmp_path):
+    """The storage is how the same values are held: a subnetwork file or a state_dict made with one loads into a
+    model popupified with the other, and gives the same outputs."""
+    ids, _ = _batch(5)
+    for made, loaded in (("bits", "dense"), ("dense", "bits")):
+        model = _train(sfx.popupify(TinyLM(), k=0.3, weight_storage=made), steps=3).eval()
+        path = tmp_path / f"{made}.sfx"
+        sfx.save_subnetwork(model, path)
+        other = sfx.popupify(TinyLM(), k=0.3, weight_storage=loaded)
+        assert torch.equal(sfx.load_subnetwork(other, path).eval()(ids), model(ids))
+        other = sfx.popupify(TinyLM(), k=0.3, weight_storage=loaded)
+        other.load_state_dict(model.state_dict())
+        assert torch.equal(other.eval()(ids), model(ids))
+        assert bool(_packed_weights(other)) == (loaded == "bits")
+
+
 def test_state_dict_round_trip_retrain_and_device_dtype_moves():
     model = _train(sfx.popupify(TinyLM(), k=0.4, weight_storage="bits"), steps=2)
     fresh = sfx.popupify(TinyLM(), k=0.4, weight_storage="bits")

@@ -22,6 +22,7 @@ NORM_RULES = ("identity", "keep", "learn")
 SCORE_DTYPES = ("bfloat16", "float16", "float32")
 SCORE_STARTS = ("random", "magnitude")
 WEIGHT_STORAGES = ("dense", "bits")
+HOW_HELD = ("weight_storage",)  # config fields that change how values are held, not the values
 
 
 @dataclass(frozen=True)
@@ -216,9 +217,10 @@ class PopupConfig:
 def config_differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
     """``(field, their value, my value)`` for every field that differs between two ``PopupConfig.to_dict()`` forms
     (fields an older record lacks are completed as that version behaved first): the one comparison state_dict
-    loads and subnetwork files report."""
+    loads and subnetwork files report. Fields in ``HOW_HELD`` say how a model holds the same values and are not
+    compared: a file or state_dict made with sign-bit weights loads into a model holding float weights."""
     theirs, mine = _completed(theirs), _completed(mine)
-    keys = sorted(set(theirs) | set(mine))
+    keys = sorted((set(theirs) | set(mine)) - set(HOW_HELD))
     return [(key, theirs.get(key), mine.get(key)) for key in keys if theirs.get(key) != mine.get(key)]
 
 

@@ -52,6 +52,8 @@ class PackedSigns(Tensor):
         bits: uint8, ``ceil(numel / 8)`` bytes on the weight's device (bit ``j`` of byte ``i``: entry ``8 i + j``).
         scale: the magnitude ``c`` as a Python float (the float32 value the draw wrote).
         zero_rows: indices along the first dimension whose entries are all 0.
+        memory_format: the strides the tensor reports and ``expanded`` gives (contiguous, or channels-last after
+            ``model.to(memory_format=torch.channels_last)``); the bits are in row-major order either way.
     """
 
     bits: Tensor
