@@ -278,3 +278,10 @@ def test_bits_on_cuda_equal_dense_on_cuda():
     dense, bits = models
     assert _packed_weights(bits) and all(w.bits.is_cuda for w in _packed_weights(bits))
     assert all(torch.equal(a, b) for a, b in zip(_state(dense).values(), _state(bits).values()))
+    opt = torch.optim.SGD(sfx.supermask_parameters(bits), lr=0.5, momentum=0.9)
+    torch.cuda.set_sync_debug_mode("error")  # expanding the weights (zero rows included) waits for nothing
+    try:
+        nn.functional.cross_entropy(bits(ids), y).backward()
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -129,22 +129,28 @@ class PackedSigns(Tensor):
         table = self._table()
         flat = table[self.bits.long()].reshape(-1)[: self.numel()]
         out = flat.view(self.shape)
-        if self.zero_rows:
-            out[list(self.zero_rows)] = 0
+        if self.zero_rows:  # an index tensor kept on the device: no copy from the host (a sync on CUDA) per call
+            out.index_fill_(0, self._cached("rows", lambda: torch.tensor(self.zero_rows, device=self.device)), 0)
         if self.memory_format is not torch.contiguous_format:
             out = out.contiguous(memory_format=self.memory_format)
         return out
 
     def _table(self) -> Tensor:
         """``table[b, j]``: the value of entry ``j`` of a byte ``b`` (256 x 8), cached per dtype and device."""
-        cache = self.__dict__.setdefault("_tables", {})
-        key = (self.dtype, self.device)
-        table = cache.get(key)
-        if table is None:
+
+        def make() -> Tensor:
             signs = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1) * 2 - 1
-            table = (signs.to(torch.float64) * self.scale).to(device=self.device, dtype=self.dtype)
-            cache[key] = table
-        return table
+            return (signs.to(torch.float64) * self.scale).to(device=self.device, dtype=self.dtype)
+
+        return self._cached("table", make)
+
+    def _cached(self, name: str, make) -> Tensor:
+        """A small tensor derived from the fields, kept per (name, dtype, device) until the fields change."""
+        cache = self.__dict__.setdefault("_tables", {})
+        key = (name, self.dtype, self.device)
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def _like(self, bits: Tensor, dtype: torch.dtype | None = None, memory_format=None) -> PackedSigns:
         return PackedSigns(
