@@ -1,6 +1,7 @@
 """Every follow-up method and option on every tiny Hugging Face family of tests/hf_families.py (mixtures of
-experts, tied and padded embeddings, einsum and joined weights) and a torchvision ResNet: popupify, two training
-steps, then the file reloads to the same logits bit for bit and ``materialize`` computes what evaluation does."""
+experts, tied and padded embeddings, einsum and joined weights) and a torchvision ResNet, and two settings that
+together hold every option on every torchvision classification model: popupify, two training steps, then the
+file reloads to the same logits bit for bit and ``materialize`` computes what evaluation does."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 from supermask_fx import load_subnetwork, materialize, popupify, save_subnetwork, supermask_parameters
 
 pytest.importorskip("transformers")
+import torchvision  # noqa: E402
 from hf_families import FAMILIES  # noqa: E402
+from test_torchvision_models import ALL_MODELS, input_size  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -22,12 +25,17 @@ SETTINGS = {
     "biprop": dict(method="biprop", init="kaiming_normal"),
     "learned_norms_global": dict(norms="learn", scope="global"),
     "bf16_scores": dict(score_dtype="bfloat16"),
+    "sign_bit_weights": dict(weight_storage="bits", scope="global"),
+}
+EVERY_OPTION = {  # on every torchvision model: each method that keeps a state of its own, with the other options
+    "multicoat_global_learned_norms_bf16_bits": dict(
+        method="multicoat", scope="global", norms="learn", score_dtype="bfloat16", weight_storage="bits"
+    ),
+    "iterand_bits": dict(method="iterand", method_options={"rerand_freq": 1}, weight_storage="bits"),
 }
 
 
 def _resnet():
-    import torchvision
-
     return torchvision.models.resnet18(num_classes=5), {"x": torch.randn(2, 3, 32, 32)}
 
 
@@ -50,15 +58,36 @@ def test_method_trains_saves_and_materializes(family, setting, tmp_path):
     from transformers import logging
 
     logging.set_verbosity_error()
+    _trains_saves_and_materializes(MODELS[family], SETTINGS[setting], tmp_path)
+
+
+def _torchvision(name: str):
+    def build():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's own init warnings (inception, googlenet)
+            model = torchvision.models.get_model(name, weights=None, num_classes=5)
+        size = input_size(name)
+        return model, {"x": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))}
+
+    return build
+
+
+@pytest.mark.parametrize("setting", sorted(EVERY_OPTION))
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_option_on_every_torchvision_model(name, setting, tmp_path):
+    _trains_saves_and_materializes(_torchvision(name), EVERY_OPTION[setting], tmp_path)
+
+
+def _trains_saves_and_materializes(build, options: dict, tmp_path) -> None:
     torch.manual_seed(0)
-    model, inputs = MODELS[family]()
+    model, inputs = build()
 
     def call(m):
         return _output(m(inputs["x"]) if "x" in inputs else m(**inputs))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # coverage notes of models with example-input fallbacks
-        popupify(model, 0.5, **SETTINGS[setting])
+        popupify(model, 0.5, **options)
     model.train()
     optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.5)
     for _ in range(2):
@@ -70,6 +99,6 @@ def test_method_trains_saves_and_materializes(family, setting, tmp_path):
         expected = call(model)
         save_subnetwork(model, tmp_path / "s.safetensors")
         torch.manual_seed(0)
-        fresh, _ = MODELS[family]()
+        fresh, _ = build()
         assert torch.equal(call(load_subnetwork(fresh, tmp_path / "s.safetensors").eval()), expected)
         torch.testing.assert_close(call(materialize(model).eval()).float(), expected.float(), atol=1e-5, rtol=1e-4)

@@ -355,7 +355,7 @@ int sfx_topk(const int64_t *seg, int64_t nseg, int64_t *groups, int64_t ngroups,
 /* sfx_straight_through: the score gradient of edge-popup, out = g * w * sign(s), for n float32 entries.
  * w * sign(s) is exact (w with s's sign bit, or 0 where s = +-0), so out[i] is the single rounding of a product,
  * bit for bit what torch.sign(s) * w * g gives, up to the sign of zero results (and like torch.sign, a NaN
- * score counts as 0). */
+ * score counts as 0), and but for an infinite weight under a zero score (0 * g here, NaN there). */
 typedef struct {
   const float *g;
   const uint32_t *s, *w;
