@@ -27,6 +27,7 @@ from supermask_fx import (
     popupify,
     restore,
     save_subnetwork,
+    supermask_parameters,
 )
 from supermask_fx.methods import IteRandOptions
 from supermask_fx.methods.iterand import rerandomize
@@ -360,3 +361,22 @@ def test_kept_weights_are_refused():
 
 def test_defaults_are_the_authors():
     assert IteRandOptions() == IteRandOptions(rerand_freq=300, rerand_lambda=0.1)
+
+
+def test_a_model_that_is_gone_is_freed():
+    """The registry that runs the redraws after optimizer steps holds nothing strongly: a deleted IteRand model is
+    freed (it once kept every such model alive: the entry held the gate, whose selection holds the module)."""
+    import gc
+    import weakref
+
+    model = popupify(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), k=0.5, method="iterand",
+                     method_options={"rerand_freq": 1})  # fmt: skip
+    optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.1)
+    model(torch.randn(3, 8)).sum().backward()
+    before = model[0]._buffers["generation"].clone()
+    optimizer.step()
+    assert not torch.equal(model[0]._buffers["generation"], before)  # the redraw ran after the step
+    gone = [weakref.ref(m) for m in model.modules()]  # the gated layers too, not only the container
+    del model, optimizer
+    gc.collect()
+    assert all(ref() is None for ref in gone)

@@ -5,6 +5,7 @@ file reloads to the same logits bit for bit and ``materialize`` computes what ev
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import pytest
@@ -102,3 +103,5 @@ def _trains_saves_and_materializes(build, options: dict, tmp_path) -> None:
         fresh, _ = build()
         assert torch.equal(call(load_subnetwork(fresh, tmp_path / "s.safetensors").eval()), expected)
         torch.testing.assert_close(call(materialize(model).eval()).float(), expected.float(), atol=1e-5, rtol=1e-4)
+    del model, fresh
+    gc.collect()  # the selection's reference cycles hold whole models until a collection: free them per test

@@ -119,8 +119,10 @@ def _warn_bits_under_fsdp() -> None:
         )
 
 
-# id(scores Parameter) -> (the Parameter, module, gate), weakly, for the layers whose method runs after optimizer
-# steps (``Method.after_step``); keyed by id (tensors compare by value), checked by identity
+# id(scores Parameter) -> (the Parameter, module, gated parameter's name), the first two weakly (the module holds
+# its gate, and the gate the selection that holds the module: a strong reference here kept every such model alive),
+# for the layers whose method runs after optimizer steps (``Method.after_step``); keyed by id (tensors compare by
+# value), checked by identity
 _STEPPED: dict[int, tuple] = {}
 
 
@@ -129,7 +131,7 @@ def follow_steps(module: nn.Module, gate: Gate) -> None:
     scores = module._parameters[gate.scores]
     for key in [k for k, (p, m, _) in _STEPPED.items() if p() is None or m() is None]:  # layers gone
         del _STEPPED[key]
-    _STEPPED[id(scores)] = (weakref.ref(scores), weakref.ref(module), gate)
+    _STEPPED[id(scores)] = (weakref.ref(scores), weakref.ref(module), gate.param)
 
 
 def _bump_after_step(optimizer, args, kwargs) -> None:
@@ -144,8 +146,10 @@ def _bump_after_step(optimizer, args, kwargs) -> None:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 entry = _STEPPED.get(id(p)) if p.grad is not None else None
-                if entry is not None and entry[0]() is p and entry[1]() is not None:
-                    entry[2].method.after_step(entry[2], entry[1]())
+                module = entry[1]() if entry is not None and entry[0]() is p else None
+                gate = gates_of(module).get(entry[2]) if module is not None else None
+                if gate is not None:
+                    gate.method.after_step(gate, module)
 
 
 def scores_name(param: str) -> str:
