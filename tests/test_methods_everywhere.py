@@ -81,10 +81,11 @@ def _torchvision(name: str):
     "name, setting", [(name, setting) for setting, (names, _) in sorted(EVERY_OPTION.items()) for name in names]
 )
 def test_every_option_on_every_torchvision_model(name, setting, tmp_path):
-    _trains_saves_and_materializes(_torchvision(name), EVERY_OPTION[setting][1], tmp_path)
+    # lr 0.05: learned BatchNorm scales at 0.5 drive VGG-13-BN's outputs to NaN in two steps, and NaN == NaN fails
+    _trains_saves_and_materializes(_torchvision(name), EVERY_OPTION[setting][1], tmp_path, lr=0.05)
 
 
-def _trains_saves_and_materializes(build, options: dict, tmp_path) -> None:
+def _trains_saves_and_materializes(build, options: dict, tmp_path, lr: float = 0.5) -> None:
     torch.manual_seed(0)
     model, inputs = build()
 
@@ -95,7 +96,7 @@ def _trains_saves_and_materializes(build, options: dict, tmp_path) -> None:
         warnings.simplefilter("ignore")  # coverage notes of models with example-input fallbacks
         popupify(model, 0.5, **options)
     model.train()
-    optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.5)
+    optimizer = torch.optim.SGD(supermask_parameters(model), lr=lr)
     for _ in range(2):
         call(model).float().pow(2).mean().backward()
         optimizer.step()
@@ -103,6 +104,7 @@ def _trains_saves_and_materializes(build, options: dict, tmp_path) -> None:
     model.eval()
     with torch.no_grad():
         expected = call(model)
+        assert torch.isfinite(expected).all()  # else the comparisons below compare NaNs
         save_subnetwork(model, tmp_path / "s.safetensors")
         torch.manual_seed(0)
         fresh, _ = build()
