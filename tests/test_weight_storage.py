@@ -200,8 +200,7 @@ def test_the_gated_step_holds_the_packed_weight_not_an_expanded_one():
     )
     for weight in _packed_weights(model):
         assert weight.bits.numel() == math.ceil(weight.numel() / 8)
-    held = {id(t.untyped_storage()) if not isinstance(t, PackedSigns) else id(t.bits): t for t in model.parameters()}
-    float_bytes = sum(t.numel() * 4 for t in held.values() if not isinstance(t, PackedSigns))
+    float_bytes = sum(p.numel() * 4 for p in model.parameters() if not isinstance(p, PackedSigns))
     scores = sum(m._parameters[g.scores].numel() * 4 for m, g in sfx.gated_layers(model))
     biases = sum(p.numel() * 4 for n, p in model.named_parameters() if n.endswith("bias"))
     assert float_bytes == scores + biases  # no float32 copy of any gated weight
@@ -216,11 +215,8 @@ def test_the_gated_step_holds_the_packed_weight_not_an_expanded_one():
         if type(node).__name__ == "StraightThroughBackward":
             saved.extend(node.saved_tensors)
         nodes.extend(fn for fn, _ in node.next_functions)
-    weights = [t for t in saved if t is not None and t.shape == (512, 256) or t is not None and t.shape == (10, 512)]
-    assert len(saved) >= 2 and any(isinstance(t, PackedSigns) for t in saved)
-    assert not any(
-        type(t) is torch.Tensor and t.dtype == torch.float32 and t.dim() == 2 and not t.requires_grad for t in weights
-    )
+    assert sum(isinstance(t, PackedSigns) for t in saved) == 2  # each layer's weight, packed
+    assert not any(type(t) is torch.Tensor and t.dim() == 2 and not t.requires_grad for t in saved if t is not None)
     loss.backward()
 
 

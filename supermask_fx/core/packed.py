@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_map
 
 from .initializers import INITIALIZERS
 
-__all__ = ["PackedSigns", "pack_parameters", "unpack_parameters", "is_packed", "packable"]
+__all__ = ["PackedSigns", "pack_parameters", "unpack_parameters", "parameter_holders", "packable"]
 
 _NO_VALUES = {  # constructors that read only the argument's shape, dtype and device
     torch.ops.aten.empty_like.default,
@@ -171,12 +171,13 @@ class PackedSigns(Tensor):
 
     def __reduce_ex__(self, protocol):
         scale, shape, dtype, zero_rows, memory_format = self._fields()  # a memory format pickles as its name
-        return (_rebuild, (self.bits, scale, shape, dtype, zero_rows, str(memory_format), _is_param(self)))
+        param = isinstance(self, nn.Parameter)
+        return (_rebuild, (self.bits, scale, shape, dtype, zero_rows, str(memory_format), param))
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
             return memo[id(self)]
-        copied = _rebuild(self.bits.clone(), *self._fields(), _is_param(self))
+        copied = _rebuild(self.bits.clone(), *self._fields(), isinstance(self, nn.Parameter))
         memo[id(self)] = copied
         return copied
 
@@ -257,19 +258,11 @@ def _assign(target: PackedSigns, source: PackedSigns) -> PackedSigns:
     return target
 
 
-def _is_param(t: Tensor) -> bool:
-    return bool(getattr(t, "_is_param", False)) or isinstance(t, nn.Parameter)
-
-
 def _rebuild(bits, scale, shape, dtype, zero_rows, memory_format, param) -> Tensor:
     if isinstance(memory_format, str):  # "torch.channels_last"
         memory_format = getattr(torch, memory_format.removeprefix("torch."))
     packed = PackedSigns(bits, scale, shape, dtype, zero_rows, memory_format)
     return nn.Parameter(packed, requires_grad=False) if param else packed
-
-
-def is_packed(t) -> bool:
-    return isinstance(t, PackedSigns)
 
 
 def packable(init: str) -> bool:
