@@ -8,8 +8,9 @@ Run from the repository root::
 What is measured (every figure goes to ``--json``; each target is printed as measured / target, PASS or FAIL):
 
 * training step (zero_grad, forward, cross-entropy, backward, SGD momentum step) of the same model on the same
-  batch in three variants: ``dense`` (the weights train), ``edge_popup`` (``popupify``; the scores train) and
-  ``algorithm1`` (the paper's sort-every-forward reference, ``benchmarks/algorithm1.py``). Variants are timed
+  batch in four variants: ``dense`` (the weights train), ``edge_popup`` (``popupify``; the scores train),
+  ``edge_popup_bits`` (the same with ``weight_storage="bits"``: sign-bit weights) and ``algorithm1`` (the paper's
+  sort-every-forward reference, ``benchmarks/algorithm1.py``). Variants are timed
   interleaved in one process (round-robin, rotating order, warm-up rounds discarded); medians and ratios.
   Each case runs in a fresh subprocess, so that no case times its steps on the heap, caches and thread state
   that the cases before it left (``--in-process`` runs them all in this process).
@@ -182,6 +183,11 @@ def edge_popup(model: nn.Module) -> nn.Module:
     return popupify(model, K)
 
 
+def edge_popup_bits(model: nn.Module) -> nn.Module:
+    """The same, the frozen weights held as sign bits and one scale per layer (``weight_storage="bits"``)."""
+    return popupify(model, K, weight_storage="bits")
+
+
 def paper_algorithm1(model: nn.Module) -> nn.Module:
     """The paper's Algorithm 1: sort every layer's |scores| in every forward (benchmarks/algorithm1.py)."""
     return algorithm1(model, K)
@@ -190,6 +196,7 @@ def paper_algorithm1(model: nn.Module) -> nn.Module:
 VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "dense": dense,
     "edge_popup": edge_popup,
+    "edge_popup_bits": edge_popup_bits,
     "algorithm1": paper_algorithm1,
 }
 
@@ -272,7 +279,7 @@ def ratio(figures: dict, a: str, b: str) -> float:
 
 
 def bench_case(case: Case, setting: Setting, repeats: int, warmup: int, seconds: float = 0.0) -> dict:
-    """Training steps of the three variants, then inference of dense, popupified and materialized models."""
+    """Training steps of the four variants, then inference of dense, popupified and materialized models."""
     x, y = setting.inputs(case)
     models = {name: build(case, name, setting) for name in VARIANTS}
     steps = interleaved(
@@ -297,6 +304,7 @@ def bench_case(case: Case, setting: Setting, repeats: int, warmup: int, seconds:
         "step": steps,
         "step_ratios": {
             "edge_popup/dense": ratio(steps, "edge_popup", "dense"),
+            "edge_popup_bits/dense": ratio(steps, "edge_popup_bits", "dense"),
             "algorithm1/edge_popup": ratio(steps, "algorithm1", "edge_popup"),
             "algorithm1/dense": ratio(steps, "algorithm1", "dense"),
         },
@@ -610,6 +618,12 @@ def main(argv: list[str] | None = None) -> dict:
                 limit = 1.05 if setting.cuda else 1.10
                 label = LABELS[name]
                 targets.check(f"edge-popup step / dense step, {label} {tag}", ratios["edge_popup/dense"], "<=", limit)
+                targets.check(
+                    f"edge-popup step, weight_storage='bits' / dense step, {label} {tag}",
+                    ratios["edge_popup_bits/dense"],
+                    "<=",
+                    limit,
+                )
                 if not setting.cuda:
                     targets.check(
                         f"Algorithm 1 step / edge-popup step, {label} CPU", ratios["algorithm1/edge_popup"], ">=", 3.0
@@ -621,6 +635,7 @@ def main(argv: list[str] | None = None) -> dict:
             began = time.perf_counter()
             memory = {variant: peak_training_memory(case, variant, setting) for variant in VARIANTS}
             memory["edge_popup/dense"] = memory["edge_popup"]["peak_bytes"] / memory["dense"]["peak_bytes"]
+            memory["edge_popup_bits/dense"] = memory["edge_popup_bits"]["peak_bytes"] / memory["dense"]["peak_bytes"]
             results["memory"][name] = memory
             print(
                 "  peak training memory (MiB above baseline): "

@@ -19,6 +19,9 @@ from torch import nn
 
 import supermask_fx as sfx
 from supermask_fx.core.packed import PackedSigns
+from supermask_fx.selection import native
+from supermask_fx.selection.bits import BitMask
+from supermask_fx.selection.kernels import straight_through_grad
 
 SETTINGS = "supermask_fx.popupified"  # the settings record's key prefix: it states the storage, so it differs
 
@@ -218,6 +221,58 @@ def test_the_gated_step_holds_the_packed_weight_not_an_expanded_one():
     assert sum(isinstance(t, PackedSigns) for t in saved) == 2  # each layer's weight, packed
     assert not any(type(t) is torch.Tensor and t.dim() == 2 and not t.requires_grad for t in saved if t is not None)
     loss.backward()
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="needs the compiled CPU passes")
+@pytest.mark.parametrize("shape", [(2 * (1 << 18) + 77,), (300, 1111), (5, 200), (7, 13)])
+def test_compiled_passes_read_sign_bits_as_the_float_weight(shape):
+    """``w * mask`` and the score gradient computed from the sign bits equal, bit for bit, the same passes over the
+    expanded float weight, and the PyTorch ops as numbers: over several threads' chunks, a partial last word, a
+    row of zeros and scores of every kind (signed zeros, NaN, inf)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    weight = torch.where(torch.rand(shape, generator=g) > 0.5, 0.37, -0.37)
+    if len(shape) == 2:
+        weight[2] = 0
+    packed = PackedSigns.pack(weight)
+    keep = torch.rand(shape, generator=g) > 0.4
+    mask = BitMask.empty(torch.Size(shape))
+    flat = torch.zeros(mask.words.numel() * 64, dtype=torch.int64)
+    flat[: weight.numel()] = keep.reshape(-1).long()
+    mask.words.copy_((flat.view(-1, 64) << torch.arange(64)).sum(1))
+    grad, scores = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    scores.view(-1)[:6] = torch.tensor([0.0, -0.0, math.nan, math.inf, -math.inf, -1.0])
+    calls = []
+    expanded = PackedSigns.expanded
+    PackedSigns.expanded = lambda self: calls.append(self) or expanded(self)
+    try:
+        from_bits = mask.apply(packed), straight_through_grad(grad, scores, packed)
+    finally:
+        PackedSigns.expanded = expanded
+    assert not calls  # read as bits, never expanded
+    from_floats = mask.apply(weight), straight_through_grad(grad, scores, weight)
+    for mine, theirs in zip(from_bits, from_floats):
+        assert torch.equal(mine.view(torch.int32), theirs.view(torch.int32))
+    assert torch.equal(from_bits[0], torch.where(keep, weight, 0.0))
+    assert torch.equal(from_bits[1], torch.sign(scores) * weight * grad)
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="needs the compiled CPU passes")
+def test_training_and_evaluation_never_expand_a_packed_weight_on_the_cpu(monkeypatch):
+    """The forward's ``w * mask``, the backward's rebuild of it, the score gradient and the selection (with the
+    cached ``w * mask`` of evaluation) read the sign bits: no float32 copy of a weight is made in a step."""
+    model = sfx.popupify(TinyLM(), k=0.3, weight_storage="bits")
+    calls = []
+    expanded = PackedSigns.expanded
+    monkeypatch.setattr(PackedSigns, "expanded", lambda self: calls.append(self.shape) or expanded(self))
+    _train(model, steps=3)
+    model.eval()
+    with torch.no_grad():
+        model(_batch(99)[0])
+    assert calls == []
+    monkeypatch.undo()
+    reference = _train(sfx.popupify(TinyLM(), k=0.3), steps=3).eval()
+    with torch.no_grad():
+        assert torch.equal(model(_batch(99)[0]), reference(_batch(99)[0]))
 
 
 def test_files_and_state_dicts_cross_between_the_two_storages(tmp_path):

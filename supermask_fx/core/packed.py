@@ -130,10 +130,21 @@ class PackedSigns(Tensor):
         flat = table[self.bits.long()].reshape(-1)[: self.numel()]
         out = flat.view(self.shape)
         if self.zero_rows:  # an index tensor kept on the device: no copy from the host (a sync on CUDA) per call
-            out.index_fill_(0, self._cached("rows", lambda: torch.tensor(self.zero_rows, device=self.device)), 0)
+            out.index_fill_(0, self._zero_row_index(), 0)
         if self.memory_format is not torch.contiguous_format:
             out = out.contiguous(memory_format=self.memory_format)
         return out
+
+    def sign_bits(self) -> tuple[Tensor, float, Tensor | None] | None:
+        """What a compiled pass needs to read this weight without expanding it (``selection.kernels.sign_bits``):
+        ``(bits, scale, zero_rows)``, ``zero_rows`` a device index tensor of the rows held as zeros or ``None``;
+        ``None`` where the expanded weight's strides are not row-major (channels-last)."""
+        if self.memory_format is not torch.contiguous_format:
+            return None
+        return self.bits, self.scale, self._zero_row_index() if self.zero_rows else None
+
+    def _zero_row_index(self) -> Tensor:
+        return self._cached("rows", lambda: torch.tensor(self.zero_rows, device=self.device))
 
     def _table(self) -> Tensor:
         """``table[b, j]``: the value of entry ``j`` of a byte ``b`` (256 x 8), cached per dtype and device."""

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .kernels import compiled, masked_weight, plain
+from .kernels import compiled, masked_weight, plain, sign_bits
 
 __all__ = ["BitMask"]
 
@@ -49,6 +49,15 @@ class BitMask:
         tensors, else through the unpacked bool tensor."""
         if self.shape != weight.shape:
             raise ValueError(f"a bit mask of shape {tuple(self.shape)} cannot mask a weight of {tuple(weight.shape)}")
+        signs = sign_bits(weight)
+        kern = native.kernel() if signs is not None and (out is None or _row_major_float(out)) else None
+        if kern is not None:  # a weight held as sign bits: w * mask from two bits per entry
+            bits, scale, zero_rows = signs
+            out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
+            kern.apply_signs(bits, scale, self.words, out, torch.get_num_threads())
+            if zero_rows is not None:
+                out.view(out.shape[0], -1).index_fill_(0, zero_rows, 0)
+            return out
         weight = plain(weight)
         out = torch.empty_like(weight) if out is None else out
         kern = compiled(weight, out) if weight.dtype == out.dtype == torch.float32 else None
@@ -56,3 +65,7 @@ class BitMask:
             kern.apply_bits(weight, self.words, out, torch.get_num_threads())
             return out
         return masked_weight(weight, self.to_bool().to(weight.device), out)
+
+
+def _row_major_float(out: Tensor) -> bool:
+    return out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()

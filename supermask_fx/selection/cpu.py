@@ -19,6 +19,7 @@ import torch
 
 from . import native
 from .backend import is_shard
+from .kernels import sign_bits
 from .topk import NativeGroup, select_topk, select_topk_native_many
 
 __all__ = ["native_fits", "refresh_native", "refresh_torch"]
@@ -50,16 +51,21 @@ def refresh_native(selectors: list, effective: bool) -> None:
     ``effective``, ``w * mask``."""
     for selector in selectors:
         selector.hold(effective, bits=True)
-    hints = select_topk_native_many([_group(selector, effective) for selector in selectors])
-    for selector, hint in zip(selectors, hints):
+    # A weight held as sign bits is not expanded for the pass: its ``w * mask`` is written from the bits after.
+    packed = [effective and any(sign_bits(w) is not None for _, w, _ in s.tensors()) for s in selectors]
+    groups = [_group(selector, effective and not later) for selector, later in zip(selectors, packed)]
+    hints = select_topk_native_many(groups)
+    for selector, hint, later in zip(selectors, hints, packed):
         selector.hint = hint
+        if later:
+            selector.fill_effective()
 
 
 def _group(selector, effective: bool) -> NativeGroup:
     scores, weights, masks = zip(*selector.tensors())
     return NativeGroup(
         [s.view(-1) for s in scores],
-        [w.view(-1) for w in weights],
+        [w.view(-1) for w in weights] if effective else None,
         [m.bits.words for m in masks],
         [m.effective_buffer.view(-1) for m in masks] if effective else None,
         selector.kept,

@@ -19,6 +19,17 @@ def plain(tensor: Tensor) -> Tensor:
     return expand(tensor) if expand is not None else tensor
 
 
+def sign_bits(tensor: Tensor) -> tuple[Tensor, float, Tensor | None] | None:
+    """``(bits, scale, zero_rows)`` of a float32 CPU tensor held as sign bits and one magnitude
+    (``core.packed.PackedSigns.sign_bits``: entry ``i`` is ``+scale`` where bit ``i % 8`` of byte ``bits[i // 8]``
+    is set, else ``-scale``, and 0 in the rows ``zero_rows`` lists), which the compiled passes read without
+    expanding it; ``None`` for any other tensor."""
+    read = getattr(type(tensor), "sign_bits", None)
+    if read is None or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+        return None
+    return read(tensor)
+
+
 def compiled(*tensors: Tensor):
     """The compiled kernel if every tensor is a contiguous CPU tensor of the first one's shape, else ``None``."""
     first = tensors[0]
@@ -58,7 +69,20 @@ def buffer_like(buffer: Tensor | None, weight: Tensor) -> Tensor:
 
 def straight_through_grad(grad: Tensor, scores: Tensor, weight: Tensor) -> Tensor:
     """``grad * w * sign(s)``, shaped like ``scores``: one compiled pass, or three PyTorch ops (the same values:
-    ``w * sign(s)`` is exact, so each entry is one rounded product)."""
+    ``w * sign(s)`` is exact, so each entry is one rounded product). A weight held as sign bits is read as bits."""
+    signs = sign_bits(weight)
+    kern = compiled(grad, scores) if signs is not None and grad.dtype == scores.dtype == torch.float32 else None
+    if kern is not None and grad.shape == weight.shape:
+        bits, scale, zero_rows = signs
+        out = torch.empty_like(scores)
+        kern.straight_through_signs(grad, scores, bits, scale, out, torch.get_num_threads())
+        if zero_rows is not None:  # entries there are 0: the same values as the float weight's pass gives
+            rows = grad.view(grad.shape[0], -1), scores.view(grad.shape[0], -1)
+            g, s = (t.index_select(0, zero_rows) for t in rows)
+            fixed = torch.empty_like(g)
+            kern.straight_through(g, s, torch.zeros_like(g), fixed, torch.get_num_threads())
+            out.view(grad.shape[0], -1).index_copy_(0, zero_rows, fixed)
+        return out
     weight = plain(weight)
     same = all(t.dtype == torch.float32 for t in (grad, scores, weight))
     kern = compiled(grad, scores, weight) if same else None

@@ -134,10 +134,11 @@ class NativeGroup:
     """One selector's work for ``select_topk_native_many``: the parts ranked together (one layer, or several
     under global scope) and where to write. Every tensor is 1-D, contiguous, on the CPU: scores, weights and
     ``effective`` float32 and equal in size part by part; ``masks`` the int64 words of bit masks
-    (``selection.bits.BitMask``: ``ceil(n / 64)`` words per part); ``effective``: a list, or ``None`` (not written)."""
+    (``selection.bits.BitMask``: ``ceil(n / 64)`` words per part); ``effective``: a list, or ``None`` (not written);
+    ``weights`` are read only where ``effective`` is given (``None`` allowed without it)."""
 
     scores: list[Tensor]
-    weights: list[Tensor]
+    weights: list[Tensor] | None
     masks: list[Tensor]
     effective: list[Tensor] | None
     kept: int
@@ -193,9 +194,11 @@ def select_topk_native_many(groups: list[NativeGroup]) -> list[BandHint | None]:
         table, rows = [], []
         for g, i in enumerate(order):
             group, (lo, hi, _) = groups[i], bands[i]
-            for p, (s, w, m) in enumerate(zip(group.scores, group.weights, group.masks)):
-                eff = 0 if group.effective is None else group.effective[p].data_ptr()
-                table.append([s.data_ptr(), w.data_ptr(), m.data_ptr(), eff, s.numel(), g])
+            for p, (s, m) in enumerate(zip(group.scores, group.masks)):
+                eff = w = 0
+                if group.effective is not None:
+                    eff, w = group.effective[p].data_ptr(), group.weights[p].data_ptr()
+                table.append([s.data_ptr(), w, m.data_ptr(), eff, s.numel(), g])
             rows.append([lo, hi, group.kept, 0, 0, 0, 0])
         out = torch.tensor(rows, dtype=torch.int64)
         kern.topk(torch.tensor(table, dtype=torch.int64), out, threads)

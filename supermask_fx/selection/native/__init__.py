@@ -63,6 +63,10 @@ class NativeKernel:
         lib.sfx_apply_bits.restype = None
         lib.sfx_unpack_bits.argtypes = [p, p, i64, ctypes.c_int]
         lib.sfx_unpack_bits.restype = None
+        lib.sfx_apply_signs.argtypes = [p, ctypes.c_float, p, p, i64, ctypes.c_int]
+        lib.sfx_apply_signs.restype = None
+        lib.sfx_straight_through_signs.argtypes = [p, p, p, ctypes.c_float, p, i64, ctypes.c_int]
+        lib.sfx_straight_through_signs.restype = None
         self.lib = lib
 
     def topk(self, segments: Tensor, groups: Tensor, threads: int) -> None:
@@ -86,6 +90,19 @@ class NativeKernel:
     def apply_bits(self, weight: Tensor, words: Tensor, out: Tensor, threads: int) -> None:
         """``out = weight * mask`` for a bit mask: ``words`` int64, ``ceil(n / 64)`` of them (``band.c``)."""
         self.lib.sfx_apply_bits(weight.data_ptr(), words.data_ptr(), out.data_ptr(), out.numel(), threads)
+
+    def apply_signs(self, signs: Tensor, scale: float, words: Tensor, out: Tensor, threads: int) -> None:
+        """``out = w * mask`` for a weight held as sign bits: ``w[i] = +scale`` where bit ``i % 8`` of byte
+        ``signs[i // 8]`` (uint8, ``ceil(n / 8)`` bytes) is set, else ``-scale``; ``words`` the bit mask."""
+        self.lib.sfx_apply_signs(signs.data_ptr(), scale, words.data_ptr(), out.data_ptr(), out.numel(), threads)
+
+    def straight_through_signs(
+        self, grad: Tensor, scores: Tensor, signs: Tensor, scale: float, out: Tensor, threads: int
+    ) -> None:
+        """``straight_through`` for a weight held as sign bits (``apply_signs``'s layout)."""
+        self.lib.sfx_straight_through_signs(
+            grad.data_ptr(), scores.data_ptr(), signs.data_ptr(), scale, out.data_ptr(), out.numel(), threads
+        )
 
     def unpack_bits(self, words: Tensor, out: Tensor, threads: int) -> None:
         """``out`` (bool, contiguous) = the bit mask ``words``."""

@@ -355,7 +355,16 @@ int sfx_topk(const int64_t *seg, int64_t nseg, int64_t *groups, int64_t ngroups,
 /* sfx_straight_through: the score gradient of edge-popup, out = g * w * sign(s), for n float32 entries.
  * w * sign(s) is exact (w with s's sign bit, or 0 where s = +-0), so out[i] is the single rounding of a product,
  * bit for bit what torch.sign(s) * w * g gives, up to the sign of zero results (and like torch.sign, a NaN
- * score counts as 0), and but for an infinite weight under a zero score (0 * g here, NaN there). */
+ * score counts as 0), and but for an infinite weight under a zero score (0 * g here, NaN there).
+ * signed_grad: one entry, w * sign(s) the bits of w with s's sign folded in (0 where s is +-0 or NaN). */
+static inline float signed_grad(float g, uint32_t x, uint32_t w) {
+  uint32_t m = x & 0x7fffffffu;
+  uint32_t ws = (w ^ (x & 0x80000000u)) & (0u - (uint32_t)((m != 0) & (m <= 0x7f800000u)));
+  float f;
+  memcpy(&f, &ws, sizeof f);
+  return g * f;
+}
+
 typedef struct {
   const float *g;
   const uint32_t *s, *w;
@@ -366,13 +375,7 @@ typedef struct {
 SFX_CLONES
 static void straight_through_range(const float *restrict g, const uint32_t *restrict s, const uint32_t *restrict w,
                                    float *restrict out, int64_t n) {
-  for (int64_t i = 0; i < n; i++) {
-    uint32_t x = s[i], m = x & 0x7fffffffu;
-    uint32_t ws = (w[i] ^ (x & 0x80000000u)) & (0u - (uint32_t)((m != 0) & (m <= 0x7f800000u)));
-    float f;
-    memcpy(&f, &ws, sizeof f);
-    out[i] = g[i] * f;
-  }
+  for (int64_t i = 0; i < n; i++) out[i] = signed_grad(g[i], s[i], w[i]);
 }
 
 static void grad_chunk(void *arg, int64_t c) {
@@ -464,4 +467,86 @@ void sfx_apply_bits(const float *w, const uint64_t *bits, float *out, int64_t n,
 void sfx_unpack_bits(const uint64_t *bits, uint8_t *out, int64_t n, int threads) {
   bits_job_t job = {NULL, bits, NULL, out, n};
   parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, bits_chunk, &job, threads);
+}
+
+/* The same two passes for a weight held as sign bits and one magnitude c (core/packed.py's PackedSigns): entry i
+ * is +c where bit i % 8 of byte signs[i / 8] is set, else -c (so a word of 8 bytes read little-endian holds entries
+ * 64k .. 64k + 63, the layout of a bit mask). The float weight is never read: sfx_apply_signs writes w * mask from
+ * two bits per entry, sfx_straight_through_signs computes sfx_straight_through's values with w[i] = +-c. pos is
+ * the bit pattern of +c (c > 0, finite); the caller fixes rows it holds as zeros (PackedSigns.zero_rows). */
+typedef struct {
+  const uint8_t *signs;
+  const uint64_t *mask;
+  const float *g;
+  const uint32_t *s;
+  uint32_t pos, *out;
+  int64_t n;
+} signs_job_t;
+
+static uint64_t load_word(const uint8_t *p) {
+  uint64_t v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+/* The weight's bits of entry i of a word: pos, with the sign bit set where the sign bit of the entry is clear. */
+#define SIGNED_C(pos, half, j) ((pos) | ((uint32_t)(((half) & BIT[j]) == 0) << 31))
+
+SFX_CLONES
+static void apply_signs_range(const uint8_t *restrict signs, const uint64_t *restrict mask, uint32_t pos,
+                              uint32_t *restrict out, int64_t n) {
+  int64_t words = n >> 6;
+  for (int64_t k = 0; k < words; k++) {
+    uint64_t sw = load_word(signs + 8 * k), mw = mask[k];
+    uint32_t slo = (uint32_t)sw, shi = (uint32_t)(sw >> 32), mlo = (uint32_t)mw, mhi = (uint32_t)(mw >> 32);
+    uint32_t *ob = out + 64 * k;
+    for (int j = 0; j < 32; j++) ob[j] = SIGNED_C(pos, slo, j) & (0u - (uint32_t)((mlo & BIT[j]) != 0));
+    for (int j = 0; j < 32; j++) ob[32 + j] = SIGNED_C(pos, shi, j) & (0u - (uint32_t)((mhi & BIT[j]) != 0));
+  }
+  for (int64_t i = words << 6; i < n; i++) {
+    uint32_t w = pos | ((uint32_t)(((signs[i >> 3] >> (i & 7)) & 1u) == 0) << 31);
+    out[i] = w & (0u - (uint32_t)((mask[i >> 6] >> (i & 63)) & 1u));
+  }
+}
+
+SFX_CLONES
+static void straight_through_signs_range(const float *restrict g, const uint32_t *restrict s,
+                                         const uint8_t *restrict signs, uint32_t pos, float *restrict out, int64_t n) {
+  int64_t words = n >> 6;
+  for (int64_t k = 0; k < words; k++) {
+    uint64_t sw = load_word(signs + 8 * k);
+    uint32_t lo = (uint32_t)sw, hi = (uint32_t)(sw >> 32);
+    const float *gb = g + 64 * k;
+    const uint32_t *xb = s + 64 * k;
+    float *ob = out + 64 * k;
+    for (int j = 0; j < 32; j++) ob[j] = signed_grad(gb[j], xb[j], SIGNED_C(pos, lo, j));
+    for (int j = 0; j < 32; j++) ob[32 + j] = signed_grad(gb[32 + j], xb[32 + j], SIGNED_C(pos, hi, j));
+  }
+  for (int64_t i = words << 6; i < n; i++) {
+    uint32_t w = pos | ((uint32_t)(((signs[i >> 3] >> (i & 7)) & 1u) == 0) << 31);
+    out[i] = signed_grad(g[i], s[i], w);
+  }
+}
+
+static void signs_chunk(void *arg, int64_t c) {
+  const signs_job_t *job = (const signs_job_t *)arg;
+  int64_t start = c * SFX_CHUNK, len = chunk_len(job->n, start);
+  if (job->mask)
+    apply_signs_range(job->signs + (start >> 3), job->mask + (start >> 6), job->pos, job->out + start, len);
+  else
+    straight_through_signs_range(job->g + start, job->s + start, job->signs + (start >> 3), job->pos,
+                                 (float *)job->out + start, len);
+}
+
+void sfx_apply_signs(const uint8_t *signs, float c, const uint64_t *mask, float *out, int64_t n, int threads) {
+  signs_job_t job = {signs, mask, NULL, NULL, 0, (uint32_t *)out, n};
+  memcpy(&job.pos, &c, sizeof c);
+  parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, signs_chunk, &job, threads);
+}
+
+void sfx_straight_through_signs(const float *g, const float *s, const uint8_t *signs, float c, float *out, int64_t n,
+                                int threads) {
+  signs_job_t job = {signs, NULL, g, (const uint32_t *)s, 0, (uint32_t *)out, n};
+  memcpy(&job.pos, &c, sizeof c);
+  parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, signs_chunk, &job, threads);
 }
