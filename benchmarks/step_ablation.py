@@ -11,7 +11,9 @@ loop, torchvision ResNet-18 at 32x32, batch 128, SGD with momentum):
 * ``no_rebuild``: the convolutions keep ``w * mask`` from the forward (``core.recompute`` off: one weight-sized
   tensor per layer held until the backward);
 * ``none_of_the_three``: all three off; ``none_and_no_apply``: also no ``w * mask`` in the forward (the weight is
-  used as it is).
+  used as it is);
+* ``edge_popup_bits``: every pass on, the weights held as sign bits (``weight_storage="bits"``): the passes read
+  1 bit of each weight instead of 32.
 
 Each variant's ratio to ``dense`` is printed; the differences between them are what each pass costs.
 
@@ -87,11 +89,12 @@ def main(argv=None) -> dict:
     x, y = setting.inputs(case)
 
     def task(variant: str) -> speed.Task:
-        model = speed.dense(case.build()) if variant == "dense" else speed.edge_popup(case.build())
+        build = {"dense": speed.dense, "edge_popup_bits": speed.edge_popup_bits}.get(variant, speed.edge_popup)
+        model = build(case.build())
         off = VARIANTS.get(variant, ())
         return speed.Task(speed.train_step(model, x, y, setting), lambda: OFF.update({k: k in off for k in OFF}))
 
-    tasks = {name: task(name) for name in ("dense", *VARIANTS)}
+    tasks = {name: task(name) for name in ("dense", *VARIANTS, "edge_popup_bits")}
     figures = speed.interleaved(tasks, args.rounds, 2, setting)
     dense = figures["dense"]["median_ms"]
     print(f"torchvision ResNet-18, 32x32, batch 128, {args.threads} thread(s), {args.rounds} interleaved rounds")
