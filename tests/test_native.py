@@ -431,3 +431,29 @@ def test_nan_and_inf_scores_train_on_the_compiled_path(scope):
                 assert torch.equal(mask, topk_mask_reference(a_, gate.selector.kept))
         for (ma, ga), (mb, gb) in zip(gated_layers(a), gated_layers(b)):
             assert torch.equal(ga.current_mask(ma), gb.current_mask(mb))
+
+
+def test_float32_rounding_and_order_keys_equal_torchs_conversion():
+    """``to_float32`` and ``order_key`` (struct, no tensors) round as a float32 tensor conversion does: random
+    doubles over the whole exponent range, the points halfway between float32 neighbours (ties to even), the
+    edge of float32's range (past it: inf), subnormals, signed zeros, infinities and NaN."""
+    g = torch.Generator().manual_seed(0)
+    mantissa = torch.rand(4000, generator=g, dtype=torch.float64) + 0.5
+    exponent = torch.randint(-160, 140, (4000,), generator=g).to(torch.float64)
+    values = (mantissa * torch.pow(2.0, exponent)).tolist()
+    neighbours = torch.tensor([1.0, 3.0, 1e-40, 2.0**-126, 1e30], dtype=torch.float32)
+    upper = torch.nextafter(neighbours, torch.tensor(math.inf))
+    values += ((neighbours.double() + upper.double()) / 2).tolist()  # exact halfway points
+    big = float(torch.finfo(torch.float32).max)
+    values += [big, big * (1 + 2.0**-25), big * (1 + 2.0**-24), big * (1 + 2.0**-23), 1e39, 1e300, 5e-324, 1e-46]
+    values += [0.0, -0.0, math.inf, -math.inf, math.nan]
+    values += [-v for v in values[:50]]
+    for value in values:
+        expected = torch.tensor(value, dtype=torch.float64).float()
+        got = native.to_float32(value)
+        assert (math.isnan(got) and expected.isnan()) or got == expected.item(), value
+        if math.isnan(value) or value < 0:
+            assert native.order_key(value) == 0
+        else:
+            # band.c's key of a magnitude: its float32 bits without the sign, plus 1 (so -0.0 is 0.0's key)
+            assert native.order_key(value) == (int(expected.view(torch.int32)) & 0x7FFFFFFF) + 1, value

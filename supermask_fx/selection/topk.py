@@ -226,8 +226,7 @@ def _native_band(group: NativeGroup, tries: int) -> tuple[int, int, int]:
         threshold = native.order_key(_kth_largest_exact([s.abs() for s in group.scores], group.kept))
         return threshold, threshold + 1, 2
     half = hint.half_width * (16.0 if tries else 1.0)
-    lo = native.order_key(_representable(hint.threshold - half, torch.float32))
-    return lo, native.order_key(_representable(hint.threshold + half, torch.float32)), tries
+    return native.order_key(hint.threshold - half), native.order_key(hint.threshold + half), tries
 
 
 def _band_search(
@@ -389,6 +388,10 @@ def _representable(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to ``dtype``, so a comparison against it means the same thing every time."""
     if math.isinf(value):
         return value
+    if dtype == torch.float32:
+        from .native import to_float32  # struct, not a tensor: called a few times per layer and step
+
+        return to_float32(value)
     return float(torch.tensor(value, dtype=torch.float64).to(dtype))
 
 

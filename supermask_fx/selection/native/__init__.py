@@ -40,7 +40,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["NativeKernel", "kernel", "unavailable_reason", "thread_pool", "order_key", "from_order_key", "INF_KEY"]
+__all__ = [
+    "NativeKernel",
+    "kernel",
+    "unavailable_reason",
+    "thread_pool",
+    "order_key",
+    "from_order_key",
+    "to_float32",
+    "INF_KEY",
+]
 
 _SOURCE = Path(__file__).with_name("band.c")
 _FLAGS = ("-O3", "-fPIC", "-pthread", "-fno-strict-aliasing")
@@ -118,7 +127,16 @@ def order_key(value: float) -> int:
     number, ``INF_KEY`` for +inf; 0 too for a negative ``value`` (a band starting there holds every key)."""
     if math.isnan(value) or value < 0.0:
         return 0
-    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32)) + 1
+    return struct.unpack("<I", struct.pack("<f", to_float32(value)))[0] + 1 if value else 1  # -0.0 is 0.0 in size
+
+
+def to_float32(value: float) -> float:
+    """``value`` rounded to float32 (to nearest, ties to even; past the largest float32, an infinity), as
+    ``torch.tensor(value).float()`` gives it, without making tensors: selection calls this a few times per layer."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:  # struct refuses what rounds past float32's range; a conversion gives inf
+        return math.copysign(math.inf, value)
 
 
 def from_order_key(key: int) -> float:
