@@ -139,7 +139,7 @@ class PackedSigns(Tensor):
         """What a compiled pass needs to read this weight without expanding it (``selection.kernels.sign_bits``):
         ``(bits, scale, zero_rows)``, ``zero_rows`` a device index tensor of the rows held as zeros or ``None``;
         ``None`` where the expanded weight's strides are not row-major (channels-last)."""
-        if self.memory_format is not torch.contiguous_format:
+        if self.memory_format is not torch.contiguous_format or not self.bits.is_contiguous():
             return None
         return self.bits, self.scale, self._zero_row_index() if self.zero_rows else None
 

@@ -52,7 +52,7 @@ def refresh_native(selectors: list, effective: bool) -> None:
     for selector in selectors:
         selector.hold(effective, bits=True)
     # A weight held as sign bits is not expanded for the pass: its ``w * mask`` is written from the bits after.
-    packed = [effective and any(sign_bits(w) is not None for _, w, _ in s.tensors()) for s in selectors]
+    packed = [effective and any(sign_bits(w) is not None for _, w, _ in one.tensors()) for one in selectors]
     groups = [_group(selector, effective and not later) for selector, later in zip(selectors, packed)]
     hints = select_topk_native_many(groups)
     for selector, hint, later in zip(selectors, hints, packed):

@@ -127,7 +127,9 @@ def order_key(value: float) -> int:
     number, ``INF_KEY`` for +inf; 0 too for a negative ``value`` (a band starting there holds every key)."""
     if math.isnan(value) or value < 0.0:
         return 0
-    return struct.unpack("<I", struct.pack("<f", to_float32(value)))[0] + 1 if value else 1  # -0.0 is 0.0 in size
+    if value == 0.0:
+        return 1  # -0.0 too: the magnitude 0
+    return struct.unpack("<I", struct.pack("<f", to_float32(value)))[0] + 1
 
 
 def to_float32(value: float) -> float:
