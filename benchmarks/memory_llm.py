@@ -5,7 +5,8 @@ CPU, batch 1 x 128 tokens, random weights built from a config (no download):
 
 * ``dense_adamw``: the model's own weights trained with AdamW (fp32: weights, gradients, two moments);
 * ``popup_sgd``: ``popupify(k=0.5)`` and SGD with momentum on the scores (the paper's optimizer; fp32 scores);
-* ``popup_bf16``: the same with ``score_dtype="bfloat16"`` (scores, gradients and momentum in bf16);
+* ``popup_bits``: the same with ``weight_storage="bits"`` (the frozen weights as one sign bit each);
+* ``popup_bf16``: ``popup_sgd`` with ``score_dtype="bfloat16"`` (scores, gradients and momentum in bf16);
 * ``popup_bf16_adamw``: bf16 scores trained with AdamW (what a fine-tuning script would pass);
 * ``popup_bf16_bits``: bf16 scores and ``weight_storage="bits"`` (the frozen weights as one sign bit each), SGD
   with momentum.
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 
-CASES = ("dense_adamw", "popup_sgd", "popup_bf16", "popup_bf16_adamw", "popup_bf16_bits")
+CASES = ("dense_adamw", "popup_sgd", "popup_bits", "popup_bf16", "popup_bf16_adamw", "popup_bf16_bits")
 MODELS = ("gpt2", "qwen2_0.39b")
 
 
