@@ -109,9 +109,11 @@ WORKER = textwrap.dedent(
             full[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
     if rank == 0:
         torch.save(full, out)
+    print(f"rank {rank}: trained and saved", flush=True)  # where a crash came, should one come
     if sharded:
         dist.barrier()  # every rank done with its collectives before the group goes
         dist.destroy_process_group()
+    print(f"rank {rank}: process group destroyed", flush=True)
     """
 )
 
@@ -135,7 +137,7 @@ def run(tmp_path: Path, which: str, mode: str, expect_failure: bool = False, std
     if expect_failure:
         assert result.returncode != 0
         return result.stderr
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0, "stdout:\n" + result.stdout[-2000:] + "\nstderr:\n" + result.stderr[-4000:]
     if stderr is not None:
         stderr.append(result.stderr)
     return torch.load(out)
