@@ -483,9 +483,10 @@ typedef struct {
   int64_t n;
 } signs_job_t;
 
+/* Bytes p[0..7] as a word, byte j in bits 8j..8j+7 (the compiler makes it one load on a little-endian machine). */
 static uint64_t load_word(const uint8_t *p) {
-  uint64_t v;
-  memcpy(&v, p, sizeof v);
+  uint64_t v = 0;
+  for (int j = 0; j < 8; j++) v |= (uint64_t)p[j] << (8 * j);
   return v;
 }
 
