@@ -115,6 +115,55 @@ def test_zero_rows_and_refusals():
         PackedSigns.pack(stray_zero)
 
 
+def _two_valued(shape, seed=0, c=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(torch.rand(shape, generator=g) < 0.5, c, -c)
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="needs the compiled CPU passes")
+def test_the_compiled_pack_and_expand_equal_the_pytorch_ones(monkeypatch):
+    """``pack`` and ``expanded`` of float32 CPU weights run one compiled pass each; forced onto the PyTorch ops
+    (blocks of rows, a table), every field, every error and every expanded value is the same."""
+    import supermask_fx.core.packed as packed_module
+
+    many_rows = _two_valued((2**14 + 9, 40), seed=1)  # several threads' blocks, a partial last byte
+    many_rows[[0, 7, 2**13 + 5, 2**14 + 8]] = 0  # zero rows first, inside and last
+    minus_zero_row = _two_valued((9, 7), seed=2)
+    minus_zero_row[3] = -0.0
+    infinite = _two_valued((5, 3), seed=3, c=math.inf)
+    valid = [many_rows, minus_zero_row, infinite, torch.zeros(4, 3), _two_valued((3,), seed=4), _two_valued((1, 1))]
+    mixed = _two_valued((6, 5), seed=5)
+    mixed[2, 4] = 0.0
+    minus_zero_in_row = _two_valued((6, 5), seed=6)
+    minus_zero_in_row[1, 0] = -0.0
+    other = _two_valued((6, 5), seed=7)
+    other[5, 4] = 0.25
+    nan = _two_valued((6, 5), seed=8)
+    nan[0, 0] = math.nan
+    invalid = [mixed, minus_zero_in_row, other, nan]
+
+    def both(make):
+        compiled = make()
+        with monkeypatch.context() as patch:
+            patch.setattr(packed_module, "_compiled", lambda tensor: None)
+            blocks = make()
+        return compiled, blocks
+
+    for weight in valid:
+        compiled, blocks = both(lambda weight=weight: PackedSigns.pack(weight))
+        assert torch.equal(compiled.bits, blocks.bits), weight.shape
+        assert (compiled.scale, compiled.zero_rows) == (blocks.scale, blocks.zero_rows)
+        for expanded in both(compiled.expanded):
+            assert torch.equal(expanded.view(torch.int32), torch.where(weight == 0, 0.0, weight).view(torch.int32))
+    for weight in invalid:
+        for use_blocks in (False, True):
+            with monkeypatch.context() as patch:
+                if use_blocks:
+                    patch.setattr(packed_module, "_compiled", lambda tensor: None)
+                with pytest.raises(ValueError, match="one magnitude"):
+                    PackedSigns.pack(weight)
+
+
 def test_operations_read_the_values_and_in_place_writes_pack_again():
     weight = torch.where(torch.rand(4, 9) < 0.5, 0.5, -0.5)
     packed = nn.Parameter(PackedSigns.pack(weight), requires_grad=False)

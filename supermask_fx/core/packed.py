@@ -43,6 +43,10 @@ _NO_VALUES = {  # constructors that read only the argument's shape, dtype and de
     torch.ops.aten.randn_like.default,
 }
 _BIT = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+_NOT_TWO_VALUED = (
+    "weight_storage='bits' holds weights of one magnitude per layer (+c or -c: init='signed_constant', "
+    "'xavier_signed_constant' or 'unsigned_constant'); this weight takes other values"
+)
 
 
 class PackedSigns(Tensor):
@@ -94,6 +98,15 @@ class PackedSigns(Tensor):
             return weight._like(weight.bits)
         if not weight.is_floating_point() or weight.dim() == 0 or weight.numel() == 0:
             raise ValueError(f"packed sign weights need a float tensor with entries, got {weight.dtype} {weight.shape}")
+        kern = _compiled(weight)
+        if kern is not None:  # one compiled pass, the same rule and result as the blocks below
+            bits = torch.empty(math.ceil(weight.numel() / 8), dtype=torch.uint8)
+            row_zero = torch.empty(weight.shape[0], dtype=torch.uint8)
+            scale = kern.pack_signs(weight, bits, row_zero, torch.get_num_threads())
+            if scale is None:
+                raise ValueError(_NOT_TWO_VALUED)
+            zero_rows = row_zero.nonzero().flatten().tolist()
+            return cls(bits, scale, weight.shape, weight.dtype, zero_rows, torch.contiguous_format)
         rows = weight.reshape(weight.shape[0], -1) if weight.is_contiguous() else None
         width = weight.numel() // weight.shape[0]
         step = max(8, (1 << 20) // max(width, 1) // 8 * 8)  # rows per block: a multiple of 8, so blocks fill bytes
@@ -107,11 +120,7 @@ class PackedSigns(Tensor):
             if scale is None and live.numel():
                 scale = float(live.reshape(-1)[0].abs())
             if scale == 0 or (scale is not None and not bool((live.abs() == scale).all())):
-                raise ValueError(
-                    "weight_storage='bits' holds weights of one magnitude per layer (+c or -c: "
-                    "init='signed_constant', 'xavier_signed_constant' or 'unsigned_constant'); this weight takes "
-                    "other values"
-                )
+                raise ValueError(_NOT_TWO_VALUED)
             positive = (block > 0).reshape(-1)
             padded = torch.zeros(math.ceil(positive.numel() / 8) * 8, dtype=torch.uint8, device=weight.device)
             padded[: positive.numel()] = positive
@@ -126,6 +135,14 @@ class PackedSigns(Tensor):
 
     def expanded(self) -> Tensor:
         """The weight as a plain tensor of shape ``S``, this dtype and memory format (a new tensor)."""
+        signs = self.sign_bits()
+        kern = _compiled(self) if signs is not None else None
+        if kern is not None:
+            out = torch.empty(self.shape, dtype=self.dtype)
+            kern.expand_signs(self.bits, self.scale, out, torch.get_num_threads())
+            if self.zero_rows:
+                out.view(self.shape[0], -1).index_fill_(0, self._zero_row_index(), 0)
+            return out
         table = self._table()
         flat = table[self.bits.long()].reshape(-1)[: self.numel()]
         out = flat.view(self.shape)
@@ -317,3 +334,12 @@ def _replace(model: nn.Module, params, make, holders: dict | None = None) -> Non
         for module, name in entries:
             module._parameters[name] = new
         holders[id(new)] = entries
+
+
+def _compiled(tensor: Tensor):
+    """The compiled passes (``selection.native``) for a contiguous float32 CPU tensor, else ``None``."""
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    from ..selection import native
+
+    return native.kernel()

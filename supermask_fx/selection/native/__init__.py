@@ -76,6 +76,10 @@ class NativeKernel:
         lib.sfx_apply_signs.restype = None
         lib.sfx_straight_through_signs.argtypes = [p, p, p, ctypes.c_float, p, i64, ctypes.c_int]
         lib.sfx_straight_through_signs.restype = None
+        lib.sfx_expand_signs.argtypes = [p, ctypes.c_float, p, i64, ctypes.c_int]
+        lib.sfx_expand_signs.restype = None
+        lib.sfx_pack_signs.argtypes = [p, i64, i64, p, p, p, ctypes.c_int]
+        lib.sfx_pack_signs.restype = ctypes.c_int
         self.lib = lib
 
     def topk(self, segments: Tensor, groups: Tensor, threads: int) -> None:
@@ -112,6 +116,27 @@ class NativeKernel:
         self.lib.sfx_straight_through_signs(
             grad.data_ptr(), scores.data_ptr(), signs.data_ptr(), scale, out.data_ptr(), out.numel(), threads
         )
+
+    def expand_signs(self, signs: Tensor, scale: float, out: Tensor, threads: int) -> None:
+        """``out[i] = +scale`` where bit ``i`` of ``signs`` is set, else ``-scale`` (``apply_signs``'s layout)."""
+        self.lib.sfx_expand_signs(signs.data_ptr(), scale, out.data_ptr(), out.numel(), threads)
+
+    def pack_signs(self, weight: Tensor, signs: Tensor, row_zero: Tensor, threads: int) -> float | None:
+        """The sign bits of ``weight`` (contiguous float32, rows along dim 0) into ``signs`` (uint8,
+        ``ceil(n / 8)``) and which rows are all zeros into ``row_zero`` (uint8, one per row); returns the magnitude
+        ``c`` of the other entries, or ``None`` if some entry is neither ``+-c`` nor in a row of zeros."""
+        scale = ctypes.c_float()
+        rows = weight.shape[0]
+        bad = self.lib.sfx_pack_signs(
+            weight.data_ptr(),
+            rows,
+            weight.numel() // rows,
+            ctypes.byref(scale),
+            signs.data_ptr(),
+            row_zero.data_ptr(),
+            threads,
+        )
+        return None if bad else scale.value
 
     def unpack_bits(self, words: Tensor, out: Tensor, threads: int) -> None:
         """``out`` (bool, contiguous) = the bit mask ``words``."""

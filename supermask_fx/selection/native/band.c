@@ -476,8 +476,8 @@ void sfx_unpack_bits(const uint64_t *bits, uint8_t *out, int64_t n, int threads)
  * the bit pattern of +c (c > 0, finite); the caller fixes rows it holds as zeros (PackedSigns.zero_rows). */
 typedef struct {
   const uint8_t *signs;
-  const uint64_t *mask;
-  const float *g;
+  const uint64_t *mask; /* sfx_apply_signs */
+  const float *g;       /* sfx_straight_through_signs (neither: sfx_expand_signs) */
   const uint32_t *s;
   uint32_t pos, *out;
   int64_t n;
@@ -529,14 +529,29 @@ static void straight_through_signs_range(const float *restrict g, const uint32_t
   }
 }
 
+/* sfx_expand_signs: the weight itself, out[i] = +-c. */
+SFX_CLONES
+static void expand_signs_range(const uint8_t *restrict signs, uint32_t pos, uint32_t *restrict out, int64_t n) {
+  int64_t words = n >> 6;
+  for (int64_t k = 0; k < words; k++) {
+    uint64_t sw = load_word(signs + 8 * k);
+    uint32_t lo = (uint32_t)sw, hi = (uint32_t)(sw >> 32), *ob = out + 64 * k;
+    for (int j = 0; j < 32; j++) ob[j] = SIGNED_C(pos, lo, j);
+    for (int j = 0; j < 32; j++) ob[32 + j] = SIGNED_C(pos, hi, j);
+  }
+  for (int64_t i = words << 6; i < n; i++) out[i] = pos | ((uint32_t)(((signs[i >> 3] >> (i & 7)) & 1u) == 0) << 31);
+}
+
 static void signs_chunk(void *arg, int64_t c) {
   const signs_job_t *job = (const signs_job_t *)arg;
   int64_t start = c * SFX_CHUNK, len = chunk_len(job->n, start);
   if (job->mask)
     apply_signs_range(job->signs + (start >> 3), job->mask + (start >> 6), job->pos, job->out + start, len);
-  else
+  else if (job->g)
     straight_through_signs_range(job->g + start, job->s + start, job->signs + (start >> 3), job->pos,
                                  (float *)job->out + start, len);
+  else
+    expand_signs_range(job->signs + (start >> 3), job->pos, job->out + start, len);
 }
 
 void sfx_apply_signs(const uint8_t *signs, float c, const uint64_t *mask, float *out, int64_t n, int threads) {
@@ -550,4 +565,84 @@ void sfx_straight_through_signs(const float *g, const float *s, const uint8_t *s
   signs_job_t job = {signs, NULL, g, (const uint32_t *)s, 0, (uint32_t *)out, n};
   memcpy(&job.pos, &c, sizeof c);
   parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, signs_chunk, &job, threads);
+}
+
+void sfx_expand_signs(const uint8_t *signs, float c, float *out, int64_t n, int threads) {
+  signs_job_t job = {signs, NULL, NULL, NULL, 0, (uint32_t *)out, n};
+  memcpy(&job.pos, &c, sizeof c);
+  parallel_for((n + SFX_CHUNK - 1) / SFX_CHUNK, signs_chunk, &job, threads);
+}
+
+/* sfx_pack_signs: the sign bits of a float32 weight of `rows` rows of `width` entries that holds one magnitude
+ * (core/packed.py's rule): every row is either all zeros (+-0; row_zero[r] = 1) or all +-c, with c the magnitude of
+ * the first nonzero entry (1 when there is none; written to *scale). signs gets bit i = (w[i] > 0), in
+ * PackedSigns' layout. Threads take blocks of whole rows, a multiple of 8 of them, so that each block starts on a
+ * byte: the rows are checked first (a read the compiler vectorises), then the block's bytes are written (the
+ * block, at most about 2^18 entries, read again from cache). Returns 0, or 1 when some entry breaks the rule (a NaN,
+ * another magnitude, a row mixing zeros and +-c); the bits are then not all written. */
+typedef struct {
+  const float *w;
+  int64_t rows, width, block_rows;
+  float c;
+  uint8_t *signs, *row_zero;
+  int bad;
+} pack_job_t;
+
+SFX_CLONES
+static int check_rows(const float *restrict w, int64_t nrows, int64_t width, float c, uint8_t *restrict row_zero) {
+  int bad = 0;
+  for (int64_t r = 0; r < nrows; r++) {
+    const float *row = w + r * width;
+    int64_t zeros = 0, live = 0;
+    for (int64_t k = 0; k < width; k++) {
+      zeros += row[k] == 0.0f;
+      live += (row[k] == c) | (row[k] == -c);
+    }
+    row_zero[r] = (uint8_t)(zeros == width);
+    bad |= zeros != width && live != width;
+  }
+  return bad;
+}
+
+SFX_CLONES
+static void signs_to_bytes(const float *restrict w, int64_t n, uint8_t *restrict out) {
+  int64_t bytes = n >> 3;
+  for (int64_t b = 0; b < bytes; b++) {
+    uint32_t byte = 0;
+    for (int j = 0; j < 8; j++) byte |= (uint32_t)(w[8 * b + j] > 0.0f) << j;
+    out[b] = (uint8_t)byte;
+  }
+  if (n & 7) {
+    uint32_t byte = 0;
+    for (int64_t i = bytes << 3; i < n; i++) byte |= (uint32_t)(w[i] > 0.0f) << (i & 7);
+    out[bytes] = (uint8_t)byte;
+  }
+}
+
+static void pack_block(void *arg, int64_t b) {
+  pack_job_t *job = (pack_job_t *)arg;
+  int64_t r0 = b * job->block_rows, r1 = r0 + job->block_rows < job->rows ? r0 + job->block_rows : job->rows;
+  const float *w = job->w + r0 * job->width;
+  if (check_rows(w, r1 - r0, job->width, job->c, job->row_zero + r0)) {
+    __atomic_store_n(&job->bad, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  signs_to_bytes(w, (r1 - r0) * job->width, job->signs + ((r0 * job->width) >> 3));
+}
+
+int sfx_pack_signs(const float *w, int64_t rows, int64_t width, float *scale, uint8_t *signs, uint8_t *row_zero,
+                   int threads) {
+  int64_t n = rows * width, first = 0;
+  while (first < n && w[first] == 0.0f) first++;
+  pack_job_t job = {w, rows, width, 8, 1.0f, signs, row_zero, 0};
+  if (first < n) {
+    uint32_t bits;
+    memcpy(&bits, &w[first], sizeof bits);
+    bits &= 0x7fffffffu; /* |w[first]| */
+    memcpy(&job.c, &bits, sizeof bits);
+  }
+  while (job.block_rows * width < ((int64_t)1 << 18) && job.block_rows < rows) job.block_rows *= 2;
+  *scale = job.c;
+  parallel_for((rows + job.block_rows - 1) / job.block_rows, pack_block, &job, threads);
+  return job.bad;
 }
