@@ -90,9 +90,10 @@ class PackedSigns(Tensor):
     @classmethod
     def pack(cls, weight: Tensor) -> PackedSigns:
         """The packed form of ``weight`` (any float tensor), which must hold one magnitude ``c > 0`` everywhere
-        but rows of zeros; else ``ValueError``. Read a block of rows at a time (about 2^20 entries), so that the
-        temporaries stay small beside the weight. The memory format (channels-last) is kept: ``expanded`` gives
-        the same strides."""
+        but rows of zeros; else ``ValueError``. A contiguous float32 CPU weight is packed by one compiled pass
+        (``selection.native``); any other is read a block of rows at a time (about 2^20 entries) with PyTorch ops,
+        so that the temporaries stay small beside the weight. The memory format (channels-last) is kept:
+        ``expanded`` gives the same strides."""
         weight = weight.detach()
         if isinstance(weight, PackedSigns):
             return weight._like(weight.bits)
@@ -134,7 +135,8 @@ class PackedSigns(Tensor):
         return cls(bits, 1.0 if scale is None else scale, weight.shape, weight.dtype, zero_rows, _format_of(weight))
 
     def expanded(self) -> Tensor:
-        """The weight as a plain tensor of shape ``S``, this dtype and memory format (a new tensor)."""
+        """The weight as a plain tensor of shape ``S``, this dtype and memory format (a new tensor): one compiled
+        pass for a contiguous float32 CPU weight, else a lookup of each byte's eight values."""
         signs = self.sign_bits()
         kern = _compiled(self) if signs is not None else None
         if kern is not None:
