@@ -101,3 +101,39 @@ def test_under_activation_checkpointing():
     b(x).sum().backward()
     for ga, gb in zip(_grads(a), _grads(b)):
         assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-7)
+
+
+def test_rebuild_effective_false_keeps_w_mask_and_trains_the_same(monkeypatch, tmp_path):
+    """``PopupConfig(rebuild_effective=False)``: each layer's saved weight is the ``w * mask`` of the forward (no
+    recipe, no rebuild in the backward), and two training steps give the same scores bit for bit. It is a way of
+    holding the same values: a file of one loads into the other."""
+    from supermask_fx import PopupConfig, load_subnetwork, save_subnetwork
+    from supermask_fx.selection.layer_mask import LayerMask
+
+    torch.manual_seed(0)
+    rebuilt = popupify(Net(), k=0.4)
+    torch.manual_seed(0)
+    kept = popupify(Net(), k=0.4, rebuild_effective=False)
+    recipes, applies = [], []
+    real_pack, real_apply = RecomputeEffective.pack, LayerMask.apply
+    monkeypatch.setattr(RecomputeEffective, "pack", lambda self, t: recipes.append(t) or real_pack(self, t))
+    monkeypatch.setattr(LayerMask, "apply", lambda self, *a, **k: applies.append(1) or real_apply(self, *a, **k))
+    x = torch.randn(4, 3, 4, 4)
+    for model in (rebuilt, kept):
+        optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.5, momentum=0.9)
+        recipes.clear(), applies.clear()
+        for _ in range(2):
+            model(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if model is kept:
+            assert recipes == [] and len(applies) == 2 * 4  # one w * mask per layer read, none rebuilt
+        else:
+            assert recipes and len(applies) == 2 * 8  # each read's w * mask built again in the backward
+    for a, b in zip(supermask_parameters(rebuilt), supermask_parameters(kept)):
+        assert torch.equal(a, b)
+    save_subnetwork(kept, tmp_path / "kept.sfx")
+    loaded = load_subnetwork(Net(), tmp_path / "kept.sfx").eval()
+    assert torch.equal(loaded(x), rebuilt.eval()(x))
+    with pytest.raises(ValueError, match="rebuild_effective"):
+        PopupConfig(k=0.4, rebuild_effective="no")

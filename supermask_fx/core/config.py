@@ -22,7 +22,7 @@ NORM_RULES = ("identity", "keep", "learn")
 SCORE_DTYPES = ("bfloat16", "float16", "float32")
 SCORE_STARTS = ("random", "magnitude")
 WEIGHT_STORAGES = ("dense", "bits")
-HOW_HELD = ("weight_storage",)  # config fields that change how values are held, not the values
+HOW_HELD = ("weight_storage", "rebuild_effective")  # config fields that change how values are held, not the values
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,11 @@ class PopupConfig:
             tensor of one layer). For the inits of one magnitude per layer (``"signed_constant"``,
             ``"xavier_signed_constant"``, ``"unsigned_constant"``) and methods that do not train the weights; the
             values and so every mask, gradient and file are those of ``"dense"``.
+        rebuild_effective: ``True`` (the default): a gated ``nn.Linear`` / ``nn.Conv{1,2,3}d`` rebuilds its
+            effective weight ``w * mask`` in the backward instead of keeping it from the forward (``core.recompute``:
+            no copy of the weights is held between the forward and the backward). ``False`` keeps it: one
+            elementwise pass less per layer and step, and one float copy of the gated weights more at the
+            backward's memory peak. The values are the same either way.
         fan_in_fan_out: the ``include``d weights are stored ``(in, out, ...)``, like Hugging Face GPT-2's ``Conv1D``
             (``x @ W``), so their fan-in (for the weight's and the scores' scale) is the first dimension. Weights
             found by the built-in rules keep their known layout.
@@ -100,6 +105,7 @@ class PopupConfig:
     scores: str | None = None
     score_dtype: str | None = None
     weight_storage: str | None = None
+    rebuild_effective: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):  # typed options: SampledOptions(...) -> "sampled" + its options
@@ -179,6 +185,8 @@ class PopupConfig:
                 raise ValueError(
                     f"method={self.method!r} trains the weights, which then take any value: use weight_storage='dense'"
                 )
+        if not isinstance(self.rebuild_effective, bool):
+            raise ValueError(f"rebuild_effective={self.rebuild_effective!r} must be True or False")
         if self.fan_in_fan_out and not self.include:
             raise ValueError("fan_in_fan_out=True applies to the include= weights, and include is empty")
 

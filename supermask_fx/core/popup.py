@@ -70,10 +70,10 @@ def popupify(
             discovery. Used by ``load_subnetwork`` and ``restore``.
         **options: the other ``PopupConfig`` fields (``method``, ``init``, ``scaled``, ``seed``, ``scope``,
             ``layer_k``, ``mode``, ``nonlinearity``, ``bias``, ``norms``, ``scores``, ``include``,
-            ``fan_in_fan_out``, ``method_options``, ``score_dtype``, ``weight_storage``). ``init="keep"`` masks
-            the weights the model holds (a pretrained model's) instead of redrawing them; a Hugging Face model
-            loaded with ``from_pretrained`` needs ``init`` named (``"keep"``, or a distribution to redraw it on
-            purpose).
+            ``fan_in_fan_out``, ``method_options``, ``score_dtype``, ``weight_storage``, ``rebuild_effective``).
+            ``init="keep"`` masks the weights the model holds (a pretrained model's) instead of redrawing them; a
+            Hugging Face model loaded with ``from_pretrained`` needs ``init`` named (``"keep"``, or a distribution
+            to redraw it on purpose).
 
     Returns:
         ``model`` itself. Train it with ``torch.optim.SGD(supermask_parameters(model), ...)``.

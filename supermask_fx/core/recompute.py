@@ -106,6 +106,15 @@ class RecomputeEffective:
         return t
 
 
+def _keeps_effective(module: nn.Module) -> bool:
+    """Whether a gate of ``module`` was configured to keep ``w * mask`` from the forward (``PopupConfig``)."""
+    for gate in module.__dict__.get("_supermask_gates", {}).values():
+        config = getattr(gate, "config", None)
+        if config is not None and not getattr(config, "rebuild_effective", True):
+            return True
+    return False
+
+
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # torch >= 2.3 has it
 
 
@@ -126,11 +135,12 @@ def _other_hooks() -> bool:
 
 
 def gated_forward(base: type):
-    """``base.forward`` run inside ``RecomputeEffective`` when training (see ``supports``)."""
+    """``base.forward`` run inside ``RecomputeEffective`` when training (see ``supports``), unless a gate of the
+    module was popupified with ``rebuild_effective=False``."""
     forward = base.forward
 
     def forward_recomputing(self, *args, **kwargs):
-        if not RecomputeEffective.wanted():
+        if not RecomputeEffective.wanted() or _keeps_effective(self):
             return forward(self, *args, **kwargs)
         with RecomputeEffective(self):
             return forward(self, *args, **kwargs)
