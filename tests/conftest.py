@@ -53,9 +53,12 @@ def pytest_configure(config):
 
 
 def _force_popup_options() -> None:
-    """``SUPERMASK_FX_TEST_FORCE="score_dtype=bfloat16"`` (comma-separated ``field=value``): every ``PopupConfig``
-    that leaves the field unset gets that value, to run the whole suite with an option forced where it applies (a
-    config the value does not apply to, which it would make invalid, keeps its own)."""
+    """``SUPERMASK_FX_TEST_FORCE="score_dtype=bfloat16"`` (comma-separated ``field=value``; ``true``, ``false`` and
+    numbers are read as JSON): every ``PopupConfig`` that leaves the field at its default gets that value, to run the
+    whole suite with an option forced where it applies (a config the value does not apply to, which it would make
+    invalid, keeps its own)."""
+    import dataclasses
+    import json
     import os
 
     forced = os.environ.get("SUPERMASK_FX_TEST_FORCE")
@@ -63,11 +66,18 @@ def _force_popup_options() -> None:
         return
     from supermask_fx.core.config import PopupConfig
 
-    values = dict(item.split("=", 1) for item in forced.split(","))
+    def parse(value: str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+
+    values = {name: parse(value) for name, value in (item.split("=", 1) for item in forced.split(","))}
+    defaults = {f.name: f.default for f in dataclasses.fields(PopupConfig)}
     original = PopupConfig.__post_init__
 
     def post_init(self):
-        unset = [field for field in values if getattr(self, field) is None]
+        unset = [field for field in values if getattr(self, field) == defaults[field]]
         for field in unset:
             object.__setattr__(self, field, values[field])
         try:
@@ -76,7 +86,7 @@ def _force_popup_options() -> None:
             if not unset:
                 raise
             for field in unset:
-                object.__setattr__(self, field, None)
+                object.__setattr__(self, field, defaults[field])
             original(self)
 
     PopupConfig.__post_init__ = post_init
