@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from ..selection.kernels import compiled
 from .initializers import INITIALIZERS
 
 __all__ = ["PackedSigns", "pack_parameters", "unpack_parameters", "parameter_holders", "packable"]
@@ -339,9 +340,5 @@ def _replace(model: nn.Module, params, make, holders: dict | None = None) -> Non
 
 
 def _compiled(tensor: Tensor):
-    """The compiled passes (``selection.native``) for a contiguous float32 CPU tensor, else ``None``."""
-    if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return None
-    from ..selection import native
-
-    return native.kernel()
+    """The compiled passes for a contiguous float32 CPU tensor (``selection.kernels.compiled``), else ``None``."""
+    return compiled(tensor) if tensor.dtype == torch.float32 else None
