@@ -152,8 +152,9 @@ def bench_masks(setting: Setting, small: bool, repeats: int, warmup: int) -> dic
 def bench_llm_memory(setting: Setting, small: bool) -> dict:
     """Bytes per parameter of a training step (peak allocated over what was allocated before the model, divided by
     the parameters) of GPT-2 124M (2 layers with ``--small``), batch 8 x 512 tokens (2 x 64), bf16 autocast: dense
-    AdamW against edge-popup (SGD with momentum on the scores) with fp32 and with bf16 scores, and with bf16 scores
-    and the frozen weights as sign bits (``weight_storage="bits"``). CUDA only."""
+    AdamW against edge-popup (SGD with momentum on the scores): with its defaults (fp32 scores, sign-bit weights,
+    ``w * mask`` kept from the forward), then ``w * mask`` rebuilt in the backward and float weights
+    (``weight_storage="dense"``) with fp32 and with bf16 scores, and bf16 scores with sign-bit weights. CUDA only."""
     if not setting.cuda:
         return {"skipped": "needs CUDA (torch.cuda.max_memory_allocated)"}
     from transformers import GPT2Config, GPT2LMHeadModel, logging
@@ -163,7 +164,7 @@ def bench_llm_memory(setting: Setting, small: bool) -> dict:
     logging.set_verbosity_error()
     batch, tokens = (2, 64) if small else (8, 512)
     out = {}
-    for case in ("dense_adamw", "popup_sgd", "popup_bf16", "popup_bf16_bits"):
+    for case in ("dense_adamw", "popup_default", "popup_sgd", "popup_bf16", "popup_bf16_bits"):
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.manual_seed(0)
@@ -172,12 +173,10 @@ def bench_llm_memory(setting: Setting, small: bool) -> dict:
         if case == "dense_adamw":
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         else:
-            popupify(
-                model,
-                k=0.5,
-                score_dtype="bfloat16" if "bf16" in case else None,
-                weight_storage="bits" if case.endswith("bits") else None,
-            )
+            chosen = {} if case == "popup_default" else {"rebuild_effective": True}
+            if case != "popup_default":
+                chosen["weight_storage"] = "bits" if case.endswith("bits") else "dense"
+            popupify(model, k=0.5, score_dtype="bfloat16" if "bf16" in case else None, **chosen)
             optimizer = torch.optim.SGD(supermask_parameters(model), lr=0.1, momentum=0.9)
         torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, 50257, (batch, tokens), device=setting.device)

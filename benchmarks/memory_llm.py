@@ -4,12 +4,16 @@ Each case runs in its own process (peak resident memory, ``ru_maxrss``, is per p
 CPU, batch 1 x 128 tokens, random weights built from a config (no download):
 
 * ``dense_adamw``: the model's own weights trained with AdamW (fp32: weights, gradients, two moments);
-* ``popup_sgd``: ``popupify(k=0.5)`` and SGD with momentum on the scores (the paper's optimizer; fp32 scores);
-* ``popup_bits``: the same with ``weight_storage="bits"`` (the frozen weights as one sign bit each);
-* ``popup_bf16``: ``popup_sgd`` with ``score_dtype="bfloat16"`` (scores, gradients and momentum in bf16);
+* ``popup_sgd``: ``popupify(k=0.5, weight_storage="dense")`` (float32 frozen weights) and SGD with momentum on the
+  scores (the paper's optimizer; fp32 scores);
+* ``popup_bits``: the same with ``weight_storage="bits"`` (the frozen weights as one sign bit each) and
+  ``rebuild_effective=True`` (``w * mask`` rebuilt in the backward: the least memory);
+* ``popup_bits_kept``: sign bits and ``w * mask`` kept from the forward (``popupify``'s defaults for this init);
+* ``popup_bf16``: ``popup_sgd`` (float weights) with ``score_dtype="bfloat16"`` (scores, gradients and momentum in
+  bf16);
 * ``popup_bf16_adamw``: bf16 scores trained with AdamW (what a fine-tuning script would pass);
-* ``popup_bf16_bits``: bf16 scores and ``weight_storage="bits"`` (the frozen weights as one sign bit each), SGD
-  with momentum.
+* ``popup_bf16_bits``: bf16 scores and ``weight_storage="bits"`` (the frozen weights as one sign bit each),
+  ``w * mask`` rebuilt, SGD with momentum.
 
 For each it prints the peak RSS of the step over the RSS of the bare process (Python + torch + transformers
 imported), divided by the parameter count: bytes per parameter, and each case's ratio to ``dense_adamw``. For the
@@ -30,7 +34,15 @@ import subprocess
 import sys
 import time
 
-CASES = ("dense_adamw", "popup_sgd", "popup_bits", "popup_bf16", "popup_bf16_adamw", "popup_bf16_bits")
+CASES = (
+    "dense_adamw",
+    "popup_sgd",
+    "popup_bits",
+    "popup_bits_kept",
+    "popup_bf16",
+    "popup_bf16_adamw",
+    "popup_bf16_bits",
+)
 MODELS = ("gpt2", "qwen2_0.39b")
 
 
@@ -92,7 +104,8 @@ def case(model_name: str, name: str, small: bool) -> dict:
             model,
             k=0.5,
             score_dtype="bfloat16" if "bf16" in name else None,
-            weight_storage="bits" if name.endswith("bits") else None,
+            weight_storage="bits" if "bits" in name else "dense",
+            rebuild_effective=not name.endswith("kept"),
         )
         out["popupify_s"] = time.perf_counter() - start
         out["popupify_peak_over_base"] = _peak() - base

@@ -5,15 +5,16 @@ time what a step costs without that pass. Variants, all timed interleaved in one
 loop, torchvision ResNet-18 at 32x32, batch 128, SGD with momentum):
 
 * ``dense``: the weights train;
-* ``edge_popup``: ``popupify(k=0.5)``, as shipped;
+* ``edge_popup_float``: ``popupify(k=0.5, weight_storage="dense")``: float weights, every pass on (``w * mask``
+  rebuilt in the backward); the variants below switch its passes off:
 * ``no_score_grad``: the backward hands ``dL/dw_eff`` to the scores as it is (no ``grad * w * sign(s)`` pass);
 * ``no_selection``: the masks are not selected again after the first step (no top-k pass);
 * ``no_rebuild``: the convolutions keep ``w * mask`` from the forward (``core.recompute`` off: one weight-sized
   tensor per layer held until the backward);
 * ``none_of_the_three``: all three off; ``none_and_no_apply``: also no ``w * mask`` in the forward (the weight is
   used as it is);
-* ``edge_popup_bits``: every pass on, the weights held as sign bits (``weight_storage="bits"``): the passes read
-  1 bit of each weight instead of 32.
+* ``edge_popup``: ``popupify(k=0.5)`` as shipped: every pass on, the weights held as sign bits (the passes read 1
+  bit of each weight instead of 32) and ``w * mask`` kept from the forward (no rebuild).
 
 Each variant's ratio to ``dense`` is printed; the differences between them are what each pass costs.
 
@@ -41,8 +42,8 @@ from supermask_fx.methods import edge_popup as ep  # noqa: E402
 from supermask_fx.selection.selector import TopKSelector  # noqa: E402
 
 OFF = {"score_grad": False, "selection": False, "rebuild": False, "apply": False}  # what is switched off now
-VARIANTS = {
-    "edge_popup": (),
+VARIANTS = {  # switched off in the float-weight model
+    "edge_popup_float": (),
     "no_score_grad": ("score_grad",),
     "no_selection": ("selection",),
     "no_rebuild": ("rebuild",),
@@ -89,12 +90,12 @@ def main(argv=None) -> dict:
     x, y = setting.inputs(case)
 
     def task(variant: str) -> speed.Task:
-        build = {"dense": speed.dense, "edge_popup_bits": speed.edge_popup_bits}.get(variant, speed.edge_popup)
+        build = {"dense": speed.dense, "edge_popup": speed.edge_popup}.get(variant, speed.edge_popup_float)
         model = build(case.build())
         off = VARIANTS.get(variant, ())
         return speed.Task(speed.train_step(model, x, y, setting), lambda: OFF.update({k: k in off for k in OFF}))
 
-    tasks = {name: task(name) for name in ("dense", *VARIANTS, "edge_popup_bits")}
+    tasks = {name: task(name) for name in ("dense", *VARIANTS, "edge_popup")}
     figures = speed.interleaved(tasks, args.rounds, 2, setting)
     dense = figures["dense"]["median_ms"]
     print(f"torchvision ResNet-18, 32x32, batch 128, {args.threads} thread(s), {args.rounds} interleaved rounds")

@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--weight-storage",
         choices=("dense", "bits"),
-        default="dense",
-        help="frozen weights as float tensors (default) or one sign bit each (signed-constant inits)",
+        default=None,
+        help="frozen weights as one sign bit each (the default for the signed-constant inits) or float tensors",
     )
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step, all processes together")

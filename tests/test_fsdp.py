@@ -40,8 +40,8 @@ WORKER = textwrap.dedent(
             net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
             scope = "global" if which == "mlp_global" else "layer"
             options = dict(method="iterand", method_options={"rerand_freq": 1}) if which == "mlp_iterand" else {}
-            if which == "mlp_bits":
-                options["weight_storage"] = "bits"
+            if which in ("mlp_bits", "mlp_dense"):
+                options["weight_storage"] = which.removeprefix("mlp_")
             return popupify(net, k=0.5, scope=scope, **options), [net[0], net[2], net[4]]
         if which == "resnet":
             from supermask_fx.models import resnet18_cifar
@@ -236,7 +236,7 @@ def test_packed_sign_weights_under_fsdp_train_as_dense_ones_and_say_what_they_ho
     """weight_storage="bits": FSDP shards the frozen weights as float tensors of their values (not the bits): the
     scores train as one process's with plain weights, and a warning says the memory is FSDP's, not one bit each."""
     stderr = []
-    sharded, single = run(tmp_path, "mlp_bits", "fsdp", stderr=stderr), run(tmp_path, "mlp", "single")
+    sharded, single = run(tmp_path, "mlp_bits", "fsdp", stderr=stderr), run(tmp_path, "mlp_dense", "single")
     assert sharded.keys() == single.keys() and sharded
     for name in single:
         torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6, msg=name)

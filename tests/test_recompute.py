@@ -25,11 +25,13 @@ class Net(nn.Module):
         return self.tied(torch.tanh(self.tied(self.fc(h))))
 
 
-def _pair(memory_format=torch.contiguous_format):
+def _pair(memory_format=torch.contiguous_format, storage=None):
+    """Two equal models that rebuild ``w * mask`` in the backward (``rebuild_effective=True``; the default with
+    dense weights, which ``storage=None`` leaves to the forced options of a test run)."""
     torch.manual_seed(0)
-    a = popupify(Net(), k=0.4).to(memory_format=memory_format)
+    a = popupify(Net(), k=0.4, rebuild_effective=True, weight_storage=storage).to(memory_format=memory_format)
     torch.manual_seed(0)
-    b = popupify(Net(), k=0.4).to(memory_format=memory_format)
+    b = popupify(Net(), k=0.4, rebuild_effective=True, weight_storage=storage).to(memory_format=memory_format)
     return a, b
 
 
@@ -37,9 +39,10 @@ def _grads(model):
     return [p.grad for p in supermask_parameters(model)]
 
 
+@pytest.mark.parametrize("storage", ["dense", "bits"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_same_gradients_as_keeping_the_effective_weight(memory_format):
-    a, b = _pair(memory_format)
+def test_same_gradients_as_keeping_the_effective_weight(memory_format, storage):
+    a, b = _pair(memory_format, storage)
     x = torch.randn(4, 3, 4, 4).to(memory_format=memory_format)
     for _ in range(2):  # also after the masks' first refresh
         a(x).square().sum().backward()
@@ -111,7 +114,7 @@ def test_rebuild_effective_false_keeps_w_mask_and_trains_the_same(monkeypatch, t
     from supermask_fx.selection.layer_mask import LayerMask
 
     torch.manual_seed(0)
-    rebuilt = popupify(Net(), k=0.4)
+    rebuilt = popupify(Net(), k=0.4, rebuild_effective=True)
     torch.manual_seed(0)
     kept = popupify(Net(), k=0.4, rebuild_effective=False)
     recipes, applies = [], []
@@ -137,3 +140,16 @@ def test_rebuild_effective_false_keeps_w_mask_and_trains_the_same(monkeypatch, t
     assert torch.equal(loaded(x), rebuilt.eval()(x))
     with pytest.raises(ValueError, match="rebuild_effective"):
         PopupConfig(k=0.4, rebuild_effective="no")
+
+
+@pytest.mark.parametrize("storage, rebuilds", [("dense", True), ("bits", False)])
+def test_by_default_float_weights_rebuild_and_sign_bits_keep(monkeypatch, storage, rebuilds):
+    """``rebuild_effective=None`` (the default) rebuilds ``w * mask`` in the backward over float weights and keeps
+    it over sign-bit weights (whose bits free more than the kept copies hold)."""
+    recipes = []
+    real_pack = RecomputeEffective.pack
+    monkeypatch.setattr(RecomputeEffective, "pack", lambda self, t: recipes.append(t) or real_pack(self, t))
+    model = popupify(Net(), k=0.4, weight_storage=storage)
+    model(torch.randn(4, 3, 4, 4)).sum().backward()
+    assert bool(recipes) == rebuilds
+    assert all(p.grad is not None for p in supermask_parameters(model))

@@ -202,8 +202,37 @@ def test_config_refuses_what_bits_cannot_hold():
         sfx.PopupConfig(k=0.5, method="dense", weight_storage="bits")
     with pytest.raises(ValueError, match="unknown weight_storage 'packed'"):
         sfx.PopupConfig(k=0.5, weight_storage="packed")
-    assert sfx.PopupConfig.__dataclass_fields__["weight_storage"].default is None  # None: "dense"
-    assert sfx.PopupConfig(k=0.5, init="kaiming_normal").weight_storage == "dense"
+
+
+def test_bits_are_the_default_where_they_apply():
+    """``weight_storage=None`` (the default) is ``"bits"`` for the inits of one magnitude per layer with a method
+    that keeps the weights frozen, else ``"dense"``; ``rebuild_effective=None`` keeps ``w * mask`` with bits and
+    rebuilds it with dense weights. Both are how-held fields: a config with either default compares equal in
+    values to one that names the other."""
+    assert sfx.PopupConfig.__dataclass_fields__["weight_storage"].default is None
+    assert sfx.PopupConfig.__dataclass_fields__["rebuild_effective"].default is None
+    expected = {  # (init, method) -> storage, written out rather than derived from packable()
+        ("signed_constant", "edge_popup"): "bits",
+        ("xavier_signed_constant", "edge_popup"): "bits",
+        ("unsigned_constant", "edge_popup"): "bits",
+        ("signed_constant", "sampled"): "bits",
+        ("signed_constant", "iterand"): "bits",
+        ("kaiming_normal", "edge_popup"): "dense",
+        ("kaiming_uniform", "edge_popup"): "dense",
+        ("xavier_normal", "edge_popup"): "dense",
+        ("keep", "edge_popup"): "dense",
+        ("signed_constant", "dense"): "dense",
+    }
+    for (init, method), storage in expected.items():
+        config = sfx.PopupConfig(k=0.5, init=init, method=method)
+        assert (config.weight_storage, config.rebuild_effective) == (storage, storage == "dense"), (init, method)
+    assert sfx.PopupConfig(k=0.5, weight_storage="dense").rebuild_effective is True
+    assert sfx.PopupConfig(k=0.5, rebuild_effective=True).weight_storage == "bits"
+    model = sfx.popupify(TinyLM(), k=0.3)
+    held = [model.emb._parameters["weight"], model.fc1._parameters["weight"], model.fc2._parameters["weight"]]
+    assert all(isinstance(w, PackedSigns) for w in held) and model.out._parameters["weight"] is held[0]
+    normal = sfx.popupify(TinyLM(), k=0.3, init="kaiming_normal")
+    assert not any(isinstance(p, PackedSigns) for p in normal.parameters())
 
 
 @pytest.mark.parametrize(
@@ -363,6 +392,22 @@ def test_state_dict_round_trip_retrain_and_device_dtype_moves():
     nn.functional.cross_entropy(model(ids), _batch(7)[1]).backward()
     _train_weights.step()
     assert not torch.equal(model.fc1._parameters["weight"], before)
+
+
+def test_a_model_moves_while_a_graph_or_a_name_holds_its_packed_weights():
+    """``model.to(...)`` swaps a tensor-subclass Parameter in place, which torch refuses while anything else holds
+    it in C++ (a live autograd graph that saved it). The gated forward gives the graph an alias (the same bits and
+    version counter), so a model moves after a forward without backward, as a model of float weights does; a
+    Python name for the weight then sees the moved weight (the same object)."""
+    model = sfx.popupify(TinyLM(), k=0.4)
+    held = model.fc1._parameters["weight"]
+    ids, y = _batch(3)
+    expected = model.eval()(ids)
+    live = nn.functional.cross_entropy(model.train()(ids), y)  # train-mode graph, not yet backpropagated
+    model.to(torch.float64)
+    assert held.dtype == torch.float64 and isinstance(held, PackedSigns) and held is model.fc1._parameters["weight"]
+    torch.testing.assert_close(model.eval()(ids), expected.double(), rtol=1e-5, atol=1e-6)
+    assert live.requires_grad
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -41,6 +41,7 @@ from ..selection import version_key
 from ..selection.backend import is_shard
 from ..selection.kernels import buffer_like
 from . import recompute
+from .packed import PackedSigns
 
 __all__ = [
     "Gate",
@@ -113,8 +114,9 @@ def _warn_bits_under_fsdp() -> None:
         _warned_bits = True
         warnings.warn(
             "FSDP holds the frozen weights as shards of float tensors, not as the sign bits of weight_storage='bits' "
-            "(the values and masks are the same; the memory is FSDP's: 32 bits per weight, divided among the "
-            "ranks). Use DDP or one process to hold one bit per weight",
+            "(the default for the signed-constant inits): the values and masks are the same, and the memory is "
+            "FSDP's, 32 bits per weight divided among the ranks. DDP or one process holds one bit per weight; "
+            "weight_storage='dense' silences this",
             stacklevel=3,
         )
 
@@ -247,6 +249,11 @@ class Gate:
     def effective(self, module: nn.Module) -> Tensor:
         """The weight the forward pass uses."""
         weight = module._parameters[self.param]
+        if isinstance(weight, PackedSigns) and torch.is_grad_enabled() and not weight.requires_grad:
+            # An alias (same bits, same version counter) for the graph to save: autograd would otherwise hold the
+            # Parameter itself, and ``model.to(...)``, which swaps a tensor subclass in place, refuses a Parameter
+            # that a live graph holds (no graph, no alias: an alias made under inference_mode is refused)
+            weight = weight.detach()
         fixed = module._buffers.get(self.mask_buffer)
         if fixed is None:
             return self.method.effective_weight(self, module, weight)
@@ -467,6 +474,9 @@ def gate_parameter(module: nn.Module, gate: Gate) -> None:
     gates = dict(gates_of(module))
     gates[gate.param] = gate
     module.__dict__["_supermask_gates"] = gates
+    module.__dict__[recompute.KEEPS_EFFECTIVE] = any(
+        g.config is not None and not g.config.rebuild_effective for g in gates.values()
+    )
     _swap_class(module)
 
 
@@ -500,3 +510,4 @@ def ungate(module: nn.Module) -> None:
     module.__class__ = type(module)._supermask_base
     module.__dict__.pop("_supermask_gates", None)
     module.__dict__.pop("_supermask_aliases", None)
+    module.__dict__.pop(recompute.KEEPS_EFFECTIVE, None)

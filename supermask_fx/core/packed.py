@@ -46,7 +46,8 @@ _NO_VALUES = {  # constructors that read only the argument's shape, dtype and de
 _BIT = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
 _NOT_TWO_VALUED = (
     "weight_storage='bits' holds weights of one magnitude per layer (+c or -c: init='signed_constant', "
-    "'xavier_signed_constant' or 'unsigned_constant'); this weight takes other values"
+    "'xavier_signed_constant' or 'unsigned_constant', where it is the default); this weight takes other values: "
+    "popupify with weight_storage='dense' to hold weights that change"
 )
 
 

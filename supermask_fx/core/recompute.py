@@ -26,6 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 
+# Set by ``gate.gate_parameter`` in a gated module's ``__dict__``: True when one of its gates was popupified with
+# ``rebuild_effective=False`` (its forward then runs without the hooks and autograd keeps ``w * mask``).
+KEEPS_EFFECTIVE = "_supermask_keeps_effective"
+
 # Forwards that save only their inputs (x, the weight, the bias): holding what they save makes no cycle.
 _FORWARDS = {cls.forward for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 
@@ -106,15 +110,6 @@ class RecomputeEffective:
         return t
 
 
-def _keeps_effective(module: nn.Module) -> bool:
-    """Whether a gate of ``module`` was configured to keep ``w * mask`` from the forward (``PopupConfig``)."""
-    for gate in module.__dict__.get("_supermask_gates", {}).values():
-        config = getattr(gate, "config", None)
-        if config is not None and not getattr(config, "rebuild_effective", True):
-            return True
-    return False
-
-
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # torch >= 2.3 has it
 
 
@@ -140,7 +135,7 @@ def gated_forward(base: type):
     forward = base.forward
 
     def forward_recomputing(self, *args, **kwargs):
-        if not RecomputeEffective.wanted() or _keeps_effective(self):
+        if not RecomputeEffective.wanted() or self.__dict__.get(KEEPS_EFFECTIVE, False):
             return forward(self, *args, **kwargs)
         with RecomputeEffective(self):
             return forward(self, *args, **kwargs)

@@ -243,7 +243,7 @@ def add_method_arguments(parser) -> None:
         "--weight-storage",
         choices=("dense", "bits"),
         default=None,
-        help="frozen weights as float tensors (default) or one sign bit each (signed-constant inits)",
+        help="frozen weights as one sign bit each (the default for the signed-constant inits) or float tensors",
     )
     parser.add_argument(
         "--k-warmup-epochs",
