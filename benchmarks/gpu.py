@@ -1,13 +1,16 @@
 """One prepared command for a lent GPU: step ratios against dense per selection back-end, the masks of ResNet-50
 against one pass over its scores, host synchronisations counted, the memory per parameter of a GPT-2 training step
-(dense AdamW against fp32 and bf16 scores), then the CUDA and selection tests.
+(dense AdamW against edge-popup's defaults, float weights with fp32 and bf16 scores, and bf16 scores with sign
+bits), then the CUDA and selection tests.
 
     python -m benchmarks.gpu                      # on the GPU machine: about 5-8 minutes on one H100/H200
     python -m benchmarks.gpu --small              # the same code on tiny sizes, on the CPU if there is no GPU
 
 Cases (batch 256, bf16 autocast, channels-last on CUDA): Conv4 and torchvision ResNet-18 at 32x32, ResNet-50 and
-Wide ResNet-50-2 at 224x224; each timed as ``dense`` (the weights train) and ``edge_popup`` under every
-selection back-end that runs there (``cpu``: the per-layer path, ``device``: all layers at once), interleaved
+Wide ResNet-50-2 at 224x224; each timed as ``dense`` (the weights train) and ``edge_popup`` (the defaults:
+sign-bit weights, ``w * mask`` kept) under every selection back-end that runs there (``cpu``: the per-layer path,
+``device``: all layers at once), and ``edge_popup_float`` (float weights, ``w * mask`` rebuilt) under
+``device``, interleaved
 round-robin in one process (benchmarks/speed.py's loop), medians and ratios. Host synchronisations per training
 step are counted two ways: ATen ops that read data back to the host (``.item()``, ``nonzero``, ...), and, on
 CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` warnings. Results: ``benchmarks/results/gpu_<gpu>.json`` (or
@@ -88,11 +91,14 @@ def bench_case(name: str, setting: Setting, batch: int, small: bool, repeats: in
     torch.manual_seed(0)
     dense = setting.place(popupify(builder(), 1.0, method="dense", init="kaiming_normal"))
     torch.manual_seed(0)
-    popup = setting.place(popupify(builder(), 0.3))
+    popup = setting.place(popupify(builder(), 0.3))  # the defaults: sign-bit weights, w * mask kept
+    torch.manual_seed(0)
+    popup_float = setting.place(popupify(builder(), 0.3, weight_storage="dense"))  # float weights, rebuilt
     tasks = {"dense": Task(train_step(dense, x, y, setting))}
     step = train_step(popup, x, y, setting)
     for backend in ("cpu", "device"):
         tasks[f"edge_popup[{backend}]"] = Task(with_backend(backend, step))
+    tasks["edge_popup_float[device]"] = Task(with_backend("device", train_step(popup_float, x, y, setting)))
     figures = interleaved(tasks, repeats, warmup, setting)
     out = {"image_size": size, "batch": batch, "median_ms": {k: v["median_ms"] for k, v in figures.items()}}
     out["ratio_vs_dense"] = {

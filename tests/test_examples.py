@@ -421,15 +421,15 @@ def test_llm_example_learns_and_writes_a_loadable_subnetwork(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="needs torchrun")
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp_global", "ddp_bits", "fsdp_bits"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp_global", "ddp_dense", "fsdp_dense"])
 def test_llm_example_on_two_ranks_finds_the_masks_of_one_process(tmp_path, parallel):
     """Two CPU ranks (gloo) on the halves of each batch: the same subnetwork file as one process on whole batches
-    (5 steps: few enough that float rounding of the averaged gradient flips no mask bit here); with
-    ``--weight-storage bits`` on both sides too."""
+    (5 steps: few enough that float rounding of the averaged gradient flips no mask bit here); with the default
+    sign-bit weights and with ``--weight-storage dense`` (float weights) on both sides."""
     pytest.importorskip("transformers")
     scope = ["--scope", "global"] if parallel.endswith("global") else []
-    scope += ["--weight-storage", "bits"] if parallel.endswith("bits") else []
-    parallel = parallel.removesuffix("_global").removesuffix("_bits")
+    scope += ["--weight-storage", "dense"] if parallel.endswith("dense") else []
+    parallel = parallel.removesuffix("_global").removesuffix("_dense")
     single = run([EXAMPLES / "llm.py", "--steps", "5", *scope, "--out", tmp_path / "one"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
