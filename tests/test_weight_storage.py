@@ -413,6 +413,49 @@ def test_a_model_moves_while_a_graph_or_a_name_holds_its_packed_weights():
     assert live.requires_grad
 
 
+def test_code_written_for_plain_parameters_gives_the_same_results_over_sign_bits(tmp_path):
+    """What training scripts do with a model, done to a sign-bit model and to a float one of the same values: the
+    same outputs. (Found by trying each: ``data_ptr()`` is 0 for every packed weight and ``untyped_storage()``
+    raises, which none of these reads.)"""
+    from safetensors.torch import load_model, save_model
+    from torch.optim.swa_utils import AveragedModel
+
+    timm_utils = pytest.importorskip("timm.utils")
+    ids, y = _batch(5)
+
+    def outputs(storage: str) -> dict:
+        model = _train(sfx.popupify(TinyLM(), k=0.4, weight_storage=storage), steps=1)
+        out = {}
+        averaged, ema = AveragedModel(model), timm_utils.ModelEmaV3(model, decay=0.5)
+        averaged.update_parameters(model)  # the first update copies
+        _train(model, steps=2)
+        averaged.update_parameters(model)
+        ema.update(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)  # the whole model, pickled
+        buffer.seek(0)
+        whole = torch.load(buffer, weights_only=False)
+        save_model(model, tmp_path / f"{storage}.safetensors")
+        other = sfx.popupify(TinyLM(), k=0.4, weight_storage=storage)
+        load_model(other, tmp_path / f"{storage}.safetensors")
+        state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        with torch.no_grad():
+            for name, m in (("model", model), ("averaged", averaged), ("ema", ema.module)):
+                out[name] = m.eval()(ids)
+            out["pickled"] = whole.eval()(ids)
+            out["safetensors"] = other.eval()(ids)
+            out["functional_call"] = torch.func.functional_call(model, state, (ids,))
+            out["bfloat16"] = copy.deepcopy(model).to(torch.bfloat16)(ids)
+        assert (storage == "bits") == bool(_packed_weights(whole)) == bool(_packed_weights(other))
+        return out
+
+    dense, bits = outputs("dense"), outputs("bits")
+    for name in dense:
+        assert torch.equal(dense[name], bits[name]), name
+    for name in ("averaged", "ema"):  # the averages did average something
+        assert not torch.equal(dense["model"], dense[name]), name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bits_on_cuda_equal_dense_on_cuda():
     ids, y = (t.cuda() for t in _batch(0))
