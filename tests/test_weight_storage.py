@@ -446,6 +446,11 @@ def test_code_written_for_plain_parameters_gives_the_same_results_over_sign_bits
             out["safetensors"] = other.eval()(ids)
             out["functional_call"] = torch.func.functional_call(model, state, (ids,))
             out["bfloat16"] = copy.deepcopy(model).to(torch.bfloat16)(ids)
+            shared = copy.deepcopy(model).share_memory()  # torch.multiprocessing (Hogwild)
+            assert all(p.is_shared() for p in shared.parameters())
+            out["shared"] = shared(ids)
+            out["numpy"] = torch.stack([torch.as_tensor(np.asarray(p.detach())).sum() for p in model.parameters()])
+            out["tolist"] = torch.tensor([sum(torch.tensor(p.tolist()).flatten().tolist()) for p in model.parameters()])
         assert (storage == "bits") == bool(_packed_weights(whole)) == bool(_packed_weights(other))
         return out
 

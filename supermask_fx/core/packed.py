@@ -206,6 +206,23 @@ class PackedSigns(Tensor):
         param = isinstance(self, nn.Parameter)
         return (_rebuild, (self.bits, scale, shape, dtype, zero_rows, str(memory_format), param))
 
+    def share_memory_(self) -> PackedSigns:
+        """Move the bits to shared memory (``model.share_memory()``, for ``torch.multiprocessing``): the tensor
+        has no storage of its own, and ``Tensor.share_memory_`` would read one."""
+        self.bits.share_memory_()
+        return self
+
+    def is_shared(self) -> bool:
+        return self.bits.is_shared()
+
+    def numpy(self, *, force: bool = False):
+        """The values as a numpy array (``np.asarray``, TensorBoard's histograms): torch refuses ``numpy()`` and
+        ``tolist()`` of a tensor subclass, so these two expand the weight."""
+        return self.expanded().numpy(force=force)
+
+    def tolist(self):
+        return self.expanded().tolist()
+
     def __deepcopy__(self, memo):
         if id(self) in memo:
             return memo[id(self)]
