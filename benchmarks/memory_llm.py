@@ -14,7 +14,8 @@ CPU, batch 1 x 128 tokens, random weights built from a config (no download):
 * ``popup_bf16_adamw``: bf16 scores trained with AdamW (what a fine-tuning script would pass);
 * ``popup_bf16_bits``: bf16 scores and ``weight_storage="bits"`` (the frozen weights as one sign bit each),
   ``w * mask`` rebuilt, SGD with momentum;
-* ``popup_bf16_bits_kept``: bf16 scores with ``popupify``'s other defaults (sign bits, ``w * mask`` kept), SGD.
+* ``popup_bf16_bits_kept``: bf16 scores, sign bits and ``w * mask`` kept (with bf16 scores the default rebuilds
+  it: this case measures why), SGD.
 
 For each it prints the peak RSS of the step over the RSS of the bare process (Python + torch + transformers
 imported), divided by the parameter count: bytes per parameter, and each case's ratio to ``dense_adamw``. For the
