@@ -142,10 +142,11 @@ class PackedSigns(Tensor):
         signs = self.sign_bits()
         kern = _compiled(self) if signs is not None else None
         if kern is not None:
+            bits, scale, zero_rows = signs
             out = torch.empty(self.shape, dtype=self.dtype)
-            kern.expand_signs(self.bits, self.scale, out, torch.get_num_threads())
-            if self.zero_rows:
-                out.view(self.shape[0], -1).index_fill_(0, self._zero_row_index(), 0)
+            kern.expand_signs(bits, scale, out, torch.get_num_threads())
+            if zero_rows is not None:
+                out.view(self.shape[0], -1).index_fill_(0, zero_rows, 0)
             return out
         table = self._table()
         flat = table[self.bits.long()].reshape(-1)[: self.numel()]
