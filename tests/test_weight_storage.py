@@ -20,7 +20,7 @@ from torch import nn
 
 import supermask_fx as sfx
 from supermask_fx.core.packed import PackedSigns
-from supermask_fx.selection import native
+from supermask_fx.selection import native, set_backend
 from supermask_fx.selection.bits import BitMask
 from supermask_fx.selection.kernels import straight_through_grad
 
@@ -253,8 +253,9 @@ def test_bits_are_the_default_where_they_apply():
     ids=["layer", "global-scaled", "xavier-bf16", "multicoat", "iterand", "biprop", "sampled", "norms-learn"],
 )
 def test_training_with_bits_equals_dense_bit_for_bit(options, tmp_path):
-    dense = _train(sfx.popupify(TinyLM(), k=0.3, **options))
+    dense = _train(sfx.popupify(TinyLM(), k=0.3, weight_storage="dense", **options))
     bits = sfx.popupify(TinyLM(), k=0.3, weight_storage="bits", **options)
+    assert not _packed_weights(dense) and _packed_weights(bits)
     packed = _packed_weights(bits)
     assert len(packed) == 3  # emb (tied to out), fc1, fc2: every gated weight, the tied one once
     assert bits.out._parameters["weight"] is bits.emb._parameters["weight"]
@@ -340,18 +341,23 @@ def test_compiled_passes_read_sign_bits_as_the_float_weight(shape):
 @pytest.mark.skipif(native.kernel() is None, reason="needs the compiled CPU passes")
 def test_training_and_evaluation_never_expand_a_packed_weight_on_the_cpu(monkeypatch):
     """The forward's ``w * mask``, the backward's rebuild of it, the score gradient and the selection (with the
-    cached ``w * mask`` of evaluation) read the sign bits: no float32 copy of a weight is made in a step."""
-    model = sfx.popupify(TinyLM(), k=0.3, weight_storage="bits")
+    cached ``w * mask`` of evaluation) read the sign bits: no float32 copy of a weight is made in a step, with the
+    CPU's selection back-end (``cpu``, forced here: the others compute the cached ``w * mask`` with PyTorch ops)."""
+    model = sfx.popupify(TinyLM(), k=0.3, weight_storage="bits", rebuild_effective=True)
     calls = []
     expanded = PackedSigns.expanded
     monkeypatch.setattr(PackedSigns, "expanded", lambda self: calls.append(self.shape) or expanded(self))
-    _train(model, steps=3)
-    model.eval()
-    with torch.no_grad():
-        model(_batch(99)[0])
+    set_backend("cpu")
+    try:
+        _train(model, steps=3)
+        model.eval()
+        with torch.no_grad():
+            model(_batch(99)[0])
+    finally:
+        set_backend(None)
     assert calls == []
     monkeypatch.undo()
-    reference = _train(sfx.popupify(TinyLM(), k=0.3), steps=3).eval()
+    reference = _train(sfx.popupify(TinyLM(), k=0.3, weight_storage="dense"), steps=3).eval()
     with torch.no_grad():
         assert torch.equal(model(_batch(99)[0]), reference(_batch(99)[0]))
 
